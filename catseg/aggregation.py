@@ -1,0 +1,249 @@
+"""Cost aggregation: spatial (Swin pair per class), class (linear attention over classes) and the decoder.
+
+Tensor layout of the cost volume embedding throughout: (B, N, C, H, W) with N classes. Every per-class stage
+accepts a slice of classes, so callers can run the classes in chunks with bounded memory; class aggregation is the
+one stage that mixes classes and it accumulates its linear-attention summary over chunks, so chunked equals
+unchunked.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from timm.layers import Mlp
+from timm.models.swin_transformer import window_partition, window_reverse
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
+    """Consecutive slices covering range(n), each at most `chunk` long (one slice when chunk is None)."""
+    step = n if not chunk else chunk
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+@lru_cache(maxsize=16)
+def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """Boolean (num_windows, T, T) mask: True where two tokens of a shifted window came from the same region."""
+    region = torch.zeros(1, h, w, 1, device=device)
+    spans = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for hs in spans:
+        for ws in spans:
+            region[:, hs, ws, :] = label
+            label += 1
+    ids = window_partition(region, (window, window)).flatten(1)  # (nW, T)
+    return ids.unsqueeze(1) == ids.unsqueeze(2)
+
+
+class GuidedWindowAttention(nn.Module):
+    """Window self-attention whose query/key inputs carry extra guidance channels; values see the cost only."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim + guidance_dim, dim)
+        self.k = nn.Linear(dim + guidance_dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+        qk_in = x if guidance is None else torch.cat([x, guidance], dim=-1)
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
+                   for t in (self.q(qk_in), self.k(qk_in), self.v(x)))
+        if mask is not None:  # (nW, T, T) -> broadcast over the batch of windows, which is (B*nW)
+            nw = mask.shape[0]
+            q, k, v = (t.view(-1, nw, *t.shape[1:]) for t in (q, k, v))
+            mask = mask.unsqueeze(1)  # (nW, 1, T, T) broadcast over heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is not None:
+            out = out.flatten(0, 1)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class GuidedSwinBlock(nn.Module):
+    """Pre-LN Swin block (no relative position bias) with guidance concatenated to query and key inputs."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GuidedWindowAttention(dim, guidance_dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, H, W, C), guidance (B, H, W, G) or None."""
+        b, h, w, c = x.shape
+        win = (self.window, self.window)
+        y = self.norm1(x)
+        if self.shift:
+            y = torch.roll(y, (-self.shift, -self.shift), dims=(1, 2))
+            guidance = None if guidance is None else torch.roll(guidance, (-self.shift, -self.shift), dims=(1, 2))
+        mask = _shift_mask(h, w, self.window, self.shift, x.device) if self.shift else None
+        yw = window_partition(y, win).flatten(1, 2)
+        gw = None if guidance is None else window_partition(guidance, win).flatten(1, 2)
+        y = self.attn(yw, gw, mask).view(-1, self.window, self.window, c)
+        y = window_reverse(y, win, h, w)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class SpatialAggregation(nn.Module):
+    """T^sa: a window block then a shifted-window block, run on every class slice independently."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, mlp_ratio: float):
+        super().__init__()
+        self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim else None
+        self.blocks = nn.ModuleList([
+            GuidedSwinBlock(dim, guidance_dim, num_heads, window, 0, mlp_ratio),
+            GuidedSwinBlock(dim, guidance_dim, num_heads, window, window // 2, mlp_ratio),
+        ])
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, n, C, H, W), guidance (B, G, H, W) or None -> (B, n, C, H, W)."""
+        b, n = x.shape[:2]
+        y = rearrange(x, "b n c h w -> (b n) h w c")
+        g = None
+        if guidance is not None and self.guidance_norm is not None:
+            g = self.guidance_norm(rearrange(guidance, "b c h w -> b h w c"))
+            g = repeat(g, "b h w c -> (b n) h w c", n=n)
+        for block in self.blocks:
+            y = block(y, g)
+        return rearrange(y, "(b n) h w c -> b n c h w", b=b)
+
+
+def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+class ClassAggregation(nn.Module):
+    """T^ca: per pixel, a pre-LN linear-attention transformer over the classes (no positional embedding).
+
+    Linear attention out_n = phi(q_n) S / (phi(q_n) z) with S = sum_m phi(k_m) v_m^T and z = sum_m phi(k_m); S and z
+    are accumulated over class chunks, so the result does not depend on the chunking.
+    """
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.pool, self.eps = num_heads, pool, eps
+        self.norm1 = nn.LayerNorm(dim)
+        self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim else None
+        self.q = nn.Linear(dim + guidance_dim, dim)
+        self.k = nn.Linear(dim + guidance_dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.ReLU)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, n, C, H, W) -> (B, HW, n, C), pooled 2x2 during training as the reference release does.
+        if self.training and self.pool > 1:
+            b, n = x.shape[:2]
+            x = F.avg_pool2d(x.flatten(0, 1), self.pool).unflatten(0, (b, n))
+        return rearrange(x, "b n c h w -> b (h w) n c")
+
+    def _qk_input(self, t: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        if guidance is None:
+            return t
+        return torch.cat([t, guidance.expand(t.shape[0], t.shape[1], -1, -1)], dim=-1)
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
+        """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
+        b, n, c, h, w = x.shape
+        g = None
+        if guidance is not None and self.guidance_norm is not None:
+            g = self.guidance_norm(guidance)[None, None]  # (1, 1, N, G)
+        heads = self.num_heads
+        kv = x.new_zeros(0)
+        z = x.new_zeros(0)
+        for sl in chunks:  # pass 1: the key/value summary over all classes
+            t = self.norm1(self._tokens(x[:, sl]))
+            gi = None if g is None else g[:, :, sl]
+            k = _elu_feature_map(rearrange(self.k(self._qk_input(t, gi)), "b p n (h d) -> b p n h d", h=heads))
+            v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=heads)
+            kv_i = torch.einsum("bpnhd,bpnhe->bphde", k, v)
+            z_i = k.sum(dim=2)
+            kv, z = (kv_i, z_i) if kv.numel() == 0 else (kv + kv_i, z + z_i)
+        outs = []
+        for sl in chunks:  # pass 2: queries of each chunk read the summary
+            xs = x[:, sl]
+            t0 = self._tokens(xs)
+            t = self.norm1(t0)
+            gi = None if g is None else g[:, :, sl]
+            q = _elu_feature_map(rearrange(self.q(self._qk_input(t, gi)), "b p n (h d) -> b p n h d", h=heads))
+            num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
+            den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
+            y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
+            y = y + self.mlp(self.norm2(y))
+            outs.append(self._residual(xs, y - t0))
+        return torch.cat(outs, dim=1)
+
+    def _residual(self, xs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        b, n, c, h, w = xs.shape
+        hp, wp = (h // self.pool, w // self.pool) if (self.training and self.pool > 1) else (h, w)
+        delta = rearrange(delta, "b (h w) n c -> (b n) c h w", h=hp, w=wp)
+        if (hp, wp) != (h, w):
+            delta = F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
+        return xs + delta.unflatten(0, (b, n))
+
+
+class AggregationLayer(nn.Module):
+    """One of the N_B layers: spatial aggregation per class, then class aggregation per pixel."""
+
+    def __init__(self, dim, appearance_dim, text_dim, num_heads, window, mlp_ratio, pool, spatial=True, klass=True):
+        super().__init__()
+        self.spatial = SpatialAggregation(dim, appearance_dim, num_heads, window, mlp_ratio) if spatial else None
+        self.klass = ClassAggregation(dim, text_dim, num_heads, mlp_ratio, pool) if klass else None
+        self.grad_checkpointing = False
+
+    def forward(self, x, appearance, text, chunks):
+        if self.spatial is not None:
+            run = self.spatial
+            if self.grad_checkpointing and self.training:
+                x = torch.cat([checkpoint(run, x[:, sl], appearance, use_reentrant=False) for sl in chunks], 1)
+            else:
+                x = torch.cat([run(x[:, sl], appearance) for sl in chunks], dim=1)
+        if self.klass is not None:
+            x = self.klass(x, text, chunks)
+        return x
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv, GroupNorm, ReLU) twice."""
+
+    def __init__(self, cin: int, cout: int):
+        groups = max(1, cout // 16)
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
+        )
+
+
+class UpStage(nn.Module):
+    """Upsample x2, concatenate the projected backbone feature of that resolution, DoubleConv."""
+
+    def __init__(self, cin: int, cout: int, guidance_dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode == "transposed":
+            self.up = nn.ConvTranspose2d(cin, cin - guidance_dim, 2, stride=2)
+            self.conv = DoubleConv(cin, cout)
+        else:
+            self.up = None
+            self.conv = DoubleConv(cin + guidance_dim, cout)
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B*n, C, H, W); guidance (B, G, 2H, 2W), repeated over the n classes."""
+        if self.up is not None:
+            x = self.up(x)
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        if guidance is not None:
+            x = torch.cat([x, repeat(guidance, "b c h w -> (b n) c h w", n=x.shape[0] // guidance.shape[0])], 1)
+        return self.conv(x)

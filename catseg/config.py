@@ -1,0 +1,115 @@
+"""Model configuration: one typed dataclass, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+FINETUNE_MODES = ("attention", "frozen", "full", "qv")
+BACKBONES = ("resnet", "swin", "clip", "none")
+AGGREGATIONS = ("cost", "feature")
+UPSAMPLERS = ("bilinear", "transposed")
+LAST_RESIDUALS = ("token", "cls")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class CatSegConfig:
+    """Everything that defines a CAT-Seg model; presets override only what differs."""
+
+    name: str = "custom"  # preset name, stored in saved weights so a file is never loaded into another preset
+    image_size: int = 384  # training crop size fed to the model (H = W)
+    # CLIP
+    clip_model: str = "ViT-B-16"  # open_clip architecture name
+    clip_pretrained: str = "openai"  # open_clip pretrained tag used by pretrained=True
+    clip_cfg: Optional[dict] = None  # explicit open_clip CLIP config (embed_dim/vision_cfg/text_cfg), else by name
+    clip_quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
+    clip_image_size: int = 384  # CLIP input resolution; the cost grid is clip_image_size / patch size
+    clip_context_length: int = 77  # text tokens per prompt
+    clip_last_residual: str = "token"  # last block residual: each token (paper) or the CLS token (later design)
+    clip_guidance_layers: tuple = ()  # 1-based CLIP blocks tapped for decoder guidance when backbone == "clip"
+    prompt_templates: str = "imagenet80"  # template set name, see catseg.text.TEMPLATE_SETS
+    finetune: str = "attention"  # which CLIP parameters train, see CatSeg.set_clip_trainable
+    # feature backbone for embedding guidance and the decoder
+    backbone: str = "resnet"  # resnet | swin (timm), clip (CLIP's own features), none
+    backbone_model: str = "resnet101.tv_in1k"  # timm model name (with pretrained tag)
+    backbone_indices: tuple = (1, 2, 3)  # timm feature stages at strides 4, 8, 16
+    backbone_frozen: bool = False  # Swin-B is frozen in the paper's ViT-L/H/G models
+    # aggregation
+    embed_dim: int = 128  # d_F, the cost embedding width
+    num_layers: int = 2  # N_B aggregation layers
+    num_heads: int = 4
+    window_size: int = 12  # Swin window on the cost grid; the second block shifts by half of it
+    mlp_ratio: float = 4.0
+    class_pool_train: int = 2  # average-pool factor before class aggregation during training (1 = off)
+    appearance_guidance_dim: int = 128  # projected visual guidance width (0 = no visual guidance)
+    text_guidance_dim: int = 128  # projected text guidance width (0 = no text guidance)
+    # upsampling decoder
+    decoder_dims: tuple = (64, 32)  # output widths of the N_U decoder stages
+    decoder_guidance_dims: tuple = (32, 16)  # projected backbone feature widths concatenated at each stage
+    decoder_upsample: str = "bilinear"  # bilinear (paper) or transposed convolution (later release)
+    clip_guidance_upsample_dims: tuple = (256, 128)  # transposed-conv widths of CLIP taps when backbone == "clip"
+    # ablation switches (paper tables 2, 7, 8, 10)
+    aggregation: str = "cost"  # cost volume (ours) or feature concatenation baseline
+    spatial_aggregation: bool = True
+    class_aggregation: bool = True
+    embedding_guidance: bool = True
+    upsampling_decoder: bool = True
+    # inference
+    class_chunk_size: Optional[int] = None  # classes per chunk for the per-class work (None = all at once)
+    top_k_classes: Optional[int] = None  # prune to the k classes with the highest max cosine similarity (off)
+    inference_size: int = 640  # patch inference: resize the image to this square size
+    inference_stride: int = 256  # patch inference: stride of the image_size crops
+    # weight locations for offline clusters: a folder written by `python -m catseg.download`
+    weights_dir: Optional[str] = None
+    extra: dict = field(default_factory=dict)  # free-form notes carried with the config
+
+    def __post_init__(self):
+        _choice("finetune", self.finetune, FINETUNE_MODES)
+        _choice("backbone", self.backbone, BACKBONES)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("decoder_upsample", self.decoder_upsample, UPSAMPLERS)
+        _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
+        for name in ("image_size", "clip_image_size", "embed_dim", "num_heads", "window_size", "inference_size",
+                     "inference_stride", "class_pool_train"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.num_layers < 0:
+            raise ValueError(f"num_layers={self.num_layers} must be >= 0")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        self.decoder_dims = tuple(self.decoder_dims)
+        self.decoder_guidance_dims = tuple(self.decoder_guidance_dims)
+        self.backbone_indices = tuple(self.backbone_indices)
+        self.clip_guidance_layers = tuple(self.clip_guidance_layers)
+        self.clip_guidance_upsample_dims = tuple(self.clip_guidance_upsample_dims)
+        if len(self.decoder_dims) != len(self.decoder_guidance_dims):
+            raise ValueError(f"decoder_dims {self.decoder_dims} and decoder_guidance_dims "
+                             f"{self.decoder_guidance_dims} must have the same length (one per decoder stage)")
+        if self.backbone == "clip" and len(self.clip_guidance_layers) != len(self.decoder_dims):
+            raise ValueError(f"backbone='clip' needs one clip_guidance_layers entry per decoder stage "
+                             f"({len(self.decoder_dims)}), got {self.clip_guidance_layers}")
+        if self.class_chunk_size is not None and self.class_chunk_size <= 0:
+            raise ValueError(f"class_chunk_size={self.class_chunk_size} must be a positive integer or None")
+        if self.top_k_classes is not None and self.top_k_classes <= 0:
+            raise ValueError(f"top_k_classes={self.top_k_classes} must be a positive integer or None")
+        if self.inference_size < self.image_size:
+            raise ValueError(f"inference_size={self.inference_size} must be >= image_size={self.image_size}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, **overrides) -> "CatSegConfig":
+        """Return a copy with `overrides` applied; unknown names fail listing the valid ones."""
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {', '.join(self.field_names())}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

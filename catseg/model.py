@@ -1,0 +1,295 @@
+"""The CAT-Seg model: CLIP cost volume -> cost embedding -> N_B x (spatial, class aggregation) -> decoder."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .aggregation import AggregationLayer, UpStage, chunk_slices
+from .clip import ClipEncoder
+from .config import CatSegConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRUNED_LOGIT = -100.0  # logit given to classes removed by optional top-k pruning
+
+
+def _conv_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
+
+
+class TimmBackbone(nn.Module):
+    """A timm feature extractor returning NCHW maps at strides 4, 8 and 16 (ImageNet normalisation applied)."""
+
+    def __init__(self, cfg: CatSegConfig, weights: Optional[str] = None):
+        super().__init__()
+        kwargs = {}
+        if weights not in (None, "download"):
+            kwargs["pretrained_cfg_overlay"] = {"file": weights}
+        self.body = timm.create_model(cfg.backbone_model, pretrained=weights is not None, features_only=True,
+                                      out_indices=cfg.backbone_indices, **kwargs)
+        self.channels = list(self.body.feature_info.channels())
+        self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.body((images - self.mean) / self.std)
+        return [f.permute(0, 3, 1, 2) for f in feats] if self.nhwc else list(feats)
+
+
+class CatSeg(nn.Module):
+    """Open-vocabulary segmentation: `model(images, class_names)` -> per-class logits.
+
+    images: float (B, 3, S, S) RGB in [0, 1], S = `model.image_size` (normalisation happens inside).
+    Returns logits (B, N, S/4, S/4) for the presets (4 x the cost grid: 96 x 96 for 384 inputs).
+    """
+
+    def __init__(self, cfg: CatSegConfig, backbone_weights: Optional[str] = None):
+        super().__init__()
+        self.config = cfg
+        self.image_size = cfg.image_size
+        self.clip = ClipEncoder(cfg)
+        self.grid = self.clip.grid
+        if self.grid % cfg.window_size and cfg.spatial_aggregation:
+            raise ValueError(f"window_size={cfg.window_size} must divide the cost grid {self.grid} "
+                             f"(clip_image_size {cfg.clip_image_size} / patch size)")
+        clip_dim = self.clip.embed_dim
+        num_templates = len(self.clip.templates)
+        guided = cfg.embedding_guidance
+        num_stages = len(cfg.decoder_dims) if cfg.upsampling_decoder else 0
+        self.output_size = self.grid * 2 ** len(cfg.decoder_dims)
+
+        # feature backbone: guidance at the cost grid, decoder features at 2x and 4x of it
+        self.backbone: Optional[nn.Module] = None
+        self.clip_upsamplers: Optional[nn.ModuleList] = None
+        need_backbone = guided or num_stages > 0
+        if cfg.backbone in ("resnet", "swin") and need_backbone:
+            self.backbone = TimmBackbone(cfg, backbone_weights)
+            guide_dim, dec_dims = self.backbone.channels[-1], self.backbone.channels[-2::-1]
+        elif cfg.backbone == "clip" and need_backbone:
+            width = self.clip.width
+            self.clip_upsamplers = nn.ModuleList(
+                nn.ConvTranspose2d(width, d, 2 ** (i + 1), stride=2 ** (i + 1))
+                for i, d in enumerate(cfg.clip_guidance_upsample_dims))
+            guide_dim, dec_dims = clip_dim, list(cfg.clip_guidance_upsample_dims)
+        else:
+            guide_dim, dec_dims = 0, [0] * len(cfg.decoder_dims)
+        app_dim = cfg.appearance_guidance_dim if guided and guide_dim else 0
+        text_dim = cfg.text_guidance_dim if guided else 0
+        self.appearance_proj = _conv_relu(guide_dim, app_dim) if app_dim else None
+        self.text_proj = nn.Sequential(nn.Linear(clip_dim, text_dim), nn.ReLU(inplace=True)) if text_dim else None
+
+        d = cfg.embed_dim
+        if cfg.aggregation == "cost":
+            self.cost_embed = nn.Conv2d(num_templates, d, 7, padding=3)
+        else:  # feature aggregation baseline: concatenated CLIP image and text features, projected
+            self.cost_embed = nn.Conv2d(2 * clip_dim, d, 1)
+        self.layers = nn.ModuleList(
+            AggregationLayer(d, app_dim, text_dim, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
+                             cfg.class_pool_train, cfg.spatial_aggregation, cfg.class_aggregation)
+            for _ in range(cfg.num_layers))
+
+        self.decoder_proj = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        cin = d
+        for i in range(num_stages):
+            gdim = cfg.decoder_guidance_dims[i] if dec_dims[i] else 0
+            self.decoder_proj.append(_conv_relu(dec_dims[i], gdim) if gdim else nn.Identity())
+            self.decoder.append(UpStage(cin, cfg.decoder_dims[i], gdim, cfg.decoder_upsample))
+            cin = cfg.decoder_dims[i]
+        self.head = nn.Conv2d(cin, 1, 3, padding=1)
+
+        self.check_inputs = True  # validate image range (one host sync); the trainer may switch it off
+        self._text_cache: OrderedDict = OrderedDict()
+        self._text_version = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_text_cache())
+        self.set_clip_trainable(cfg.finetune)
+
+    # -- text embeddings --------------------------------------------------------------------------------------
+    def clear_text_cache(self) -> None:
+        """Forget cached text embeddings (done automatically when weights are loaded)."""
+        self._text_cache.clear()
+        self._text_version += 1
+
+    def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        """(N, P, C) normalised text embeddings; cached per vocabulary while the text tower does not train."""
+        text_trains = self.training and any(p.requires_grad for p in self.clip.model.transformer.parameters())
+        if text_trains:
+            return self.clip.encode_text(list(class_names))
+        device = self.clip.model.token_embedding.weight.device
+        key = (tuple(class_names), str(device), self._text_version)
+        hit = self._text_cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                hit = self.clip.encode_text(list(class_names)).float()
+            self._text_cache[key] = hit
+            while len(self._text_cache) > 8:
+                self._text_cache.popitem(last=False)
+        else:
+            self._text_cache.move_to_end(key)
+        return hit
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def validate(self, images: torch.Tensor, class_names: Sequence[str]) -> None:
+        """Raise ValueError/TypeError with a clear message for inputs the model cannot take."""
+        if not torch.is_tensor(images) or not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor (B, 3, H, W) in [0, 1], got "
+                            f"{type(images).__name__}{'' if not torch.is_tensor(images) else ' ' + str(images.dtype)}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+        s = self.image_size
+        if tuple(images.shape[-2:]) != (s, s):
+            raise ValueError(f"images must be {s}x{s} for preset {self.config.name!r}, got "
+                             f"{images.shape[-2]}x{images.shape[-1]}; use catseg.inference for other sizes")
+        if self.check_inputs and images.numel():
+            lo, hi = torch.aminmax(images.detach())
+            if lo.item() < 0 or hi.item() > 1:
+                raise ValueError(f"image values must lie in [0, 1] (RGB / 255), got min {lo.item():.3g} max "
+                                 f"{hi.item():.3g}")
+        if isinstance(class_names, str) or not isinstance(class_names, (list, tuple)):
+            raise TypeError(f"class_names must be a list of strings, got {type(class_names).__name__}")
+        if len(class_names) == 0:
+            raise ValueError("class_names is empty; give at least one class name")
+        bad = [n for n in class_names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise ValueError(f"class names must be non-empty strings, got {bad[:5]}")
+        seen, dups = set(), []
+        for n in class_names:
+            (dups.append(n) if n.strip() in seen else seen.add(n.strip()))
+        if dups:
+            raise ValueError(f"duplicate class names {sorted(set(dups))}; each class must appear once")
+
+    def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        self.validate(images, class_names)
+        text = self.text_embeddings(class_names)
+        dense, taps = self.clip.encode_dense(images)
+        appearance, decoder_feats = self.guidance_features(images, dense, taps)
+        return self.segment_features(dense, text, appearance, decoder_feats)
+
+    def guidance_features(self, images, dense, taps) -> tuple[Optional[torch.Tensor], list]:
+        """Backbone features: (projected appearance guidance at the cost grid, projected decoder features)."""
+        g = self.grid
+        if self.backbone is not None:
+            feats = self.backbone(images)
+            guide, dec = feats[-1], feats[-2::-1]
+        elif self.clip_upsamplers is not None:
+            guide, dec = dense, [up(t) for up, t in zip(self.clip_upsamplers, taps)]
+        else:
+            return None, [None] * len(self.decoder)
+        sizes = [g * 2 ** (i + 1) for i in range(len(self.decoder))]
+        dec = [None if isinstance(p, nn.Identity) else p(_resize(f, s))
+               for p, f, s in zip(self.decoder_proj, dec, sizes)]
+        appearance = self.appearance_proj(_resize(guide, g)) if self.appearance_proj is not None else None
+        return appearance, dec
+
+    def segment_features(self, dense, text, appearance, decoder_feats) -> torch.Tensor:
+        """Cost volume -> aggregation -> decoder, classes in chunks of `config.class_chunk_size`."""
+        k = self.config.top_k_classes
+        if k is not None and text.shape[0] > k:
+            return self._segment_top_k(dense, text, appearance, decoder_feats, k)
+        return self._segment(dense, text, appearance, decoder_feats)
+
+    def _segment(self, dense, text, appearance, decoder_feats) -> torch.Tensor:
+        chunks = chunk_slices(text.shape[0], self.config.class_chunk_size)
+        text_guidance = self.text_proj(text.mean(dim=1)) if self.text_proj is not None else None
+        x = torch.cat([self.embed(dense, text[sl]) for sl in chunks], dim=1)
+        for layer in self.layers:
+            x = layer(x, appearance, text_guidance, chunks)
+        return torch.cat([self.decode(x[:, sl], decoder_feats) for sl in chunks], dim=1)
+
+    def _segment_top_k(self, dense, text, appearance, decoder_feats, k):
+        # Per image, keep the k classes with the highest maximum cosine similarity (later-release option).
+        with torch.no_grad():
+            score = torch.einsum("bchw,npc->bnhw", dense.float(), text.float()).flatten(2).amax(dim=2)
+            keep = score.topk(k, dim=1).indices.sort(dim=1).values
+        outs = []
+        for i in range(dense.shape[0]):
+            logits = self._segment(dense[i:i + 1], text[keep[i]],
+                                   None if appearance is None else appearance[i:i + 1],
+                                   [None if f is None else f[i:i + 1] for f in decoder_feats])
+            full = logits.new_full((1, text.shape[0], *logits.shape[-2:]), PRUNED_LOGIT)
+            full[:, keep[i]] = logits
+            outs.append(full)
+        return torch.cat(outs)
+
+    def embed(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cost volume (cosine similarity per template) and its embedding: (B, n, d_F, h, w)."""
+        b, _, h, w = dense.shape
+        n = text.shape[0]
+        if self.config.aggregation == "cost":
+            with torch.autocast(dense.device.type, enabled=False):
+                cost = torch.einsum("bchw,npc->bnphw", dense.float(), text.float())
+            x = self.cost_embed(cost.to(self.cost_embed.weight.dtype).flatten(0, 1))
+        else:
+            t = text.mean(dim=1).to(dense.dtype)
+            feats = torch.cat([dense.unsqueeze(1).expand(b, n, -1, h, w),
+                               t.view(1, n, -1, 1, 1).expand(b, n, -1, h, w)], dim=2)
+            x = self.cost_embed(feats.flatten(0, 1))
+        return x.unflatten(0, (b, n))
+
+    def decode(self, x: torch.Tensor, decoder_feats: list) -> torch.Tensor:
+        """Upsampling decoder and per-class head: (B, n, d, h, w) -> (B, n, 4h, 4w) logits."""
+        b, n = x.shape[:2]
+        y = x.flatten(0, 1)
+        for stage, feat in zip(self.decoder, decoder_feats):
+            y = stage(y, feat)
+        y = self.head(y)
+        if y.shape[-1] != self.output_size:
+            y = F.interpolate(y, size=(self.output_size, self.output_size), mode="bilinear", align_corners=False)
+        return y.view(b, n, *y.shape[-2:])
+
+    # -- training helpers -------------------------------------------------------------------------------------
+    def set_clip_trainable(self, mode: str) -> None:
+        """Choose which CLIP parameters train.
+
+        attention: the visual attention layers (q/k/v in-projection and out-projection) and the visual positional
+                   embedding (the paper's efficient fine-tuning); frozen: no CLIP parameter; full: the whole image
+                   encoder. The text tower is frozen in every mode.
+        """
+        allowed = ("attention", "frozen", "full")
+        if mode not in allowed:
+            raise ValueError(f"unknown fine-tuning mode {mode!r}; choose one of: {', '.join(allowed)}")
+        for name, p in self.clip.named_parameters():
+            visual = name.startswith("model.visual.")
+            if mode == "full":
+                p.requires_grad_(visual)
+            elif mode == "attention":
+                p.requires_grad_(visual and (".attn." in name or name == "model.visual.positional_embedding"))
+            else:
+                p.requires_grad_(False)
+        if self.backbone is not None:
+            self.backbone.requires_grad_(not self.config.backbone_frozen)
+        self.finetune_mode = mode
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Names of the parameters that receive gradients."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters split into "clip", "backbone" and "head" (for separate learning rates)."""
+        groups: dict[str, list] = {"clip": [], "backbone": [], "head": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = "clip" if name.startswith("clip.") else "backbone" if name.startswith("backbone.") else "head"
+            groups[key].append((name, p))
+        return groups
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute CLIP blocks and spatial aggregation in the backward pass to save activation memory."""
+        self.clip.grad_checkpointing = enable
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+

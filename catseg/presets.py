@@ -1,0 +1,36 @@
+"""Model presets: each lists only what differs from CatSegConfig's defaults (the paper's ViT-B design)."""
+from __future__ import annotations
+
+from .config import CatSegConfig
+
+_SWIN = dict(backbone="swin", backbone_model="swin_base_patch4_window12_384.ms_in22k", backbone_indices=(0, 1, 2),
+             backbone_frozen=True, clip_image_size=336)
+
+PRESETS: dict[str, dict] = {
+    # CLIP ViT-B/16 (OpenAI) at 384 (positional embedding resized 14 -> 24), ResNet-101 guidance, lr x0.01
+    "catseg_vitb16_r101": dict(),
+    # CLIP ViT-L/14@336 (OpenAI), frozen Swin-B (ImageNet-21k, 384) guidance
+    "catseg_vitl14_swinb": dict(clip_model="ViT-L-14-336", **_SWIN),
+    # OpenCLIP ViT-H/14 and ViT-bigG/14 trained on LAION-2B, run at 336 like ViT-L
+    "catseg_vith14_swinb": dict(clip_model="ViT-H-14", clip_pretrained="laion2b_s32b_b79k", clip_quick_gelu=False,
+                                **_SWIN),
+    "catseg_vitg14_swinb": dict(clip_model="ViT-bigG-14", clip_pretrained="laion2b_s39b_b160k",
+                                clip_quick_gelu=False, **_SWIN),
+    # A few narrow layers on 128 px images: tests and the CPU quickstart (random weights only)
+    "catseg_tiny": dict(
+        image_size=128, clip_image_size=128, clip_model="tiny", clip_pretrained="none", clip_quick_gelu=False,
+        clip_cfg=dict(embed_dim=64,
+                      vision_cfg=dict(image_size=128, layers=2, width=64, head_width=32, patch_size=16),
+                      text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2)),
+        clip_context_length=16, prompt_templates="simple4",
+        backbone_model="resnet10t", embed_dim=32, num_heads=2, window_size=4, appearance_guidance_dim=32,
+        text_guidance_dim=32, decoder_dims=(16, 8), decoder_guidance_dims=(8, 4), inference_size=192,
+        inference_stride=64),
+}
+
+
+def get_config(name: str, **overrides) -> CatSegConfig:
+    """The preset's config with `overrides` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return CatSegConfig(name=name, **PRESETS[name]).replace(**overrides)

@@ -1,0 +1,58 @@
+"""Model weights as safetensors (no pickles), and the pretrained CLIP/backbone files of a preset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import CatSegConfig
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's weights to `path` (.safetensors) atomically, tagged with the preset name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(state, str(tmp), metadata={"format": "catseg", "preset": model.config.name})
+    os.replace(tmp, path)
+    return path
+
+
+def read_preset(path: str | os.PathLike) -> Optional[str]:
+    """The preset name stored in a weights file (None if it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("preset")
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file written by save_weights; refuses a file of another preset."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{str(path)!r}: model weights load from .safetensors files only (no pickles); convert "
+                         f"released .pth checkpoints first")
+    preset = read_preset(path)
+    if preset is not None and preset != model.config.name:
+        raise ValueError(f"{str(path)!r} holds weights of preset {preset!r}, not {model.config.name!r}; "
+                         f"build the model with create_model({preset!r}, pretrained=...)")
+    state = load_file(str(path), device=str(next(model.parameters()).device))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{str(path)!r} does not match preset {model.config.name!r}: missing "
+                         f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
+
+
+def clip_weights_file(cfg: CatSegConfig, weights_dir: str | os.PathLike) -> Path:
+    """Where a weights folder keeps the preset's open_clip weights."""
+    return Path(weights_dir) / f"clip-{cfg.clip_model}-{cfg.clip_pretrained}.safetensors"
+
+
+def backbone_weights_file(cfg: CatSegConfig, weights_dir: str | os.PathLike) -> Path:
+    """Where a weights folder keeps the preset's timm backbone weights."""
+    return Path(weights_dir) / f"backbone-{cfg.backbone_model}.safetensors"
