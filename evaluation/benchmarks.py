@@ -52,7 +52,7 @@ class Benchmark:
         from data_prep.shards import read_dataset_info
 
         info = read_dataset_info(Path(shard_dir))
-        names = _info_field(info, "class_names")
+        names = info.get("class_names")
         if not names:
             raise ValueError(f"{shard_dir}: dataset.json lists no class_names for benchmark {self.name!r}")
         return [str(n) for n in names]
@@ -76,13 +76,6 @@ class Benchmark:
         if isinstance(labels, np.ndarray):
             return np.minimum(labels, self.background_index)
         return labels.clamp(max=self.background_index)
-
-
-def _info_field(info, key: str):
-    """Read ``key`` from a dataset-info mapping or object."""
-    if isinstance(info, dict):
-        return info.get(key)
-    return getattr(info, key, None)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
