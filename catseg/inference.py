@@ -1,0 +1,210 @@
+"""Inference: the paper's patch inference (appendix A.3) and a plain image + class names -> label map API.
+
+Patch inference: resize the image to `inference_size` (640), cut overlapping `image_size` (384) crops at
+`inference_stride` (256), add the whole image resized to `image_size`, run all views in one batch, sigmoid, upsample
+each crop's probabilities to the crop size and average overlaps into a mosaic, average the mosaic with the upsampled
+global view, and finally resize to the original size. Crop size, stride and input size come from the preset.
+
+Memory stays bounded for large vocabularies: the model runs its per-class work in class chunks
+(`config.class_chunk_size`), and merging views, resizing and the argmax also run over class chunks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .model import CatSeg
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+DEFAULT_CLASS_CHUNK = 128
+
+
+def crop_offsets(size: int, crop: int, stride: int) -> list[int]:
+    """Top/left offsets of crops covering [0, size), the last one flush with the border."""
+    if crop >= size:
+        return [0]
+    offs = list(range(0, size - crop + 1, stride))
+    if offs[-1] != size - crop:
+        offs.append(size - crop)
+    return offs
+
+
+def to_image_tensor(image: ImageLike) -> torch.Tensor:
+    """Path, PIL image or array (H, W[, C], uint8 or float in [0, 1]) -> float (3, H, W) RGB in [0, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {str(image)!r}: {e}") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        arr = arr[..., :3]
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        return t.float() / 255.0 if arr.dtype == np.uint8 else t.float()
+    if torch.is_tensor(image):
+        t = image
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+            raise ValueError(f"image tensor must be (3, H, W), got {tuple(t.shape)}")
+        t = t[:3] if t.shape[0] != 1 else t.expand(3, -1, -1)
+        return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    raise TypeError(f"unsupported image type {type(image).__name__}; give a path, PIL image, array or tensor")
+
+
+def _as_list(images) -> list[torch.Tensor]:
+    if torch.is_tensor(images) and images.ndim == 4:
+        return list(images)
+    return [to_image_tensor(im) for im in images]
+
+
+def make_views(model: CatSeg, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B*V, 3, S, S): for each image its crops of the resized image, then the global view."""
+    cfg = model.config
+    s, size = model.image_size, cfg.inference_size
+    offs = crop_offsets(size, s, cfg.inference_stride)
+    views = []
+    for im in images:
+        im = im.unsqueeze(0)
+        big = F.interpolate(im, size=(size, size), mode="bilinear", align_corners=False)
+        views += [big[..., y:y + s, x:x + s] for y in offs for x in offs]
+        views.append(F.interpolate(im, size=(s, s), mode="bilinear", align_corners=False))
+    return torch.cat(views).clamp_(0, 1)
+
+
+def merge_views(model: CatSeg, probs: torch.Tensor) -> torch.Tensor:
+    """(B, V, n, h, w) view probabilities -> (B, n, L, L) at the inference size: crops averaged, then with global."""
+    cfg = model.config
+    s, size = model.image_size, cfg.inference_size
+    offs = crop_offsets(size, s, cfg.inference_stride)
+    b, v, n = probs.shape[:3]
+    up = F.interpolate(probs.flatten(0, 2).unsqueeze(1), size=(s, s), mode="bilinear", align_corners=False)
+    up = up.view(b, v, n, s, s)
+    mosaic = probs.new_zeros(b, n, size, size)
+    count = probs.new_zeros(1, 1, size, size)
+    i = 0
+    for y in offs:
+        for x in offs:
+            mosaic[..., y:y + s, x:x + s] += up[:, i]
+            count[..., y:y + s, x:x + s] += 1
+            i += 1
+    glob = F.interpolate(up[:, -1], size=(size, size), mode="bilinear", align_corners=False)
+    return (mosaic / count + glob) / 2
+
+
+def _view_probs(model: CatSeg, images: list[torch.Tensor], class_names: Sequence[str]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    views = make_views(model, images).to(device)
+    logits = model(views, list(class_names))
+    nv = views.shape[0] // len(images)
+    return torch.sigmoid(logits.float()).unflatten(0, (len(images), nv))
+
+
+@torch.no_grad()
+def patch_inference(model: CatSeg, images, class_names: Sequence[str]) -> torch.Tensor:
+    """Patch inference (appendix A.3): (B, N, L, L) probabilities at the preset's inference size L."""
+    return merge_views(model, _view_probs(model, _as_list(images), class_names))
+
+
+@torch.no_grad()
+def labels_from_probs(probs: torch.Tensor, size: tuple[int, int], chunk: int = DEFAULT_CLASS_CHUNK) -> torch.Tensor:
+    """(B, N, h, w) probabilities -> (B, H, W) int64 argmax after a bilinear resize, in class chunks."""
+    b, n = probs.shape[:2]
+    best = torch.full((b, *size), -float("inf"), device=probs.device)
+    labels = torch.zeros((b, *size), dtype=torch.int64, device=probs.device)
+    for start in range(0, n, chunk):
+        part = F.interpolate(probs[:, start:start + chunk].float(), size=size, mode="bilinear", align_corners=False)
+        val, idx = part.max(dim=1)
+        better = val > best
+        best = torch.where(better, val, best)
+        labels = torch.where(better, idx + start, labels)
+    return labels
+
+
+@torch.no_grad()
+def predict_labels(model: CatSeg, images, class_names: Sequence[str],
+                   chunk: int = DEFAULT_CLASS_CHUNK) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Label maps at each image's original size and per-class mean probabilities (B, N), in class chunks."""
+    ims = _as_list(images)
+    probs = _view_probs(model, ims, class_names)  # (B, V, N, h, w): small, at the model's output size
+    n = probs.shape[2]
+    labels, best = [None] * len(ims), [None] * len(ims)
+    scores = torch.zeros(len(ims), n)
+    for start in range(0, n, chunk):
+        merged = merge_views(model, probs[:, :, start:start + chunk])
+        scores[:, start:start + chunk] = merged.mean(dim=(2, 3)).cpu()
+        for i, im in enumerate(ims):
+            part = F.interpolate(merged[i:i + 1], size=tuple(im.shape[-2:]), mode="bilinear", align_corners=False)[0]
+            val, idx = part.max(dim=0)
+            if labels[i] is None:
+                labels[i], best[i] = idx + start, val
+            else:
+                better = val > best[i]
+                best[i] = torch.where(better, val, best[i])
+                labels[i] = torch.where(better, idx + start, labels[i])
+    return [lab.cpu() for lab in labels], scores
+
+
+@dataclass
+class Prediction:
+    """One image's result: label map at the original size (indices into class_names) and class scores."""
+
+    labels: np.ndarray  # (H, W) int64
+    scores: np.ndarray  # (N,) mean probability of each class over the image
+    class_names: list[str]
+
+    def areas(self) -> dict[str, float]:
+        """Fraction of the image each class covers (classes present only)."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names))
+        total = max(1, self.labels.size)
+        return {self.class_names[i]: float(c) / total for i, c in enumerate(counts) if c}
+
+
+class Segmenter:
+    """Segment images with any vocabulary: `Segmenter(model).predict(images, ["cat", "dog", "grass"])`."""
+
+    def __init__(self, model: CatSeg, device: Optional[str] = None, batch_size: int = 4,
+                 precision: str = "auto", class_chunk_size: Optional[int] = DEFAULT_CLASS_CHUNK):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        if class_chunk_size is not None and self.model.config.class_chunk_size is None:
+            self.model.config.class_chunk_size = class_chunk_size
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.batch_size = batch_size
+
+    def predict(self, images: Union[ImageLike, Iterable[ImageLike]], class_names: Sequence[str]) -> list[Prediction]:
+        """Label maps and class scores for one image or a list of them (paths, PIL images, arrays, tensors)."""
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
+                torch.is_tensor(images) and images.ndim == 3):
+            images = [images]
+        names = [n.strip() for n in class_names] if not isinstance(class_names, str) else class_names
+        self.model.validate(torch.zeros(1, 3, self.model.image_size, self.model.image_size), names)
+        out: list[Prediction] = []
+        batch: list[torch.Tensor] = []
+        items = list(images)
+        for k, item in enumerate(items):
+            batch.append(to_image_tensor(item))
+            if len(batch) == self.batch_size or k == len(items) - 1:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    labels, scores = predict_labels(self.model, batch, names)
+                out += [Prediction(lab.numpy(), sc.numpy(), list(names)) for lab, sc in zip(labels, scores)]
+                batch = []
+        return out
