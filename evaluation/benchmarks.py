@@ -87,7 +87,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("pc59", "PC-59", "pc59", ignore_index=255, vocab="pc59"),
         Benchmark("voc20", "PAS-20", "voc20", ignore_index=255, vocab="voc20"),
         Benchmark("voc20b", "PAS-20b", "voc20b", ignore_index=255, vocab="voc20b", background_index=20),
-        Benchmark("coco", "COCO-Stuff", "coco", ignore_index=255, vocab="coco"),
+        Benchmark("coco", "COCO-Stuff", "coco_stuff", ignore_index=255, vocab="coco"),
         Benchmark("synthetic", "Synthetic", "synthetic", ignore_index=255, vocab=None),
     )
 }

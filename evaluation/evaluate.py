@@ -111,8 +111,7 @@ def _read_meta(folder: Path) -> dict:
     """Read a checkpoint folder's meta.json through the module that owns the checkpoint layout."""
     from training.checkpoint import read_meta
 
-    meta = read_meta(folder)
-    return dict(meta) if isinstance(meta, dict) else dict(vars(meta))
+    return read_meta(folder)
 
 
 def resolve_checkpoint(path: str | Path) -> CheckpointInfo:

@@ -56,6 +56,8 @@ def test_class_lists_have_the_benchmark_sizes():
 def test_default_shard_location(tmp_path):
     assert get_benchmark("ade150").shard_dir(tmp_path) == tmp_path / "ade150" / "val"
     assert str(get_benchmark("voc20b").shard_dir("/s")) == "/s/voc20b/val"
+    # data_prep names the COCO-Stuff folder after the dataset, not the class list.
+    assert str(get_benchmark("coco").shard_dir("/s")) == "/s/coco_stuff/val"
 
 
 def test_unknown_benchmark_names_the_choices():
@@ -69,3 +71,20 @@ def test_parse_benchmarks_keeps_order_and_expands_paper():
     assert [b.name for b in parse_benchmarks("pc59, ade150,pc59")] == ["pc59", "ade150"]
     assert tuple(b.name for b in parse_benchmarks("paper")) == PAPER_BENCHMARKS
     assert set(PAPER_BENCHMARKS) | {"coco", "synthetic"} == set(BENCHMARKS)
+
+
+def test_registry_matches_the_shards_data_prep_writes():
+    from data_prep import sources
+
+    writers = {
+        "coco": sources.CocoStuff,
+        "ade150": sources.Ade150,
+        "ade847": sources.Ade847,
+        "pc59": sources.PascalContext59,
+        "pc459": sources.PascalContext459,
+        "voc20": sources.Voc20,
+        "voc20b": sources.Voc20Background,
+    }
+    for name, source in writers.items():
+        b = get_benchmark(name)
+        assert (b.dataset, b.ignore_index, b.vocab) == (source.name, source.ignore_index, source.class_list), name
