@@ -150,6 +150,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -228,13 +231,32 @@ class ShardRecord:
             raise ShardFormatError(f"shard record {where} is malformed ({error!r}); delete it to redo the shard")
 
 
+def _write_tar_members(tar, sample: dict) -> None:
+    """Append one sample's members to an open tar, sorted by name, with fixed metadata."""
+    import tarfile
+
+    key = sample["__key__"]
+    for member in sorted(k for k in sample if not k.startswith("__")):
+        data = sample[member]
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"sample {key!r} member {member!r} must be bytes, got {type(data).__name__}")
+        info = tarfile.TarInfo(f"{key}.{member}")
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uname = info.gname = _TAR_OWNER
+        tar.addfile(info, io.BytesIO(data))
+
+
 def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], skipped: list[dict] | None = None) -> ShardRecord:
     """Write samples (dicts of ``__key__`` plus member name -> bytes) to a deterministic tar, then its sidecar.
 
-    The tar is written under a temporary name, synced and renamed; the sidecar is written after it, so a shard
-    with a sidecar is always complete. On any error the temporary file is removed and the error re-raised.
+    Members are written like webdataset's TarWriter (USTAR, sorted per sample) with mtime 0 and a fixed owner, so
+    the bytes depend only on the samples. The tar is written under a temporary name, synced and renamed; the
+    sidecar is written after it, so a shard with a sidecar is always complete. On any error the temporary file is
+    removed and the error re-raised.
     """
-    import webdataset as wds
+    import tarfile
 
     path = Path(path)
     temp = temp_shard_path(path)
@@ -242,15 +264,16 @@ def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], sk
     try:
         with open(temp, "wb") as handle:
             hashing = _HashingFile(handle)
-            # Fixed mtime/owner and sorted members make the tar depend only on the samples.
-            writer = wds.TarWriter(hashing, user=_TAR_OWNER, group=_TAR_OWNER, mode=0o444, encoder=False, mtime=0.0)
-            for sample in samples:
-                writer.write(sample)
-                keys.append(sample["__key__"])
-            writer.close()
+            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in samples:
+                    _write_tar_members(tar, sample)
+                    keys.append(sample["__key__"])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
