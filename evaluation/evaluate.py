@@ -32,9 +32,8 @@ import numpy as np
 
 from evaluation.benchmarks import BENCHMARKS, Benchmark, get_benchmark, parse_benchmarks
 from evaluation.metrics import DEFAULT_RULE, RULES, confusion_matrix, reduce_confusion, summarize
+from training.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, read_meta
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
 REPORT_FILE = "report.json"
 
 
@@ -107,25 +106,18 @@ class CheckpointInfo:
         return self.path.name if self.path.is_dir() else self.path.stem
 
 
-def _read_meta(folder: Path) -> dict:
-    """Read a checkpoint folder's meta.json through the module that owns the checkpoint layout."""
-    from training.checkpoint import read_meta
-
-    return read_meta(folder)
-
-
 def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
     """Resolve a checkpoint folder or a .safetensors file into weights path, preset and step."""
     path = Path(path)
     if path.is_dir():
-        weights, meta = path / WEIGHTS_FILE, _read_meta(path)
+        weights, meta = path / WEIGHTS_FILE, read_meta(path)
         if not weights.is_file():
             raise FileNotFoundError(f"checkpoint folder {path} has no {WEIGHTS_FILE}")
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"--checkpoint {path}: expected a checkpoint folder or a .safetensors file")
         weights = path
-        meta = _read_meta(path.parent) if (path.parent / META_FILE).is_file() else {}
+        meta = read_meta(path.parent) if (path.parent / META_FILE).is_file() else {}
     else:
         raise FileNotFoundError(f"--checkpoint {path}: no such checkpoint folder or .safetensors file")
 
@@ -455,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         state = process_state(cfg.cpu)
         report = run_evaluation(cfg, state=state)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, CheckpointError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if state.is_main_process:

@@ -1,0 +1,185 @@
+"""The evaluation entry end to end: real shards, a real tiny checkpoint, the real CLI (in-process and launched)."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import catseg
+from data_prep import shards as shard_format
+from data_prep.synthetic import CLASS_NAMES, SyntheticConfig, write_synthetic
+from evaluation.evaluate import EvalConfig, main, resolve_checkpoint
+from evaluation.metrics import summarize
+from training.checkpoint import checkpoint_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic(root, SyntheticConfig(num_train=0, num_val=6, size=64, seed=3, shard_size=4))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder with one complete checkpoint at step 5."""
+    run = tmp_path_factory.mktemp("run")
+    ckpt = run / "checkpoints" / checkpoint_name(5)
+    ckpt.mkdir(parents=True)
+    catseg.save_weights(catseg.create_model("catseg_tiny"), ckpt / "model.safetensors")
+    (ckpt / "meta.json").write_text(json.dumps({"step": 5, "preset": "catseg_tiny"}))
+    return run
+
+
+def _ckpt(run_dir):
+    return run_dir / "checkpoints" / checkpoint_name(5)
+
+
+def _valid_pixels(folder, limit):
+    count = 0
+    for i, (_, label, record) in enumerate(shard_format.iter_samples(folder)):
+        if i == limit:
+            break
+        count += int((label != record["ignore_index"]).sum())
+    return count
+
+
+def test_evaluate_end_to_end_on_synthetic_shards(synthetic_root, run_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "synthetic", "--shards", str(synthetic_root)]
+    assert main(args + ["--out", str(out), "--limit", "5", "--no-progress"]) == 0
+    assert "Synthetic" in capsys.readouterr().out
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["step"] == 5 and report["preset"] == "catseg_tiny" and report["rule"] == "present"
+    assert report["checkpoint"] == str(_ckpt(run_dir).resolve())
+    assert report["processes"] == 1 and report["images"] == 5
+    assert report["seconds"] > 0 and report["images_per_s"] > 0
+    result = report["benchmarks"]["synthetic"]
+    assert result["images"] == 5 and result["limit"] == 5 and result["images_per_s"] > 0
+    assert [c["name"] for c in result["per_class"]] == CLASS_NAMES
+
+    conf = np.load(out / "synthetic_confusion.npy")
+    assert conf.dtype == np.int64 and conf.shape == (8, 8)
+    # Every non-ignore ground-truth pixel of the first five images, each counted once.
+    assert conf.sum() == _valid_pixels(synthetic_root / "synthetic" / "val", 5)
+    expected = summarize(conf)
+    assert result["miou"] == pytest.approx(expected["miou"])
+    assert result["fwiou"] == pytest.approx(expected["fwiou"])
+    for row, iou in zip(result["per_class"], expected["per_class_iou"]):
+        assert row["iou"] is None if np.isnan(iou) else row["iou"] == pytest.approx(iou)
+        assert row["gt_pixels"] == conf[row["id"]].sum() and row["pred_pixels"] == conf[:, row["id"]].sum()
+
+    with open(out / "synthetic.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == CLASS_NAMES
+    assert int(rows[3]["gt_pixels"]) == conf[3].sum()
+
+    # The other rule is named in the report and computed from the same counts.
+    out2 = tmp_path / "report_zero"
+    assert main(args + ["--out", str(out2), "--limit", "5", "--rule", "absent_as_zero", "--no-progress"]) == 0
+    report2 = json.loads((out2 / "report.json").read_text())
+    assert report2["rule"] == "absent_as_zero"
+    assert report2["benchmarks"]["synthetic"]["rule"] == "absent_as_zero"
+    np.testing.assert_array_equal(np.load(out2 / "synthetic_confusion.npy"), conf)
+    assert report2["benchmarks"]["synthetic"]["miou"] == pytest.approx(summarize(conf, "absent_as_zero")["miou"])
+
+
+def _write_voc20b_shards(folder: Path, count: int = 3, size: int = 48) -> Path:
+    """A small PAS-20b validation folder written through data_prep's shard format, labels 0..20 and ignore."""
+    from data_prep.sources import Voc20Background
+
+    source = Voc20Background(folder)
+    rng = np.random.default_rng(7)
+    samples = []
+    for i in range(count):
+        label = rng.integers(0, 21, size=(size, size + 8)).astype(np.uint8)
+        label[:4] = 255
+        image = Image.fromarray(rng.integers(0, 256, size=(size, size + 8, 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        samples.append(
+            shard_format.build_sample(
+                shard_format.make_key("voc20b", "val", f"{i:04d}"), buf.getvalue(), "png", label,
+                label_dtype="uint8", ignore_index=255, class_list="voc20b", source={"test": i},
+            )
+        )
+    out = folder / "voc20b" / "val"
+    out.mkdir(parents=True)
+    record = shard_format.write_shard(out / shard_format.shard_name("voc20b", "val", 0), 0, samples)
+    shard_format.finalize_folder(out, source.info("val"), [record])
+    return out
+
+
+def test_voc20b_scores_21_classes_with_prompted_background(run_dir, tmp_path):
+    shard_dir = _write_voc20b_shards(tmp_path / "shards")
+    out = tmp_path / "report"
+    args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "voc20b", "--shard-dir", f"voc20b={shard_dir}"]
+    assert main(args + ["--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "report.json").read_text())["benchmarks"]["voc20b"]
+    assert len(result["per_class"]) == 21 and result["per_class"][20]["name"] == "background"
+    conf = np.load(out / "voc20b_confusion.npy")
+    assert conf.shape == (21, 21) and conf.sum() == 3 * 44 * 56
+    # The random tiny model spreads its votes over all 59 prompts; the 39 background prompts land on id 20.
+    assert conf[:, 20].sum() > 0
+    assert result["per_class"][20]["iou"] is not None
+
+
+def test_two_processes_give_the_same_counts_as_one(synthetic_root, run_dir, tmp_path):
+    args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "synthetic", "--shards", str(synthetic_root)]
+    assert main(args + ["--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "evaluation.evaluate"]
+    proc = subprocess.run(launch + args + ["--out", str(tmp_path / "two"), "--no-progress"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2 and two["images"] == one["images"] == 6
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "two" / "synthetic_confusion.npy"), np.load(tmp_path / "one" / "synthetic_confusion.npy")
+    )
+    assert two["benchmarks"]["synthetic"]["miou"] == one["benchmarks"]["synthetic"]["miou"]
+
+
+def test_checkpoint_may_be_a_weights_file(run_dir, tmp_path):
+    inside = resolve_checkpoint(_ckpt(run_dir) / "model.safetensors")
+    assert (inside.preset, inside.step) == ("catseg_tiny", 5)
+    loose = tmp_path / "exported.safetensors"
+    loose.write_bytes((_ckpt(run_dir) / "model.safetensors").read_bytes())
+    info = resolve_checkpoint(loose)
+    assert (info.preset, info.step, info.name) == ("catseg_tiny", None, "exported")
+
+
+def test_bad_input_is_reported_clearly(synthetic_root, run_dir, tmp_path, capsys):
+    ckpt = str(_ckpt(run_dir))
+    assert main(["--checkpoint", ckpt, "--benchmarks", "ade-847", "--shards", str(synthetic_root)]) == 2
+    assert "unknown benchmark 'ade-847'; choose one of: ade847" in capsys.readouterr().err
+
+    # Synthetic shards given as A-150's: refused by their class list, not scored.
+    wrong = f"ade150={synthetic_root / 'synthetic' / 'val'}"
+    assert main(["--checkpoint", ckpt, "--benchmarks", "ade150", "--shard-dir", wrong, "--out", str(tmp_path)]) == 2
+    assert "class_list 'synthetic' but benchmark 'ade150' expects 'ade150'" in capsys.readouterr().err
+
+    assert main(["--checkpoint", ckpt, "--benchmarks", "pc59", "--shards", str(tmp_path / "none")]) == 2
+    assert "no shard folder" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00\x01 not a safetensors file")
+    assert main(["--checkpoint", str(broken), "--benchmarks", "synthetic", "--shards", str(synthetic_root)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="EvalConfig.limit must be a positive integer"):
+        EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, limit=0)
+    with pytest.raises(ValueError, match="EvalConfig.rule must be one of: present, absent_as_zero"):
+        EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, rule="mmseg")
