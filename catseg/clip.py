@@ -60,6 +60,10 @@ class ClipEncoder(nn.Module):
         self.image_size = cfg.clip_image_size
         self.last_residual = cfg.clip_last_residual
         self.guidance_layers = tuple(cfg.clip_guidance_layers)
+        depth = len(visual.transformer.resblocks)
+        if any(not 1 <= i < depth for i in self.guidance_layers):
+            raise ValueError(f"clip_guidance_layers={self.guidance_layers} must be 1-based blocks before the last "
+                             f"of the {depth}-block image encoder (1..{depth - 1})")
         self.templates = TEMPLATE_SETS[cfg.prompt_templates]
         self.tokenizer = open_clip.SimpleTokenizer(context_length=cfg.clip_context_length)
         self.width = visual.conv1.out_channels
@@ -81,17 +85,17 @@ class ClipEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
         x = v.ln_pre(x)
         blocks = v.transformer.resblocks
-        taps = []
+        taps = {}
         for i, block in enumerate(blocks[:-1]):
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
             if i + 1 in self.guidance_layers:
-                taps.append(rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid))
+                taps[i + 1] = rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid)
         x = self._last_block_value_path(blocks[-1], x)
         x = v.ln_post(x)
         if v.proj is not None:
             x = x @ v.proj
         dense = rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid)
-        return F.normalize(dense, dim=1), taps
+        return F.normalize(dense, dim=1), [taps[i] for i in self.guidance_layers]
 
     def _last_block_value_path(self, block, x: torch.Tensor) -> torch.Tensor:
         # MaskCLIP: no token mixing in the last block; every token goes through value + output projection only.
@@ -126,8 +130,20 @@ class ClipEncoder(nn.Module):
 
 
 def load_clip_weights(encoder: ClipEncoder, path: str) -> None:
-    """Load open_clip weights from a local file (downloaded or pre-fetched); positional embedding resized bicubic."""
-    open_clip.load_checkpoint(encoder.model, path, weights_only=True)
+    """Load open_clip weights from a local file (downloaded or pre-fetched), never unpickling code.
+
+    The positional embedding is resized to the preset's grid with plain bicubic interpolation (no antialias
+    kernel), as the reference implementation initialises it.
+    """
+    from open_clip.factory import convert_state_dict, load_state_dict
+    from open_clip.model import resize_pos_embed
+
+    model = encoder.model
+    state = convert_state_dict(model, load_state_dict(path, weights_only=True))
+    resize_pos_embed(state, model, interpolation="bicubic", antialias=False)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    model.load_state_dict(state, strict=True)
 
 
 def download_clip_weights(cfg: CatSegConfig, cache_dir: Optional[str] = None) -> str:

@@ -1,0 +1,210 @@
+"""`catseg` command line: segment images with your own class names, list presets, fetch weights."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct, deterministic RGB colours (golden-ratio hue steps)."""
+    import colorsys
+    cols = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 + 0.35 * (i % 2), 0.95 - 0.25 * (i % 3 == 2))
+            for i in range(n)]
+    return (np.array(cols) * 255).astype(np.uint8).reshape(n, 3)
+
+
+def parse_classes(text: str) -> list[str]:
+    """'cat, dog, grass' -> ['cat', 'dog', 'grass']."""
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def load_vocabulary(spec: str) -> list[str]:
+    """A benchmark name (ade150, ...) or a file: JSON list, or text with one class per line (commas = synonyms)."""
+    from .vocab import VOCABS, load_vocab
+    if spec in VOCABS:
+        return load_vocab(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--vocab {spec!r} is neither a file nor a benchmark; benchmarks: {', '.join(VOCABS)}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{spec}: a JSON vocabulary must be a list of strings")
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Files as given; folders expanded to the images inside (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str], alpha: float = 0.5) -> Image.Image:
+    """Colour overlay of the label map on the image, with a legend of the classes present."""
+    colors = palette(len(names))
+    blended = (image.astype(np.float32) * (1 - alpha) + colors[labels].astype(np.float32) * alpha).astype(np.uint8)
+    present = [int(i) for i in np.unique(labels)]
+    font = ImageFont.load_default()
+    row = 16
+    width = max(120, 30 + max(int(font.getlength(names[i])) for i in present))
+    h = max(image.shape[0], row * len(present) + 8)
+    canvas = Image.new("RGB", (image.shape[1] + width, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, i in enumerate(present):
+        y = 4 + k * row
+        x = image.shape[1] + 6
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(c) for c in colors[i]), outline=(0, 0, 0))
+        draw.text((x + 18, y), names[i], fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _atomic_save(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def resolve_model(preset: str | None, checkpoint: str | None):
+    """Build the model: a checkpoint (file or training checkpoint folder) fixes the preset."""
+    from . import create_model
+    from .weights import read_preset
+    if checkpoint is None:
+        if preset is None:
+            raise ValueError("give --checkpoint (trained weights) or at least --model PRESET")
+        warnings.warn("no --checkpoint given: the aggregation layers have random weights and the masks are "
+                      "meaningless; pass weights trained with training/train.py or converted release weights")
+        return create_model(preset)
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"checkpoint {checkpoint!r} not found (a .safetensors file or a checkpoint folder)")
+    stored = read_preset(path)
+    name = preset or stored
+    if name is None:
+        raise ValueError(f"{path} does not name its preset; pass --model")
+    return create_model(name, pretrained=str(path))
+
+
+def cmd_segment(args) -> int:
+    import torch
+    from tqdm import tqdm
+    from .inference import Segmenter, to_image_tensor
+
+    if (args.classes is None) == (args.vocab is None):
+        raise ValueError("give exactly one of --classes \"cat, dog, grass\" or --vocab FILE|BENCHMARK")
+    names = parse_classes(args.classes) if args.classes is not None else load_vocabulary(args.vocab)
+    if not names:
+        raise ValueError("the vocabulary is empty; give at least one class name")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    model = resolve_model(args.model, args.checkpoint)
+    seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
+                    class_chunk_size=args.class_chunk)
+    model.validate(torch.zeros(1, 3, model.image_size, model.image_size), names)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output folder {str(out)!r}: {e}") from None
+    files = collect_images(args.inputs)
+    if not files:
+        raise ValueError(f"no images found in {args.inputs}")
+    failed = []
+    for path in tqdm(files, desc="segment", unit="img", disable=args.quiet):
+        try:
+            image = to_image_tensor(path)
+        except (ValueError, OSError) as e:
+            failed.append(str(path))
+            print(f"skipped {path}: {e}", file=sys.stderr)
+            continue
+        pred = seg.predict([image], names)[0]
+        rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        stem = path.stem
+        dtype = np.uint8 if len(names) <= 256 else np.uint16
+        _atomic_save(Image.fromarray(pred.labels.astype(dtype)), out / f"{stem}_labels.png")
+        _atomic_save(overlay_with_legend(rgb, pred.labels, names), out / f"{stem}_overlay.png")
+        record = {"image": str(path), "size": list(pred.labels.shape), "class_names": names,
+                  "areas": pred.areas(), "scores": {n: float(s) for n, s in zip(names, pred.scores)}}
+        tmp = out / f".{stem}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out / f"{stem}.json")
+    done = len(files) - len(failed)
+    print(f"segmented {done}/{len(files)} images into {out}" + (f"; {len(failed)} failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_list(args) -> int:
+    from . import list_models
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .download import download_preset_weights
+    for path in download_preset_weights(args.preset, args.out):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="catseg", description="CAT-Seg open-vocabulary segmentation")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("segment", help="segment images with your own class names")
+    s.add_argument("inputs", nargs="+", help="image files or folders")
+    s.add_argument("--classes", help='comma-separated class names, e.g. "cat, dog, grass"')
+    s.add_argument("--vocab", help="vocabulary file (JSON list or one class per line) or a benchmark name")
+    s.add_argument("--model", help="preset name (default: the checkpoint's)")
+    s.add_argument("--checkpoint", help="trained weights (.safetensors or a training checkpoint folder)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
+    s.add_argument("--class-chunk", type=int, default=128, help="classes per chunk (bounds memory)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_segment)
+    ls = sub.add_parser("list", help="list model presets")
+    ls.set_defaults(func=cmd_list)
+    d = sub.add_parser("download", help="fetch a preset's pretrained CLIP/backbone weights into a folder")
+    d.add_argument("preset")
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_download)
+    return p
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch import problems surface later with a clearer message
+        return False
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"catseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Fetch a preset's pretrained CLIP and backbone weights once, for clusters whose compute nodes are offline.
+
+    python -m catseg.download catseg_vitl14_swinb --out /shared/weights
+    # then set weights_dir: /shared/weights in the run config (or create_model(..., weights_dir=...))
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+from .clip import ClipEncoder, download_clip_weights, load_clip_weights
+from .presets import get_config
+from .weights import backbone_weights_file, clip_weights_file
+
+
+def _save(state: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def download_preset_weights(preset: str, out: str | os.PathLike) -> list[Path]:
+    """Download (needs network) and store the preset's open_clip and timm weights as safetensors in `out`."""
+    cfg = get_config(preset)
+    if cfg.clip_pretrained == "none":
+        raise ValueError(f"preset {preset!r} has no pretrained weights to download")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    encoder = ClipEncoder(cfg)
+    load_clip_weights(encoder, download_clip_weights(cfg))
+    _save(encoder.model.state_dict(), clip_weights_file(cfg, out))
+    written.append(clip_weights_file(cfg, out))
+    if cfg.backbone in ("resnet", "swin"):
+        with torch.no_grad():
+            backbone = timm.create_model(cfg.backbone_model, pretrained=True)
+        _save(backbone.state_dict(), backbone_weights_file(cfg, out))
+        written.append(backbone_weights_file(cfg, out))
+    return written
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("preset")
+    p.add_argument("--out", required=True, help="folder to write the weights into")
+    args = p.parse_args(argv)
+    for path in download_preset_weights(args.preset, args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """One random-weight tiny model for read-only tests (eval mode)."""
+    import catseg
+    torch.manual_seed(0)
+    return catseg.create_model("catseg_tiny").eval()
