@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_true", help="leave bad samples out (listed in report.json)")
     parser.add_argument("--verify", action="store_true", help="recheck every shard against its record (alone without --root)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--id-list", help="pc59/pc459: file of image ids to convert instead of the published split")
     hf = parser.add_argument_group("hf (Hugging Face datasets)")
     hf.add_argument("--hf-config", help="load_dataset configuration name")
     hf.add_argument("--name", default="hf", help="dataset name for keys and the output folder (default hf)")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_source(args: argparse.Namespace) -> Source:
     """Build the source named on the command line."""
     if args.dataset != "hf":
-        return get_source(args.dataset, args.root)
+        return get_source(args.dataset, args.root, id_list=args.id_list)
     from data_prep.hf import HuggingFaceConfig, HuggingFaceSource, read_class_names
 
     if not args.class_names:

@@ -349,6 +349,10 @@ def _pascal_stem(entry: dict) -> str:
 class _PascalContextSource(Source):
     splits = ("train", "val")
 
+    def __init__(self, root, id_list: str | Path | None = None):
+        super().__init__(root)
+        self.id_list = Path(id_list) if id_list else None  # replaces the split's id list when given
+
     @property
     def image_dir(self) -> Path:
         """Return the VOC2010 JPEGImages folder."""
@@ -356,6 +360,11 @@ class _PascalContextSource(Source):
 
     def split_ids(self, split: str, all_ids: set[str]) -> list[str]:
         """Return the sorted ids of a split: the published val list, or every other annotated id for train."""
+        if self.id_list is not None:
+            try:
+                return sorted({line.strip() for line in self.id_list.read_text().splitlines() if line.strip()})
+            except OSError as error:
+                raise ConversionError(f"cannot read id list {self.id_list} ({error.strerror or error})") from error
         val = set(pascal_context_val_ids())
         return sorted(val if split == "val" else all_ids - val)
 
@@ -474,8 +483,12 @@ SOURCES: dict[str, type[Source]] = {
 }
 
 
-def get_source(name: str, root) -> Source:
-    """Return the converter called ``name`` reading the raw tree at ``root``."""
+def get_source(name: str, root, id_list: str | Path | None = None) -> Source:
+    """Return the converter called ``name`` reading the raw tree at ``root`` (``id_list``: PASCAL-Context only)."""
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(SOURCES)}, hf")
+    if id_list is not None:
+        if not issubclass(SOURCES[name], _PascalContextSource):
+            raise ValueError(f"--id-list applies to pc59 and pc459 only, not {name}")
+        return SOURCES[name](root, id_list=id_list)
     return SOURCES[name](root)
