@@ -423,7 +423,7 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     if len(records) == num_shards:
         info = source.info(split)
         info["shard_size"] = size
-        shards.finalize_folder(folder, info, [r for r in records.values() if r.num_samples > 0])
+        shards.finalize_folder(folder, info, list(records.values()))
         summary.finished = True
     summary.seconds = time.perf_counter() - start
     return summary

@@ -319,12 +319,13 @@ def finalize_folder(folder: str | os.PathLike, info: dict, records: list[ShardRe
     """Write ``sizes.json`` and ``dataset.json`` for a split whose shards are all complete; return the info."""
     folder = Path(folder)
     records = sorted(records, key=lambda r: r.index)
-    sizes = {r.name: r.num_samples for r in records}
+    # A shard whose samples were all skipped stays on disk (so a rerun knows it is done) but is not listed.
+    sizes = {r.name: r.num_samples for r in records if r.num_samples > 0}
     full = dict(info)
     full.update(
         format_version=FORMAT_VERSION,
-        num_samples=sum(r.num_samples for r in records),
-        num_shards=len(records),
+        num_samples=sum(sizes.values()),
+        num_shards=len(sizes),
         num_skipped=sum(len(r.skipped) for r in records),
     )
     missing = [k for k in ("name", "split", "class_names", "num_classes", "ignore_index", "label_dtype") if k not in full]

@@ -76,7 +76,7 @@ def _files_by_stem(folder: Path, pattern: str, suffix: str, recursive: bool = Fa
     """Map file stem (name without ``suffix``) -> path for files matching ``pattern``; refuse duplicate stems."""
     found: dict[str, Path] = {}
     for path in sorted(folder.rglob(pattern) if recursive else folder.glob(pattern)):
-        if not path.is_file():
+        if path.is_dir():
             continue
         stem = path.name[: -len(suffix)]
         if stem in found:
