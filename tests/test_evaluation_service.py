@@ -1,0 +1,237 @@
+"""The evaluation service against a real MLflow server: new checkpoints scored once, restarts, failures, SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import catseg
+from data_prep.synthetic import SyntheticConfig, write_synthetic
+from evaluation.service import STATE_FILE, EvaluationService, ServiceConfig, metric_key
+from training.checkpoint import checkpoint_name
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 with a SQLite store."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(folder / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=folder, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            # Uvicorn waits for idle keep-alive connections of this process's client; no need to be gentle.
+            server.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def shards_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic(root, SyntheticConfig(num_train=0, num_val=4, size=64, seed=5, shard_size=4))
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    catseg.save_weights(catseg.create_model("catseg_tiny"), path)
+    return path
+
+
+def write_checkpoint(run_dir: Path, step: int, weights: Path, meta: dict, slow: float = 0.0, corrupt: bool = False):
+    """Write a checkpoint as training does: into .tmp-step_N (slowly if asked), then rename into place."""
+    final = run_dir / "checkpoints" / checkpoint_name(step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    tmp.mkdir(parents=True)
+    data = os.urandom(4096) if corrupt else weights.read_bytes()
+    chunks = 8
+    with open(tmp / "model.safetensors", "wb") as f:
+        for i in range(chunks):
+            f.write(data[i * len(data) // chunks:(i + 1) * len(data) // chunks])
+            f.flush()
+            time.sleep(slow / chunks)
+    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, preset="catseg_tiny", created="now")))
+    os.replace(tmp, final)
+    return final
+
+
+def start_service(run_dir: Path, shards_root: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "evaluation.service", "--watch", str(run_dir), "--benchmarks", "synthetic",
+           "--shards", str(shards_root), "--interval", "0.3", "--cpu", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ledger(run_dir: Path) -> dict:
+    path = run_dir / "eval" / STATE_FILE
+    return json.loads(path.read_text())["checkpoints"] if path.is_file() else {}
+
+
+def wait_for(condition, service: subprocess.Popen, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if service.poll() is not None:
+            pytest.fail(f"service exited ({service.returncode}) while waiting for {what}:\n{service.stdout.read()}")
+        if time.monotonic() > deadline:
+            service.kill()
+            pytest.fail(f"timed out waiting for {what}:\n{service.communicate()[0][-4000:]}")
+        time.sleep(0.2)
+
+
+def stop(service: subprocess.Popen) -> str:
+    service.send_signal(signal.SIGTERM)
+    out, _ = service.communicate(timeout=60)
+    assert service.returncode == 0, out
+    return out
+
+
+def steps_logged(client, run_id: str, key: str = "miou/synthetic") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def done(run_dir: Path, *steps: int):
+    return lambda: all(ledger(run_dir).get(checkpoint_name(s), {}).get("status") == "done" for s in steps)
+
+
+def test_service_scores_each_checkpoint_once_across_restarts(mlflow_uri, shards_root, weights, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run_id = client.create_run(client.create_experiment("service-test")).info.run_id
+    meta = {"mlflow_run_id": run_id, "mlflow_tracking_uri": mlflow_uri}
+    run_dir = tmp_path / "run"
+    write_checkpoint(run_dir, 10, weights, meta)
+
+    # Two checkpoints, the second written slowly while the service watches.
+    service = start_service(run_dir, shards_root)
+    wait_for(done(run_dir, 10), service, "step 10")
+    write_checkpoint(run_dir, 20, weights, meta, slow=2.0)
+    wait_for(done(run_dir, 20), service, "step 20")
+    out = stop(service)
+    assert "received SIGTERM" in out and "stopped" in out
+
+    state = ledger(run_dir)
+    assert sorted(state) == [checkpoint_name(10), checkpoint_name(20)]  # never the .tmp- folder
+    assert all(e["attempts"] == 1 and "errors" not in e for e in state.values())
+    assert steps_logged(client, run_id) == [10, 20]
+    for key in ("macc/synthetic", "pacc/synthetic", "fwiou/synthetic"):
+        assert steps_logged(client, run_id, key) == [10, 20]
+    report = json.loads((run_dir / "eval" / checkpoint_name(20) / "report.json").read_text())
+    assert report["step"] == 20 and report["rule"] == "present"
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "miou/synthetic")}
+    assert logged[20] == pytest.approx(report["benchmarks"]["synthetic"]["miou"])
+    artifacts = {f.path for f in client.list_artifacts(run_id, f"evaluation/{checkpoint_name(20)}")}
+    assert {f"evaluation/{checkpoint_name(20)}/{n}" for n in ("report.json", "synthetic.csv")} <= artifacts
+
+    # Restarted: nothing evaluated twice; a corrupt checkpoint is reported, retried once, skipped.
+    write_checkpoint(run_dir, 30, weights, meta, corrupt=True)
+    write_checkpoint(run_dir, 40, weights, meta)
+    service = start_service(run_dir, shards_root)
+    wait_for(lambda: done(run_dir, 40)() and ledger(run_dir).get(checkpoint_name(30), {}).get("status") == "failed",
+             service, "step 40 and the corrupt step 30")
+    state = ledger(run_dir)
+    bad = state[checkpoint_name(30)]
+    assert bad["attempts"] == 2 and len(bad["errors"]) == 2 and "safetensors" in bad["errors"][0]
+    assert client.get_run(run_id).data.tags[f"evaluation.failed.{checkpoint_name(30)}"].startswith("ValueError")
+    assert steps_logged(client, run_id) == [10, 20, 40]
+    assert all(state[checkpoint_name(s)]["attempts"] == 1 for s in (10, 20, 40))
+
+    # Stopped in the middle of an evaluation, then restarted: the interrupted checkpoint is finished once.
+    write_checkpoint(run_dir, 50, weights, meta)
+    log_file = run_dir / "eval" / "service.log"
+    wait_for(lambda: f"evaluating {checkpoint_name(50)}" in log_file.read_text(),
+             service, "the evaluation of step 50 to start")
+    out = stop(service)
+    assert f"evaluation of {checkpoint_name(30)} failed" in out
+    assert checkpoint_name(10) not in out and checkpoint_name(20) not in out  # not even looked at again
+    assert ledger(run_dir)[checkpoint_name(50)]["status"] in ("pending", "done")
+    once = subprocess.run(
+        [sys.executable, "-m", "evaluation.service", "--watch", str(run_dir), "--benchmarks", "synthetic",
+         "--shards", str(shards_root), "--interval", "0.3", "--cpu", "--once"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert once.returncode == 0, once.stderr
+    assert steps_logged(client, run_id) == [10, 20, 40, 50]
+    assert ledger(run_dir)[checkpoint_name(50)]["status"] == "done"
+    assert ledger(run_dir)[checkpoint_name(30)]["attempts"] == 2
+
+
+def test_stop_request_abandons_an_evaluation_without_counting_it(tmp_path, shards_root, weights):
+    import threading
+
+    from evaluation.evaluate import EvaluationInterrupted
+
+    ckpt = write_checkpoint(tmp_path, 7, weights, {})
+    stop_event = threading.Event()
+    stop_event.set()
+    service = EvaluationService(ServiceConfig(watch=tmp_path, benchmarks="synthetic", shards=shards_root, cpu=True),
+                                stop_event)
+    try:
+        with pytest.raises(EvaluationInterrupted):
+            service.process(ckpt)
+    finally:
+        service.close()
+    entry = ledger(tmp_path)[ckpt.name]
+    assert entry["status"] == "pending" and entry["attempts"] == 0
+    assert not (tmp_path / "eval" / ckpt.name / "report.json").exists()
+
+
+def test_metric_keys_refuse_class_names_with_commas():
+    assert metric_key("miou", "ade847") == "miou/ade847"
+    with pytest.raises(ValueError, match="not a legal MLflow key"):
+        metric_key("iou", "person, individual, someone")
+
+
+def test_one_service_per_run_folder(tmp_path, shards_root):
+    (tmp_path / "checkpoints").mkdir()
+    cfg = ServiceConfig(watch=tmp_path, benchmarks="synthetic", shards=shards_root)
+    first = EvaluationService(cfg)
+    try:
+        with pytest.raises(RuntimeError, match="another evaluation service is watching"):
+            EvaluationService(cfg)
+    finally:
+        first.close()
+    EvaluationService(cfg).close()  # free again once the first let go
+    with pytest.raises(ValueError, match="ServiceConfig.watch: run folder .* does not exist"):
+        ServiceConfig(watch=tmp_path / "missing", benchmarks="synthetic", shards=shards_root)
+    with pytest.raises(ValueError, match="ServiceConfig.interval must be > 0"):
+        ServiceConfig(watch=tmp_path, benchmarks="synthetic", shards=shards_root, interval=0)
