@@ -55,7 +55,8 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
         if arr.shape[2] == 1:
             arr = np.repeat(arr, 3, axis=2)
         arr = arr[..., :3]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, order="C")
+        t = torch.from_numpy(arr).permute(2, 0, 1)
         return t.float() / 255.0 if arr.dtype == np.uint8 else t.float()
     if torch.is_tensor(image):
         t = image

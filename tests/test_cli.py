@@ -1,0 +1,88 @@
+"""`catseg segment` end to end through the installed command."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import catseg
+
+CATSEG = shutil.which("catseg", path=str(Path(sys.executable).parent)) or "catseg"
+
+
+def run(*args):
+    return subprocess.run([CATSEG, "segment", *map(str, args)], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    catseg.save_weights(catseg.create_model("catseg_tiny"), d / "tiny.safetensors")
+    other = catseg.create_model("catseg_tiny")
+    other.config.name = "catseg_vitb16_r101"
+    catseg.save_weights(other, d / "other.safetensors")
+    imgs = d / "images"
+    (imgs / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(imgs / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (45, 30), dtype=np.uint8)).save(imgs / "sub" / "b.png")
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    return d
+
+
+def test_segment_folder_end_to_end(workspace):
+    out = workspace / "out"
+    r = run(workspace / "images", "--classes", "cat, dog, grass", "--checkpoint", workspace / "tiny.safetensors",
+            "--out", out, "--device", "cpu")
+    assert r.returncode == 1, r.stderr  # one unreadable file: reported and skipped, exit code says so
+    assert "broken.jpg" in r.stderr and "segmented 2/3" in r.stdout
+    for stem, size in (("a", (60, 80)), ("b", (45, 30))):
+        labels = np.array(Image.open(out / f"{stem}_labels.png"))
+        assert labels.shape == size and labels.max() < 3
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.size[1] >= size[0] and overlay.size[0] > size[1]  # image plus legend panel
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert record["class_names"] == ["cat", "dog", "grass"]
+        assert abs(sum(record["areas"].values()) - 1) < 1e-6
+        counts = np.bincount(labels.ravel(), minlength=3) / labels.size
+        for i, name in enumerate(record["class_names"]):
+            assert abs(record["areas"].get(name, 0.0) - counts[i]) < 1e-9
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_segment_with_benchmark_vocab_and_16bit_labels(workspace):
+    out = workspace / "out847"
+    r = run(workspace / "images" / "a.jpg", "--vocab", "ade847", "--checkpoint", workspace / "tiny.safetensors",
+            "--out", out, "--class-chunk", "200", "--quiet")
+    assert r.returncode == 0, r.stderr
+    labels = Image.open(out / "a_labels.png")
+    assert labels.mode.startswith("I") and np.array(labels).max() < 847  # more than 256 classes: 16-bit PNG
+
+
+def test_segment_bad_input(workspace, capsys):
+    from catseg.cli import main
+
+    def call(*args):
+        code = main(["segment", *map(str, args)])
+        return code, capsys.readouterr().err
+
+    img = workspace / "images" / "a.jpg"
+    ck = workspace / "tiny.safetensors"
+    code, err = call(img, "--classes", " , ", "--checkpoint", ck, "--out", workspace / "o1")
+    assert code == 2 and "empty" in err
+    code, err = call(img, "--vocab", "ade-847", "--checkpoint", ck, "--out", workspace / "o2")
+    assert code == 2 and "ade-847" in err and "ade150" in err
+    code, err = call(img, "--classes", "cat", "--model", "catseg_tiny", "--checkpoint",
+                     workspace / "other.safetensors", "--out", workspace / "o3")
+    assert code == 2 and "catseg_vitb16_r101" in err and "catseg_tiny" in err
+    code, err = call(img, "--classes", "cat, cat", "--checkpoint", ck, "--out", workspace / "o4")
+    assert code == 2 and "duplicate" in err
+    code, err = call(img, "--classes", "cat", "--checkpoint", workspace / "nope.safetensors", "--out", workspace / "o5")
+    assert code == 2 and "nope.safetensors" in err

@@ -1,0 +1,159 @@
+"""Patch inference, the Segmenter API, chunked label maps and bounded memory."""
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from catseg.inference import (Segmenter, crop_offsets, labels_from_probs, patch_inference, predict_labels,
+                              to_image_tensor)
+
+
+class PositionModel(torch.nn.Module):
+    """Stand-in model: every class's probability over a view is a known function of where the view lies.
+
+    The image encodes x and y in its first two channels, so the mean of those channels over a view tells its
+    position; class 0 outputs 0.2 + 0.6 * mean x, class 1 outputs 0.2 + 0.6 * mean y, constant over the view.
+    """
+
+    def __init__(self, image_size=384, inference_size=640, stride=256):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.image_size = image_size
+        self.config = SimpleNamespace(inference_size=inference_size, inference_stride=stride, class_chunk_size=None)
+        self.seen = []
+
+    def forward(self, views, class_names):
+        self.seen.append(views.shape)
+        value = 0.2 + 0.6 * views[:, :2].mean(dim=(2, 3))  # (V, 2)
+        out = value[:, : len(class_names), None, None].expand(-1, -1, self.image_size // 4, self.image_size // 4)
+        return torch.logit(out)
+
+
+def ramp_image(size=640):
+    ys, xs = torch.meshgrid(torch.arange(size) / (size - 1), torch.arange(size) / (size - 1), indexing="ij")
+    return torch.stack([xs, ys, torch.zeros_like(xs)])
+
+
+def test_crop_offsets():
+    assert crop_offsets(640, 384, 256) == [0, 256]
+    assert crop_offsets(640, 384, 200) == [0, 200, 256]
+    assert crop_offsets(384, 384, 256) == [0]
+
+
+def test_patch_inference_mosaic_is_exact():
+    model = PositionModel()
+    image = ramp_image()
+    probs = patch_inference(model, image.unsqueeze(0), ["x", "y"])
+    assert probs.shape == (1, 2, 640, 640)
+    assert model.seen == [torch.Size([5, 3, 384, 384])]  # four crops and the global view in one batch
+
+    # expected, computed independently: each crop's constant over the pixels it covers, averaged, then
+    # averaged with the global view's constant
+    total = torch.zeros(2, 640, 640)
+    count = torch.zeros(640, 640)
+    for y in (0, 256):
+        for x in (0, 256):
+            crop = image[:, y:y + 384, x:x + 384]
+            total[:, y:y + 384, x:x + 384] += (0.2 + 0.6 * crop[:2].mean(dim=(1, 2)))[:, None, None]
+            count[y:y + 384, x:x + 384] += 1
+    glob = F.interpolate(image.unsqueeze(0), size=(384, 384), mode="bilinear", align_corners=False)[0]
+    expected = (total / count + (0.2 + 0.6 * glob[:2].mean(dim=(1, 2)))[:, None, None]) / 2
+    torch.testing.assert_close(probs[0], expected, rtol=0, atol=1e-6)
+    # the four quadrant regions differ: a wrong offset or a swapped axis would show
+    assert probs[0, 0, 10, 10] < probs[0, 0, 10, 630] and probs[0, 1, 10, 10] < probs[0, 1, 630, 10]
+
+
+def test_patch_inference_sizes_come_from_the_preset():
+    model = PositionModel(image_size=64, inference_size=160, stride=48)
+    probs = patch_inference(model, ramp_image(100).unsqueeze(0), ["x"])
+    assert probs.shape == (1, 1, 160, 160)
+    assert model.seen == [torch.Size([3 * 3 + 1, 3, 64, 64])]  # offsets 0, 48, 96 in both directions + global
+
+
+def test_labels_from_probs_chunked_argmax():
+    probs = torch.rand(2, 300, 20, 30, generator=torch.Generator().manual_seed(0))
+    full = F.interpolate(probs, size=(41, 57), mode="bilinear", align_corners=False).argmax(dim=1)
+    for chunk in (7, 64, 1000):
+        assert torch.equal(labels_from_probs(probs, (41, 57), chunk=chunk), full)
+
+
+def test_predict_labels_independent_of_chunks(tiny_model):
+    names = [f"thing {i}" for i in range(150)]
+    x = torch.rand(2, 3, 90, 140, generator=torch.Generator().manual_seed(2))
+    la, sa = predict_labels(tiny_model, x, names, chunk=1000)
+    lb, sb = predict_labels(tiny_model, x, names, chunk=9)
+    assert la[0].shape == (90, 140)
+    assert all(torch.equal(a, b) for a, b in zip(la, lb))
+    torch.testing.assert_close(sa, sb)
+
+
+def test_segmenter_accepts_paths_pil_arrays_and_modes(tiny_model, tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    gray = Image.fromarray(rng.integers(0, 255, (50, 40), dtype=np.uint8), mode="L")
+    rgba = Image.fromarray(rng.integers(0, 255, (33, 61, 4), dtype=np.uint8), mode="RGBA")
+    seg = Segmenter(tiny_model, device="cpu", batch_size=2)
+    preds = seg.predict([tmp_path / "a.png", gray, rgba, rgb, torch.rand(3, 64, 64)], ["sky", "tree", "road"])
+    assert [p.labels.shape for p in preds] == [(70, 90), (50, 40), (33, 61), (70, 90), (64, 64)]
+    assert np.array_equal(preds[0].labels, preds[3].labels)  # same pixels, path or array
+    for p in preds:
+        assert p.labels.dtype == np.int64 and p.labels.min() >= 0 and p.labels.max() < 3
+        assert p.scores.shape == (3,) and p.class_names == ["sky", "tree", "road"]
+        assert abs(sum(p.areas().values()) - 1) < 1e-9
+    single = seg.predict(rgb, ["sky", "tree", "road"])
+    assert len(single) == 1 and np.array_equal(single[0].labels, preds[0].labels)
+
+
+def test_segmenter_bad_input(tiny_model, tmp_path):
+    seg = Segmenter(tiny_model, device="cpu")
+    with pytest.raises(ValueError, match="empty"):
+        seg.predict(np.zeros((10, 10, 3), np.uint8), [])
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        to_image_tensor(tmp_path / "bad.jpg")
+    with pytest.raises(ValueError, match="precision"):
+        Segmenter(tiny_model, precision="fp8")
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import ctypes, gc, sys, torch, catseg
+    from catseg.inference import predict_labels
+    torch.set_num_threads(1)
+    n, chunk = int(sys.argv[1]), (None if sys.argv[2] == "none" else int(sys.argv[2]))
+    m = catseg.create_model("catseg_tiny", class_chunk_size=chunk).eval()
+    names = [f"c{i}" for i in range(n)]
+    m.text_embeddings(names)  # text encoding is done once per vocabulary; measure the per-image work
+    x = torch.rand(1, 3, 160, 200)
+    with torch.no_grad():
+        predict_labels(m, x, names[:4], chunk=chunk or n)
+    def status(key):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS high-water mark
+    before = status("VmRSS")
+    with torch.no_grad():
+        predict_labels(m, x, names, chunk=chunk or n)
+    print((status("VmHWM") - before) / 1024)
+""")
+
+
+def _peak_mib(n, chunk):
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(chunk)], capture_output=True, text=True,
+                         check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
+def test_peak_memory_sublinear_when_chunked():
+    small, large = _peak_mib(100, 50), _peak_mib(800, 50)
+    unchunked_large = _peak_mib(800, "none")
+    print(f"peak MiB: chunked 100 classes {small:.0f}, 800 classes {large:.0f}; unchunked 800 {unchunked_large:.0f}")
+    assert large < 3 * small  # 8x the classes, well under 3x the memory
+    assert unchunked_large > 2 * large
