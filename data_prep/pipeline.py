@@ -353,9 +353,11 @@ def _convert_one(ref: SampleRef) -> tuple[str, Any]:
 def _ensure_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".write-probe-*"):  # left by a run killed in the instant below
+            stale.unlink(missing_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as error:
         raise ConversionError(f"cannot write to output folder {folder} ({error.strerror or error}); choose a writable --out")
 
