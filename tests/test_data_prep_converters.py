@@ -349,3 +349,55 @@ def test_hf_dataset_from_disk_and_parquet(tmp_path):
     samples = read_back(tmp_path / "out2/hf/train")
     for i, raw in enumerate(expected):
         np.testing.assert_array_equal(samples[f"hf_train_{i:08d}"][1], raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset-specific bad labels
+
+
+def test_dataset_specific_bad_labels_are_refused_with_the_file_named(tmp_path, capsys):
+    # ADE20K-150: 151 is out of range
+    base = tmp_path / "ade/ADEChallengeData2016"
+    write_jpeg(base / "images/validation/ADE_val_00000001.jpg", 4, 3, seed=1)
+    write_png(base / "annotations/validation/ADE_val_00000001.png", np.full((3, 4), 151, np.uint8))
+    assert convert("ade150", "--root", str(tmp_path / "ade"), "--out", str(tmp_path / "out")) == 1
+    assert "annotations/validation/ADE_val_00000001.png: out-of-range label ids [151]" in capsys.readouterr().out
+
+    # PASCAL-Context-459: a LabelMap with zeros, and one with 460
+    stems = list(pascal_context_val_ids()[:2])
+    root = pascal_tree(tmp_path / "pc", stems, [(4, 3), (4, 3)])
+    (root / "trainval").mkdir()
+    scipy.io.savemat(root / "trainval" / f"{stems[0]}.mat", {"LabelMap": np.array([[0, 1, 2, 3]] * 3, np.uint16)})
+    scipy.io.savemat(root / "trainval" / f"{stems[1]}.mat", {"LabelMap": np.full((3, 4), 460, np.uint16)})
+    (tmp_path / "ids.txt").write_text("\n".join(stems))
+    assert convert("pc459", "--root", str(root), "--out", str(tmp_path / "out"), "--id-list", str(tmp_path / "ids.txt")) == 1
+    printed = capsys.readouterr().out
+    assert f"trainval/{stems[0]}.mat: LabelMap has 3 zero pixels" in printed
+    assert f"trainval/{stems[1]}.mat: out-of-range label ids [460]" in printed
+
+    # PASCAL-Context-59: an id listed for conversion but absent from the annotation file, and an unknown category
+    (root / "trainval_merged.json").write_text(json.dumps({
+        "images": [{"image_id": int(stems[0].replace("_", "")), "file_name": f"{stems[0]}.jpg", "height": 3, "width": 4}],
+        "annos_segmentation": [{"image_id": int(stems[0].replace("_", "")), "category_id": 600,
+                                "segmentation": rle.encode(np.ones((3, 4), bool))}],
+    }))
+    assert convert("pc59", "--root", str(root), "--out", str(tmp_path / "out"), "--id-list", str(tmp_path / "ids.txt")) == 1
+    printed = capsys.readouterr().out
+    assert f"trainval_merged.json#{stems[0]}: out-of-range label ids [600]" in printed
+    assert f"VOCdevkit/VOC2010/JPEGImages/{stems[1]}.jpg: image has no label (expected an entry for {stems[1]} in trainval_merged.json)" in printed
+
+    # VOC: 21 is out of range; an id in val.txt whose files are missing
+    voc = voc_tree(tmp_path / "v", {"2007_000033": np.full((3, 4), 21, np.uint8)})
+    list_file = voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    list_file.write_text(list_file.read_text() + "2007_999999\n")
+    assert convert("voc20", "--root", str(voc), "--out", str(tmp_path / "out")) == 1
+    printed = capsys.readouterr().out
+    assert "SegmentationClassAug/2007_000033.png: out-of-range label ids [21]; valid values are 0..20 and 255" in printed
+    assert "JPEGImages/2007_999999.jpg: neither the image nor its label" in printed
+
+    # ADE20K-847: a _seg.png of another size
+    val = tmp_path / "a847/ADE20K_2021_17_01/images/ADE/validation/x"
+    write_jpeg(val / "ADE_val_00000009.jpg", 6, 5, seed=2)
+    seg_png(np.zeros((4, 6), np.int64), val / "ADE_val_00000009_seg.png")
+    assert convert("ade847", "--root", str(tmp_path / "a847"), "--out", str(tmp_path / "out")) == 1
+    assert "ADE_val_00000009_seg.png: label is 6x4 but image" in capsys.readouterr().out
