@@ -11,7 +11,6 @@ k as class k - 1 (the ADE20K convention). Labels are stored 8-bit (ignore 255) f
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
