@@ -1,0 +1,210 @@
+"""Speed and memory benchmark of a preset with random weights: patch inference and training steps.
+
+    python -m catseg.bench --preset catseg_vitb16_r101 --classes 20,150,847 --device cuda --json out.json
+    python -m catseg.bench --preset catseg_tiny --device cpu            # runs anywhere
+
+Inference: one `inference_size` image (640x640 for the presets) through patch inference (crops + global view in one
+batch, all classes), ms/image as the median over repeats after warm-up, timed with CUDA events on a GPU; batched
+inference as images/s. Training: batch x image_size crops, `--train-classes` classes, forward + per-pixel BCE +
+backward + AdamW step, ms/step. Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS growth on
+CPU (Linux). Needs only torch, timm, einops, open_clip (and numpy, safetensors, pillow, which they pull in).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import create_model
+from .inference import make_views, merge_views
+
+
+def _rss_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or peak RSS growth on Linux CPUs (None elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = _rss_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        elif sys.platform.startswith("linux"):
+            self.peak = _rss_status("VmHWM") - self._base
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn() after warm-up (CUDA events on a GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def bench_inference(model, device, precision, num_classes, batch, warmup, repeats) -> dict:
+    """Patch inference of `batch` images at the preset's inference size over `num_classes` classes."""
+    size = model.config.inference_size
+    names = [f"class {i}" for i in range(num_classes)]
+    images = [torch.rand(3, size, size) for _ in range(batch)]
+    views = make_views(model, images).to(device)
+    model.text_embeddings(names)  # computed once per vocabulary, as in real use
+
+    @torch.no_grad()
+    def step():
+        with _autocast(device, precision):
+            logits = model(views, names)
+        probs = torch.sigmoid(logits.float()).unflatten(0, (batch, -1))
+        return merge_views(model, probs).argmax(dim=1)
+
+    ms = time_ms(step, device, warmup, repeats)
+    with PeakMemory(device) as mem:
+        step()
+    return {"classes": num_classes, "batch": batch, "ms_per_image": ms / batch, "images_per_s": 1000 * batch / ms,
+            "peak_memory_bytes": mem.peak}
+
+
+def bench_training(model, device, precision, num_classes, batch, warmup, repeats) -> dict:
+    """Forward + masked per-pixel BCE + backward + AdamW step on random crops and labels."""
+    model.train()
+    s = model.image_size
+    names = [f"class {i}" for i in range(num_classes)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+    images = torch.rand(batch, 3, s, s, device=device)
+    labels = torch.randint(0, num_classes, (batch, s, s), device=device)
+    labels[:, :8] = 255
+    model.text_embeddings(names)
+
+    def step():
+        with _autocast(device, precision):
+            logits = model(images, names)
+        logits = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        valid = labels != 255
+        target = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        loss = (loss * valid.unsqueeze(1)).sum() / (valid.sum() * num_classes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    ms = time_ms(step, device, warmup, repeats)
+    with PeakMemory(device) as mem:
+        step()
+    model.eval()
+    return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": 1000 * batch / ms,
+            "peak_memory_bytes": mem.peak}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="CAT-Seg speed/memory benchmark (random weights)")
+    p.add_argument("--preset", default="catseg_tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--classes", default="20,150,847", help="class counts for inference")
+    p.add_argument("--batches", default="1", help="images per inference call, e.g. 1,8,32")
+    p.add_argument("--class-chunk", type=int, default=None, help="classes per chunk (default: all at once)")
+    p.add_argument("--train-classes", type=int, default=171)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", help="write the results here as JSON")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = create_model(args.preset, class_chunk_size=args.class_chunk).to(device).eval()
+    model.check_inputs = False  # the range check syncs with the host; inputs here are known to be in range
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = torch.compile(layer, dynamic=True)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    result = {
+        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "precision": precision, "class_chunk": args.class_chunk,
+        "compile": args.compile, "channels_last": args.channels_last, "inference": [], "training": None,
+        "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for n in [int(c) for c in args.classes.split(",")]:
+            r = bench_inference(model, device, precision, n, batch, args.warmup, args.repeats)
+            result["inference"].append(r)
+            print(f"inference  {n:5d} classes  batch {batch:3d}: {r['ms_per_image']:9.2f} ms/image  "
+                  f"{r['images_per_s']:8.2f} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+    if not args.no_train:
+        r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
+                           args.repeats)
+        result["training"] = r
+        print(f"training   {r['classes']:5d} classes  batch {r['batch']:3d}: {r['ms_per_step']:9.2f} ms/step   "
+              f"{r['images_per_s']:8.2f} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
+    return result
+
+
+def _gb(n) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+if __name__ == "__main__":
+    main()
