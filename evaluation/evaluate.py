@@ -186,7 +186,6 @@ def evaluate_benchmark(
     from tqdm import tqdm
 
     from catseg.inference import predict_labels, to_image_tensor
-
     from data_prep.shards import decode_sample, iter_raw_samples
 
     if not Path(shard_dir).is_dir():
@@ -204,6 +203,7 @@ def evaluate_benchmark(
         total = min(total, limit)
     own_total = len(range(rank, total, world))
     bar = tqdm(total=own_total, desc=bench.title, unit="img", disable=not progress, dynamic_ncols=True)
+    failure = None
     try:
         # Undecoded samples of other processes are skipped cheaply: only this process's images are decoded.
         for index, raw in enumerate(iter_raw_samples(shard_dir)):
@@ -225,10 +225,17 @@ def evaluate_benchmark(
                 raise ValueError(f"{raw.get('__url__', shard_dir)}: sample {raw.get('__key__', index)!r}: {e}") from e
             images += 1
             bar.update(1)
+    except Exception as e:
+        failure = e
     finally:
         bar.close()
+    # Every process reaches this reduction, failed or not, so one bad sample cannot leave the others waiting.
+    images, failed = (int(v) for v in reduce_confusion(np.array([images, failure is not None], dtype=np.int64)))
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log")
     conf = reduce_confusion(conf)
-    images = int(reduce_confusion(np.array([images], dtype=np.int64))[0])
     return conf, images
 
 

@@ -185,12 +185,18 @@ class EvaluationService:
         log.info("watching %s every %.1f s for %s", self.cfg.watch, self.cfg.interval, ", ".join(self.cfg.benchmarks))
         try:
             while not self.stop.is_set():
-                todo = [c for c in complete_checkpoints(self.cfg.watch) if self.needs_work(c.name)]
-                for ckpt in todo:
+                try:
+                    todo = [c for c in complete_checkpoints(self.cfg.watch) if self.needs_work(c.name)]
+                except OSError as e:  # e.g. a network file system that went away for a moment
+                    log.error("cannot list checkpoints of %s: %s; trying again at the next poll", self.cfg.watch, e)
+                    todo = None
+                for ckpt in todo or []:
                     if self.stop.is_set():
                         break
                     self.process(ckpt)
-                if self.cfg.once and not any(self.needs_work(c.name) for c in complete_checkpoints(self.cfg.watch)):
+                if self.cfg.once and todo is not None and not any(
+                    self.needs_work(c.name) for c in complete_checkpoints(self.cfg.watch)
+                ):
                     break
                 self.stop.wait(self.cfg.interval)
         except EvaluationInterrupted as e:
@@ -250,11 +256,14 @@ class EvaluationService:
 
     def tracking_uri(self, meta: dict) -> str:
         """The tracking URI to log to: --tracking-uri, else the checkpoint's, else the run folder's SQLite store."""
-        return (
-            self.cfg.tracking_uri
-            or meta.get("mlflow_tracking_uri")
-            or f"sqlite:///{(self.cfg.watch / 'mlflow.db').resolve()}"
-        )
+        local = f"sqlite:///{(self.cfg.watch / 'mlflow.db').resolve()}"
+        uri = self.cfg.tracking_uri or meta.get("mlflow_tracking_uri") or local
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            # The run folder seen from another machine or after a move: its embedded store is RUN_DIR/mlflow.db.
+            if (self.cfg.watch / "mlflow.db").is_file():
+                log.warning("tracking store %s not found; using %s", uri, local)
+                return local
+        return uri
 
     def log_to_mlflow(self, info, report: dict) -> tuple[str | None, str | None]:
         """Log the report's metrics at the checkpoint's step (skipping any already there) and its folder as artifacts."""

@@ -184,12 +184,13 @@ def test_service_scores_each_checkpoint_once_across_restarts(mlflow_uri, shards_
     assert f"evaluation of {checkpoint_name(30)} failed" in out
     assert checkpoint_name(10) not in out and checkpoint_name(20) not in out  # not even looked at again
     assert ledger(run_dir)[checkpoint_name(50)]["status"] in ("pending", "done")
-    once = subprocess.run(
-        [sys.executable, "-m", "evaluation.service", "--watch", str(run_dir), "--benchmarks", "synthetic",
-         "--shards", str(shards_root), "--interval", "0.3", "--cpu", "--once"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    restarted = EvaluationService(
+        ServiceConfig(watch=run_dir, benchmarks="synthetic", shards=shards_root, interval=0.3, cpu=True, once=True)
     )
-    assert once.returncode == 0, once.stderr
+    try:
+        assert restarted.run() == 0
+    finally:
+        restarted.close()
     assert steps_logged(client, run_id) == [10, 20, 40, 50]
     assert ledger(run_dir)[checkpoint_name(50)]["status"] == "done"
     assert ledger(run_dir)[checkpoint_name(30)]["attempts"] == 2
@@ -213,6 +214,29 @@ def test_stop_request_abandons_an_evaluation_without_counting_it(tmp_path, shard
     entry = ledger(tmp_path)[ckpt.name]
     assert entry["status"] == "pending" and entry["attempts"] == 0
     assert not (tmp_path / "eval" / ckpt.name / "report.json").exists()
+
+
+def test_embedded_sqlite_store_under_the_run_folder_is_the_default(tmp_path, shards_root, weights):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.create_experiment("embedded", artifact_location=(run_dir / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    # No tracking URI in meta.json: the service falls back to RUN_DIR/mlflow.db.
+    write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": run_id})
+    cfg = ServiceConfig(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
+    service = EvaluationService(cfg)
+    try:
+        assert service.run() == 0
+    finally:
+        service.close()
+    assert steps_logged(client, run_id) == [3]
+    assert (run_dir / "mlartifacts").is_dir()
+    assert {f.path for f in client.list_artifacts(run_id, "evaluation/step_00000003")} >= {
+        "evaluation/step_00000003/report.json"
+    }
 
 
 def test_metric_keys_refuse_class_names_with_commas():
