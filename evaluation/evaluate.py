@@ -41,6 +41,10 @@ class EvaluationInterrupted(RuntimeError):
     """Raised when an evaluation is asked to stop before it finished."""
 
 
+class EvaluationFailed(RuntimeError):
+    """Raised in every process when the evaluation failed in another one (which reports the cause)."""
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate and where to write the report."""
@@ -234,7 +238,7 @@ def evaluate_benchmark(
     if failure is not None:
         raise failure
     if failed:
-        raise RuntimeError(f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log")
+        raise EvaluationFailed(f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log")
     conf = reduce_confusion(conf)
     return conf, images
 
@@ -454,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         state = process_state(cfg.cpu)
         report = run_evaluation(cfg, state=state)
-    except (ValueError, OSError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError, EvaluationFailed) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if state.is_main_process:
