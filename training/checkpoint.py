@@ -1,0 +1,208 @@
+"""The checkpoint layout of a run folder: the one module that writes, finds and reads checkpoints.
+
+    RUN_DIR/checkpoints/step_00001000/
+        model.safetensors   full inference weights (catseg.save_weights; gathered under DeepSpeed ZeRO)
+        meta.json           {"step", "preset", "mlflow_run_id", "mlflow_tracking_uri", "created"}
+        state/              accelerator.save_state output (optimizer, scaler, RNG; model shards under DeepSpeed)
+                            plus train_rank<R>.json per process (step, schedule, data-stream position)
+
+A checkpoint is written as checkpoints/.tmp-step_XXXXXXXX and renamed when every process has finished, so a
+folder named step_* is always complete. Evaluation and the service use list_checkpoints / latest_checkpoint /
+read_meta and the model.safetensors file only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_DIR = "state"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder and what to do."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps."""
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run folder, sorted by step (oldest first)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME.match(child.name)
+        if match and child.is_dir() and (child / META_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict:
+    """The meta.json of a checkpoint folder (step, preset, MLflow run id and tracking URI, creation time)."""
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a complete checkpoint: {META_FILE} is missing; use a step_* folder "
+                              f"from {Path(ckpt_dir).parent}")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    missing = [k for k in ("step", "preset") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    return meta
+
+
+def weights_path(ckpt_dir: str | os.PathLike) -> Path:
+    """The inference weights (safetensors) of a checkpoint."""
+    return Path(ckpt_dir) / WEIGHTS_FILE
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
+    """Turn --resume (auto, none, or a checkpoint folder) into the checkpoint to continue from."""
+    if resume in ("", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    read_meta(path)
+    return path
+
+
+def check_compatible(ckpt_dir: Path, preset: str) -> dict:
+    """Read a checkpoint's meta and refuse one written for another model preset."""
+    meta = read_meta(ckpt_dir)
+    if meta["preset"] != preset:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds preset {meta['preset']!r} but this run builds "
+                              f"{preset!r}; resume with the config that made it or use another --run-dir")
+    return meta
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def remove_partial(run_dir: str | os.PathLike) -> None:
+    """Delete checkpoint folders left half-written by a killed run (main process only)."""
+    root = Path(run_dir) / CHECKPOINTS
+    for child in root.glob(".tmp-*") if root.is_dir() else []:
+        shutil.rmtree(child, ignore_errors=True)
+    for child in root.glob(".del-*") if root.is_dir() else []:
+        shutil.rmtree(child, ignore_errors=True)
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted folders."""
+    old = list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []
+    for path in old:
+        # Rename first: a folder that is half deleted must never look like a complete checkpoint.
+        doomed = path.with_name(f".del-{path.name}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return old
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return _is_deepspeed(accelerator) and plugin is not None and plugin.zero_stage == 3
+
+
+def export_weights(accelerator, model, path: Path) -> None:
+    """Write the full model weights as safetensors from the main process (gathering ZeRO-3 partitions first)."""
+    import catseg
+
+    unwrapped = accelerator.unwrap_model(model)
+    if _zero3(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+            if accelerator.is_main_process:
+                catseg.save_weights(unwrapped, path)
+    elif accelerator.is_main_process:
+        catseg.save_weights(unwrapped, path)
+
+
+class Checkpointer:
+    """Saves and restores complete training checkpoints through Accelerate, with the layout above.
+
+    Outside DeepSpeed the model's weights are stored once, as model.safetensors, and not again inside state/.
+    """
+
+    def __init__(self, accelerator, model, run_dir: str | os.PathLike, keep_last: int):
+        self.accelerator, self.model, self.run_dir, self.keep_last = accelerator, model, Path(run_dir), keep_last
+        self._loading_from: Path | None = None
+        if not _is_deepspeed(accelerator):
+            accelerator.register_save_state_pre_hook(self._skip_model_weights)
+            accelerator.register_load_state_pre_hook(self._load_model_weights)
+
+    def _skip_model_weights(self, models, weights, output_dir) -> None:
+        weights.clear()
+
+    def _load_model_weights(self, models, input_dir) -> None:
+        import catseg
+
+        catseg.load_weights(self.accelerator.unwrap_model(models[0]), self._loading_from / WEIGHTS_FILE)
+        models.clear()
+
+    def save(self, step: int, train_state: dict, meta: dict) -> Path:
+        """Write checkpoint ``step`` from every process (collective); return its folder."""
+        acc = self.accelerator
+        root = self.run_dir / CHECKPOINTS
+        final = root / checkpoint_name(step)
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE_DIR).mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / STATE_DIR))
+        _write_json(tmp / STATE_DIR / f"train_rank{acc.process_index}.json", train_state)
+        export_weights(acc, self.model, tmp / WEIGHTS_FILE)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _write_json(tmp / META_FILE, dict(meta, step=step, created=datetime.datetime.now(
+                datetime.timezone.utc).isoformat(timespec="seconds")))
+            if final.exists():  # the same step saved again (a signal right after a periodic save)
+                os.replace(final, root / f".del-{final.name}")
+                shutil.rmtree(root / f".del-{final.name}", ignore_errors=True)
+            os.replace(tmp, final)
+            prune(self.run_dir, self.keep_last)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, ckpt_dir: Path) -> dict:
+        """Restore model, optimizer, scaler and RNG from a checkpoint; return this process's train state."""
+        acc = self.accelerator
+        state_file = ckpt_dir / STATE_DIR / f"train_rank{acc.process_index}.json"
+        if not state_file.is_file():
+            have = sorted(p.name for p in (ckpt_dir / STATE_DIR).glob("train_rank*.json"))
+            raise CheckpointError(f"{ckpt_dir} has no state for process {acc.process_index} (has {', '.join(have)}); "
+                                  f"resume with the process count that wrote it ({len(have)})")
+        self._loading_from = ckpt_dir
+        acc.load_state(str(ckpt_dir / STATE_DIR))
+        return json.loads(state_file.read_text())

@@ -1,0 +1,31 @@
+"""The training loss: per-pixel binary cross-entropy between upsampled class logits and one-hot labels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class PixelBCECriterion:
+    """Per-pixel, per-class binary cross-entropy with logits against one-hot targets.
+
+    Logits (B, N, h, w) are upsampled bilinearly to the label size (B, H, W). With ``mask_ignore`` the pixels
+    labelled ``ignore_index`` carry no loss; without it they get an all-zero target, as in the reference release.
+    """
+
+    def __init__(self, ignore_index: int = 255, mask_ignore: bool = True):
+        self.ignore_index = ignore_index
+        self.mask_ignore = mask_ignore
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Return the mean loss (a scalar in float32)."""
+        num_classes = logits.shape[1]
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        valid = labels != self.ignore_index
+        target = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2).to(logits.dtype)
+        target = target * valid.unsqueeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if not self.mask_ignore:
+            return loss.mean()
+        # Normalise by the labelled pixels so that batches with much padding do not weigh less.
+        return (loss * valid.unsqueeze(1)).sum() / (valid.sum() * num_classes).clamp(min=1)

@@ -1,0 +1,189 @@
+"""Metrics logging: one small interface, a local JSON-lines file always, MLflow when reachable (main process only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+# After a failed request, do not try the tracking server again for this long (training keeps going meanwhile).
+RETRY_AFTER_S = 60.0
+# Metrics kept for sending once the server is back; older ones stay in metrics.jsonl only.
+MAX_BACKLOG = 10000
+
+
+class MetricLogger:
+    """The interface the trainer logs through; this base class drops everything (non-main processes)."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Record run parameters (the resolved config)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Record scalar metrics at an optimizer step."""
+
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        """Attach a file to the run."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Mark the run finished (FINISHED, FAILED or KILLED)."""
+
+
+class LocalLogger(MetricLogger):
+    """Appends every metric record to RUN_DIR/metrics.jsonl (kept whatever the tracking server does)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._file.close()
+
+
+def default_tracking_uri(uri: str, run_dir: str | os.PathLike) -> str:
+    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else a SQLite store in the run folder."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+class MLflowLogger(MetricLogger):
+    """Logs to an MLflow tracking store; a store that fails is skipped for a while, never fatal.
+
+    Metrics that could not be sent are queued (up to MAX_BACKLOG) and sent when the store answers again.
+    """
+
+    def __init__(self, uri: str, run_dir: str | os.PathLike, experiment: str, run_name: str,
+                 run_id: str | None = None, timeout_s: float = 10.0):
+        # A tracking server that went away must cost seconds, not mlflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = uri
+        self.run_dir = Path(run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
+        self._down_since: float | None = None
+        self._backlog: list = []
+        self._pending_params: list = []
+        self._open_args = (experiment, run_name, run_id)
+        self.run_id = self._call("open the run", self._open_run, *self._open_args)
+        if self.run_id is None:
+            warnings.warn(f"MLflow tracking at {uri} is unavailable; metrics go to {self.run_dir / METRICS_FILE} only",
+                          stacklevel=2)
+
+    def _open_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.status != "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception as e:  # the checkpoint may come from another store
+                log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, self.tracking_uri, e)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None
+            if self.tracking_uri.startswith("sqlite:"):
+                location = (self.run_dir.resolve() / "mlartifacts").as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = found.experiment_id
+        return self.client.create_run(exp_id, run_name=run_name).info.run_id
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if self._down_since is not None and time.monotonic() - self._down_since < RETRY_AFTER_S:
+            return None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # any failure of the tracking store must not stop training
+            if self._down_since is None:
+                warnings.warn(f"MLflow tracking at {self.tracking_uri} failed to {what} ({type(e).__name__}: "
+                              f"{str(e)[:200]}); training continues, metrics are kept in "
+                              f"{self.run_dir / METRICS_FILE} and retried every {RETRY_AFTER_S:.0f} s", stacklevel=3)
+            self._down_since = time.monotonic()
+            return None
+        if self._down_since is not None:
+            log.warning("MLflow tracking at %s answers again", self.tracking_uri)
+        self._down_since = None
+        return True if result is None else result
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self._pending_params.extend(Param(k, str(v)) for k, v in params.items())
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.run_id is None:
+            self.run_id = self._call("open the run", self._open_run, *self._open_args)
+            if self.run_id is None:
+                return
+        while self._pending_params:
+            chunk = self._pending_params[:100]  # the store takes at most 100 params per batch
+            if self._call("log params", self.client.log_batch, self.run_id, params=chunk) is None:
+                return
+            del self._pending_params[:len(chunk)]
+        while self._backlog:
+            chunk = self._backlog[:1000]
+            if self._call("log metrics", self.client.log_batch, self.run_id, metrics=chunk) is None:
+                return
+            del self._backlog[:len(chunk)]
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._backlog.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._backlog = self._backlog[-MAX_BACKLOG:]
+        self._flush()
+
+    def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        if self.run_id is not None:
+            self._call(f"upload {path}", self.client.log_artifact, self.run_id, str(path), folder)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self._down_since = None  # one last try for the remaining metrics and the status
+            self._flush()
+            self._call("finish the run", self.client.set_terminated, self.run_id, status)
+
+
+class MultiLogger(MetricLogger):
+    """Fans every call out to several loggers; run_id/tracking_uri come from the first that has them."""
+
+    def __init__(self, *loggers: MetricLogger):
+        self.loggers = loggers
+        self.run_id = next((lg.run_id for lg in loggers if lg.run_id), None)
+        self.tracking_uri = next((lg.tracking_uri for lg in loggers if lg.tracking_uri), None)
+
+    def log_params(self, params):
+        for lg in self.loggers:
+            lg.log_params(params)
+
+    def log_metrics(self, metrics, step):
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step)
+
+    def log_artifact(self, path, folder=None):
+        for lg in self.loggers:
+            lg.log_artifact(path, folder)
+
+    def close(self, status="FINISHED"):
+        for lg in self.loggers:
+            lg.close(status)

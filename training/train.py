@@ -1,0 +1,342 @@
+"""Train CAT-Seg on data_prep shards with Accelerate (one CPU core up to multi-node DeepSpeed ZeRO).
+
+Usage (the launch config alone picks DDP, DeepSpeed ZeRO-2/3 or CPU):
+
+    accelerate launch --config_file launch/zero2.yaml training/train.py [--config configs/<run>.yaml]
+        [--set train.steps=500 data.root=DIR ...] [--run-dir DIR] [--resume auto|none|CHECKPOINT]
+
+Accelerate takes `--config_file` (not `--config`). Without --config the ViT-B run config is used. The run stops
+cleanly on SIGTERM or SIGUSR1 after writing a checkpoint; `--resume auto` (the default) continues from the newest
+complete checkpoint of the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch training/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from training import checkpoint as ckpt
+from training.config import ConfigError, RunConfig, load_config, save_config
+from training.criterion import PixelBCECriterion
+from training.dist import world_info_from_env
+from training.data import AugmentConfig, DataError, ShardStream, StreamState, make_loader, open_shards
+from training.optim import LRSchedule, build_optimizer
+from training.tracking import LocalLogger, MetricLogger, MLflowLogger, MultiLogger, default_tracking_uri
+
+log = logging.getLogger("catseg.train")
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "catseg_vitb16_r101.yaml"
+FINAL_FILE = "final.json"
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGUSR1 (the scheduler's warning before a job ends) into a flag the loop checks."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+def make_accelerator(cfg: RunConfig):
+    """An Accelerator for this run: gloo on CPU, the launch config's distributed mode and precision otherwise."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision or None,
+                       gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
+
+
+def micro_batch_size(cfg: RunConfig, num_processes: int) -> int:
+    """Samples per process per forward pass, from the global batch; refuses a batch that does not split evenly."""
+    parts = num_processes * cfg.train.grad_accum
+    if cfg.train.batch_size % parts:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} does not split over {num_processes} processes x "
+                          f"{cfg.train.grad_accum} accumulation steps; use a multiple of {parts}")
+    return cfg.train.batch_size // parts
+
+
+def configure_deepspeed(accelerator, cfg: RunConfig, micro: int) -> None:
+    """Fill the DeepSpeed config's batch and clipping entries from the run config (before prepare)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.train.batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated by tensors, or the process's peak RSS on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """Holds the run's state; `train()` is the loop."""
+
+    def __init__(self, cfg: RunConfig, resume: str = "auto"):
+        import catseg
+
+        self.cfg, self.run_dir = cfg, cfg.run_dir()
+        self.stop = StopRequest()  # from here on a signal means "checkpoint and stop", not "die"
+        self.shards = open_shards(cfg.data.root)  # fail on missing data before any process group starts
+        self.acc = acc = make_accelerator(cfg)
+        self.micro = micro_batch_size(cfg, acc.num_processes)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.train.seed)
+        self.resume_from = ckpt.resolve_resume(self.run_dir, resume)
+        self.meta = ckpt.check_compatible(self.resume_from, cfg.model.preset) if self.resume_from else {}
+
+        pretrained = cfg.model.pretrained
+        model = catseg.create_model(cfg.model.preset, pretrained=pretrained if isinstance(pretrained, bool) else
+                                    Path(pretrained), **({"weights_dir": cfg.model.weights_dir}
+                                                         if cfg.model.weights_dir else {}))
+        model.set_clip_trainable(cfg.model.clip_finetune or model.config.finetune)
+        model.set_grad_checkpointing(cfg.model.activation_checkpointing)
+        model.check_inputs = False  # the loader only produces [0, 1] images; skip the per-step host sync
+        self.class_names = self.shards.class_names
+        self.image_size = cfg.data.crop_size or model.image_size
+        model.to(acc.device).train()
+        with torch.no_grad():
+            model.text_embeddings(self.class_names)  # the training vocabulary, encoded once and cached in the model
+        optimizer = build_optimizer(model.parameter_groups(), cfg.optim)
+        configure_deepspeed(acc, cfg, self.micro)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.schedule = LRSchedule(self.optimizer, cfg.train.steps, cfg.schedule)
+        self.criterion = PixelBCECriterion(self.shards.ignore_index, cfg.loss.mask_ignore)
+        self.checkpointer = ckpt.Checkpointer(acc, self.model, self.run_dir, cfg.train.keep_last)
+        self.streams = StreamState(cfg.data.workers, acc.process_index, acc.num_processes)
+        self.step = 0
+        if self.resume_from is not None:
+            self.load_state_dict(self.checkpointer.load(self.resume_from))
+            self.unwrapped().text_embeddings(self.class_names)
+        self.logger = self.open_logger()
+
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def state_dict(self) -> dict:
+        """This process's loop state (model and optimizer are saved by Accelerate)."""
+        return {"step": self.step, "schedule": self.schedule.state_dict(), "data": self.streams.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the loop state of a checkpoint."""
+        self.step = int(state["step"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.streams.load_state_dict(state["data"])
+
+    def open_logger(self) -> MetricLogger:
+        """Local metrics file plus MLflow on the main process (continuing the checkpoint's MLflow run)."""
+        if not self.acc.is_main_process:
+            return MetricLogger()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(self.run_dir)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        t = self.cfg.tracking
+        uri = default_tracking_uri(t.uri, self.run_dir)
+        run_id = self.meta.get("mlflow_run_id") if self.meta.get("mlflow_tracking_uri") == uri else None
+        mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s)
+        logger = MultiLogger(LocalLogger(self.run_dir), mlflow)
+        if run_id is None:
+            logger.log_params(self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
+            logger.log_artifact(self.run_dir / "config.yaml")
+        return logger
+
+    def make_loader(self):
+        cfg = self.cfg
+        aug = AugmentConfig(self.image_size, cfg.data.short_side or self.image_size, cfg.data.scale_range,
+                            cfg.data.hflip, cfg.data.jitter, self.shards.ignore_index)
+        stream = ShardStream(self.shards, aug, self.micro, cfg.train.seed, self.acc.process_index,
+                             self.acc.num_processes, cfg.data.workers, cfg.data.shuffle_buffer,
+                             self.streams.positions, self.streams.rotation)
+        return make_loader(stream, cfg.data.workers, pin_memory=self.acc.device.type == "cuda")
+
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm, data wait s)."""
+        total, wait, norm = torch.zeros((), device=self.acc.device), 0.0, None
+        for _ in range(self.cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            self.streams.update(batch)
+            images = batch["images"].to(self.acc.device, non_blocking=True).float().div_(255)
+            labels = batch["labels"].to(self.acc.device, non_blocking=True).long()
+            with self.acc.accumulate(self.model):
+                loss = self.criterion(self.model(images, self.class_names), labels)
+                self.acc.backward(loss)
+                if self.acc.sync_gradients:
+                    norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        self.schedule.step()
+        return total / self.cfg.train.grad_accum, norm, wait
+
+    def train(self) -> int:
+        """The loop: step, maybe log, maybe checkpoint, stop on a signal; returns the process exit code."""
+        cfg, acc = self.cfg, self.acc
+        batches = iter(self.make_loader())
+        window = Window(acc.device)
+        start_step, started = self.step, time.perf_counter()
+        bar = progress_bar(acc.is_main_process, self.step, cfg.train.steps)
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            loss, norm, wait = self.train_step(batches)
+            self.step += 1
+            window.add(loss, norm, wait, time.perf_counter() - t0)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                metrics = self.log_metrics(window)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+            bar.update(1)
+            stop = self.stop_requested()
+            if stop or self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
+                self.save_checkpoint()
+            if stop:
+                break
+        bar.close()
+        del batches  # shut the loader workers down before the summary
+        return self.finish(time.perf_counter() - started, self.step - start_step, window)
+
+    def stop_requested(self) -> bool:
+        """True on every process once any process got SIGTERM/SIGUSR1 (agreed, so all save together)."""
+        flag = torch.tensor(float(self.stop.signal is not None), device=self.acc.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def log_metrics(self, window: "Window") -> dict:
+        local = torch.stack([window.loss_sum, torch.tensor(float(self.streams.corrupt), device=self.acc.device)])
+        loss_sum, corrupt = self.acc.reduce(local, "sum").tolist()
+        steps = window.steps
+        metrics = window.flush(self.cfg.train.batch_size) | {
+            "loss": loss_sum / max(1, steps) / self.acc.num_processes,
+            "corrupt_samples": corrupt, "peak_memory_mb": peak_memory_mb(self.acc.device),
+            **{f"lr/{k}": v for k, v in self.schedule.last_lrs().items()}}
+        self.last_metrics = metrics
+        self.logger.log_metrics(metrics, self.step)
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        meta = {"preset": self.cfg.model.preset, "mlflow_run_id": self.logger.run_id,
+                "mlflow_tracking_uri": self.logger.tracking_uri, "world_size": self.acc.num_processes}
+        return self.checkpointer.save(self.step, self.state_dict(), meta)
+
+    def finish(self, elapsed: float, steps: int, window: "Window") -> int:
+        """Export the final weights, close tracking and print the one-line summary."""
+        done = self.step >= self.cfg.train.steps
+        final = ckpt.latest_checkpoint(self.run_dir)
+        if self.acc.is_main_process and done and final is not None:
+            ckpt._write_json(self.run_dir / FINAL_FILE, {"step": self.step, "checkpoint": final.name,
+                                                        "weights": str(ckpt.weights_path(final))})
+            self.logger.log_artifact(ckpt.weights_path(final))
+        self.logger.close("FINISHED" if done else "KILLED")
+        if self.acc.is_main_process:
+            rate = steps * self.cfg.train.batch_size / max(elapsed, 1e-9)
+            loss = getattr(self, "last_metrics", {}).get("loss", float("nan"))
+            how = "finished" if done else f"stopped by signal {self.stop.signal} at"
+            print(f"catseg train: {how} step {self.step}/{self.cfg.train.steps} in {elapsed:.0f} s "
+                  f"({rate:.1f} img/s, data wait {window.total_wait_fraction():.0%}), loss {loss:.4f}, "
+                  f"{self.streams.corrupt} corrupt samples skipped here; checkpoint {final}; "
+                  f"MLflow run {self.logger.run_id} at {self.logger.tracking_uri}"
+                  + ("" if done else "; continue with --resume auto"), flush=True)
+        self.acc.end_training()
+        return 0
+
+
+class Window:
+    """Running sums between two log steps (loss stays on the device until logged)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.wait, self.time, self.norm = 0, 0.0, 0.0, None
+        self.all_wait, self.all_time = 0.0, 0.0
+
+    def add(self, loss, norm, wait: float, seconds: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.wait += wait
+        self.time += seconds
+        self.norm = norm if norm is not None else self.norm
+
+    def flush(self, batch_size: int) -> dict:
+        out = {"images_per_s": self.steps * batch_size / max(self.time, 1e-9),
+               "data_wait_fraction": self.wait / max(self.time, 1e-9)}
+        if self.norm is not None:
+            out["grad_norm"] = float(self.norm)
+        self.all_wait, self.all_time = self.all_wait + self.wait, self.all_time + self.time
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps, self.wait, self.time = 0, 0.0, 0.0
+        return out
+
+    def total_wait_fraction(self) -> float:
+        return (self.all_wait + self.wait) / max(self.all_time + self.time, 1e-9)
+
+
+def progress_bar(enabled: bool, start: int, total: int):
+    """A tqdm bar on the main process (a no-op elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="training/train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help=f"run config YAML (default {DEFAULT_CONFIG.relative_to(REPO)})")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config values, e.g. "
+                   "train.steps=50 data.root=/data/shards/coco_stuff/train")
+    p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir, else runs/<config name>)")
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint of the run folder, if any), none, or "
+                   "a checkpoint folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse arguments, validate the config and data, train."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*upcast.*|.*TypedStorage.*")
+    try:
+        overrides = list(args.set) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        trainer = Trainer(cfg, args.resume)
+    except (ConfigError, DataError, ckpt.CheckpointError) as e:
+        print(f"catseg train: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the model library's refusals (wrong preset in a weights file, unknown preset)
+        print(f"catseg train: error: {e}", file=sys.stderr)
+        return 2
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
