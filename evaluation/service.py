@@ -42,6 +42,7 @@ from evaluation.evaluate import (
     run_evaluation,
 )
 from evaluation.metrics import DEFAULT_RULE, RULES
+from training.checkpoint import read_meta
 
 log = logging.getLogger("evaluation.service")
 
@@ -176,9 +177,12 @@ class EvaluationService:
         return self._state
 
     def needs_work(self, name: str) -> bool:
-        """Whether checkpoint ``name`` is still to be evaluated (new, interrupted or failed with a retry left)."""
-        status = self.ledger.get(name).get("status")
-        return status not in ("done", "failed", "removed")
+        """Whether checkpoint ``name`` is still to be evaluated or logged."""
+        return self.ledger.get(name).get("status") not in ("done", "failed", "removed")
+
+    def needs_evaluation(self, name: str) -> bool:
+        """Whether checkpoint ``name`` is new, was interrupted, or failed with a retry left."""
+        return self.ledger.get(name).get("status") in (None, "pending", "retry", "running")
 
     def run(self) -> int:
         """Watch until stopped (or, with ``once``, until nothing is left to do); return the exit status."""
@@ -194,10 +198,14 @@ class EvaluationService:
                     if self.stop.is_set():
                         break
                     self.process(ckpt)
-                if self.cfg.once and todo is not None and not any(
-                    self.needs_work(c.name) for c in complete_checkpoints(self.cfg.watch)
-                ):
-                    break
+                if self.cfg.once and todo is not None:
+                    present = [c.name for c in complete_checkpoints(self.cfg.watch)]
+                    if not any(self.needs_evaluation(n) for n in present):
+                        unlogged = [n for n in present if self.ledger.get(n).get("status") == "unlogged"]
+                        if unlogged:
+                            log.error("evaluated but not logged into MLflow: %s; run again to log them", ", ".join(unlogged))
+                            return 1
+                        break
                 self.stop.wait(self.cfg.interval)
         except EvaluationInterrupted as e:
             log.info("stopping: %s", e)
@@ -205,16 +213,36 @@ class EvaluationService:
         return 0
 
     def process(self, ckpt: Path) -> None:
-        """Evaluate one checkpoint, log it into MLflow and record the outcome; failures are recorded, not raised."""
+        """Evaluate one checkpoint (unless its report is already written), then log it into MLflow."""
         name = ckpt.name
-        attempt = int(self.ledger.get(name).get("attempts", 0)) + 1
+        entry = self.ledger.get(name)
+        report_path = entry.get("report")
+        if entry.get("status") == "unlogged" and report_path and Path(report_path).is_file():
+            report = dict(json.loads(Path(report_path).read_text()), report_path=report_path)
+        else:
+            report = self.evaluate(ckpt)
+            if report is None:
+                return
+        self.log(ckpt, report)
+
+    def evaluate(self, ckpt: Path) -> dict | None:
+        """Run the evaluation of one checkpoint; return its report, or None after recording a failure."""
+        name = ckpt.name
+        entry = self.ledger.get(name)
+        if entry.get("status") == "running" and int(entry.get("attempts", 0)) > self.cfg.retries:
+            # The service died during every attempt (killed for memory, say): do not let it die again.
+            message = f"the service ended during each of {entry['attempts']} attempts"
+            log.error("evaluation of %s failed: %s; giving up on it", name, message)
+            self.ledger.update(name, status="failed", errors=entry.get("errors", []) + [message])
+            self._report_failure(ckpt, None, message)
+            return None
+        attempt = int(entry.get("attempts", 0)) + 1
         self.ledger.update(name, status="running", attempts=attempt, started=_now())
         log.info("evaluating %s (attempt %d of %d)", name, attempt, self.cfg.retries + 1)
         info = None
         try:
             info = resolve_checkpoint(ckpt)
             report = run_evaluation(self.cfg.eval_config(ckpt), stop=self.stop, state=self._accelerate_state())
-            run_id, uri = self.log_to_mlflow(info, report)
         except EvaluationInterrupted:
             # Not a failure: the evaluation is redone from scratch after a restart.
             self.ledger.update(name, status="pending", attempts=attempt - 1)
@@ -225,7 +253,7 @@ class EvaluationService:
                 # Training prunes old checkpoints; one deleted before it was read is gone, not broken.
                 log.warning("%s was removed before it could be evaluated; skipping it", name)
                 self.ledger.update(name, status="removed", error=message[:2000])
-                return
+                return None
             final = attempt > self.cfg.retries
             log.error(
                 "evaluation of %s failed (attempt %d): %s; %s",
@@ -238,21 +266,29 @@ class EvaluationService:
             self.ledger.update(name, status="failed" if final else "retry", errors=errors)
             if final:
                 self._report_failure(ckpt, info, message)
-            return
+            return None
         finally:
             self._free_memory()
         mious = {b: r["miou"] for b, r in report["benchmarks"].items()}
-        self.ledger.update(
-            name,
-            status="done",
-            step=report["step"],
-            miou=mious,
-            report=report.get("report_path"),
-            mlflow_run_id=run_id,
-            mlflow_tracking_uri=uri,
-            finished=_now(),
-        )
+        # Recorded before logging: if MLflow is unreachable, only the logging is retried, not the evaluation.
+        self.ledger.update(name, status="unlogged", step=report["step"], miou=mious, report=report["report_path"])
         log.info("%s (step %s): %s", name, report["step"], ", ".join(f"miou/{b}={_pct(v)}" for b, v in mious.items()))
+        return report
+
+    def log(self, ckpt: Path, report: dict) -> None:
+        """Log an evaluated checkpoint's report into its MLflow run; on failure, try again at the next poll."""
+        name = ckpt.name
+        try:
+            meta = read_meta(ckpt) if ckpt.is_dir() else {}
+        except Exception:  # pruned since: the run id is in the report's checkpoint folder no more
+            meta = {}
+        try:
+            run_id, uri = self.log_to_mlflow(meta, name, report)
+        except Exception as e:
+            log.error("logging %s into MLflow failed: %s: %s; will retry at the next poll", name, type(e).__name__, e)
+            self.ledger.update(name, status="unlogged", log_error=f"{type(e).__name__}: {e}"[:2000])
+            return
+        self.ledger.update(name, status="done", mlflow_run_id=run_id, mlflow_tracking_uri=uri, finished=_now())
 
     def tracking_uri(self, meta: dict) -> str:
         """The tracking URI to log to: --tracking-uri, else the checkpoint's, else the run folder's SQLite store."""
@@ -265,16 +301,16 @@ class EvaluationService:
                 return local
         return uri
 
-    def log_to_mlflow(self, info, report: dict) -> tuple[str | None, str | None]:
+    def log_to_mlflow(self, meta: dict, name: str, report: dict) -> tuple[str | None, str | None]:
         """Log the report's metrics at the checkpoint's step (skipping any already there) and its folder as artifacts."""
-        run_id = info.meta.get("mlflow_run_id")
+        run_id = meta.get("mlflow_run_id")
         if not run_id:
-            log.warning("%s names no MLflow run; report kept at %s only", info.path, report.get("report_path"))
+            log.warning("%s names no MLflow run; report kept at %s only", name, report.get("report_path"))
             return None, None
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        uri = self.tracking_uri(info.meta)
+        uri = self.tracking_uri(meta)
         client = MlflowClient(tracking_uri=uri)
         step = int(report["step"] or 0)
         timestamp = int(time.time() * 1000)
@@ -292,7 +328,7 @@ class EvaluationService:
             client.log_batch(run_id, metrics=metrics)
         report_path = report.get("report_path")
         if report_path:
-            client.log_artifacts(run_id, str(Path(report_path).parent), artifact_path=f"evaluation/{info.path.name}")
+            client.log_artifacts(run_id, str(Path(report_path).parent), artifact_path=f"evaluation/{name}")
         return run_id, uri
 
     def _report_failure(self, ckpt: Path, info, message: str) -> None:
@@ -350,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m evaluation.service``."""
     args = build_parser().parse_args(argv)
+    # An unreachable tracking server should cost seconds per poll, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = ServiceConfig(

@@ -216,27 +216,44 @@ def test_stop_request_abandons_an_evaluation_without_counting_it(tmp_path, shard
     assert not (tmp_path / "eval" / ckpt.name / "report.json").exists()
 
 
-def test_embedded_sqlite_store_under_the_run_folder_is_the_default(tmp_path, shards_root, weights):
+def _run_once(cfg: ServiceConfig) -> int:
+    service = EvaluationService(cfg)
+    try:
+        return service.run()
+    finally:
+        service.close()
+
+
+def test_unreachable_tracking_then_the_embedded_store(tmp_path, shards_root, weights, monkeypatch):
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     experiment = client.create_experiment("embedded", artifact_location=(run_dir / "mlartifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
-    # No tracking URI in meta.json: the service falls back to RUN_DIR/mlflow.db.
     write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": run_id})
-    cfg = ServiceConfig(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
-    service = EvaluationService(cfg)
-    try:
-        assert service.run() == 0
-    finally:
-        service.close()
+    name = checkpoint_name(3)
+    common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
+
+    # Nothing listens on this port: evaluated, kept as unlogged, and the one-shot run says so.
+    down = f"http://127.0.0.1:{_free_port()}"
+    assert _run_once(ServiceConfig(tracking_uri=down, **common)) == 1
+    entry = ledger(run_dir)[name]
+    assert entry["status"] == "unlogged" and entry["attempts"] == 1 and "log_error" in entry
+    assert Path(entry["report"]).is_file()
+    assert steps_logged(client, run_id) == []
+
+    # No tracking URI anywhere: the run folder's SQLite store; only the logging is redone.
+    assert _run_once(ServiceConfig(**common)) == 0
+    entry = ledger(run_dir)[name]
+    assert entry["status"] == "done" and entry["attempts"] == 1
+    assert entry["mlflow_tracking_uri"] == f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     assert steps_logged(client, run_id) == [3]
     assert (run_dir / "mlartifacts").is_dir()
-    assert {f.path for f in client.list_artifacts(run_id, "evaluation/step_00000003")} >= {
-        "evaluation/step_00000003/report.json"
-    }
+    assert f"evaluation/{name}/report.json" in {f.path for f in client.list_artifacts(run_id, f"evaluation/{name}")}
 
 
 def test_metric_keys_refuse_class_names_with_commas():
