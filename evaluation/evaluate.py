@@ -412,7 +412,8 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _parse_shard_dirs(values: list[str]) -> dict[str, Path]:
+def parse_shard_dirs(values: list[str]) -> dict[str, Path]:
+    """Parse repeated --shard-dir NAME=PATH options into {benchmark: folder}."""
     out = {}
     for v in values:
         name, sep, path = v.partition("=")
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=Path(args.checkpoint),
             benchmarks=args.benchmarks,
             shards=args.shards,
-            shard_dirs=_parse_shard_dirs(args.shard_dir),
+            shard_dirs=parse_shard_dirs(args.shard_dir),
             out=args.out,
             limit=args.limit,
             rule=args.rule,

@@ -36,7 +36,7 @@ from evaluation.benchmarks import BENCHMARKS, parse_benchmarks
 from evaluation.evaluate import (
     EvalConfig,
     EvaluationInterrupted,
-    _parse_shard_dirs,
+    parse_shard_dirs,
     process_state,
     resolve_checkpoint,
     run_evaluation,
@@ -308,7 +308,7 @@ class EvaluationService:
             log.warning("%s names no MLflow run; report kept at %s only", name, report.get("report_path"))
             return None, None
         from mlflow import MlflowClient
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         uri = self.tracking_uri(meta)
         client = MlflowClient(tracking_uri=uri)
@@ -324,8 +324,9 @@ class EvaluationService:
                 if any(m.step == step for m in client.get_metric_history(run_id, key)):
                     continue
                 metrics.append(Metric(key, float(result[metric]), timestamp, step))
-        if metrics:
-            client.log_batch(run_id, metrics=metrics)
+        # The rule behind the numbers travels with them (the report artifact names it too).
+        tags = [RunTag("evaluation.rule", report["rule"])]
+        client.log_batch(run_id, metrics=metrics, tags=tags)
         report_path = report.get("report_path")
         if report_path:
             client.log_artifacts(run_id, str(Path(report_path).parent), artifact_path=f"evaluation/{name}")
@@ -336,8 +337,8 @@ class EvaluationService:
         meta = info.meta if info is not None else {}
         if not meta:
             try:
-                meta = json.loads((ckpt / "meta.json").read_text())
-            except (OSError, ValueError):
+                meta = read_meta(ckpt)
+            except Exception:  # unreadable meta.json: nothing names the run to tag
                 return
         run_id = meta.get("mlflow_run_id")
         if not run_id:
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             watch=args.watch,
             benchmarks=args.benchmarks,
             shards=args.shards,
-            shard_dirs=_parse_shard_dirs(args.shard_dir),
+            shard_dirs=parse_shard_dirs(args.shard_dir),
             interval=args.interval,
             tracking_uri=args.tracking_uri,
             limit=args.limit,

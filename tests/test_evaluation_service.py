@@ -153,6 +153,7 @@ def test_service_scores_each_checkpoint_once_across_restarts(mlflow_uri, shards_
     assert sorted(state) == [checkpoint_name(10), checkpoint_name(20)]  # never the .tmp- folder
     assert all(e["attempts"] == 1 and "errors" not in e for e in state.values())
     assert steps_logged(client, run_id) == [10, 20]
+    assert client.get_run(run_id).data.tags["evaluation.rule"] == "present"
     for key in ("macc/synthetic", "pacc/synthetic", "fwiou/synthetic"):
         assert steps_logged(client, run_id, key) == [10, 20]
     report = json.loads((run_dir / "eval" / checkpoint_name(20) / "report.json").read_text())
