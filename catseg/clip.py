@@ -46,6 +46,50 @@ def split_synonyms(name: str) -> list[str]:
     return [s.strip() for s in name.split(",") if s.strip()]
 
 
+def attention_modules(module: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    """Every multi-head attention of a CLIP (both towers), with its name."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def is_split(attn: nn.MultiheadAttention) -> bool:
+    """Whether the attention holds separate q/k/v projection weights instead of one fused in_proj_weight."""
+    return attn.in_proj_weight is None
+
+
+def split_qkv(attn: nn.MultiheadAttention) -> None:
+    """Replace the fused in-projection weight by separate q/k/v weights, so q and v can train while k does not.
+
+    nn.MultiheadAttention runs this layout natively (its kdim != embed_dim path), with the same arithmetic; the
+    fused bias stays one tensor. Parameter names become attn.{q,k,v}_proj_weight. Call before an optimizer exists.
+    """
+    if is_split(attn):
+        return
+    fused = attn.in_proj_weight
+    q, k, v = (nn.Parameter(t.detach().clone(), requires_grad=fused.requires_grad) for t in fused.chunk(3, dim=0))
+    attn.register_parameter("in_proj_weight", None)
+    attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight = q, k, v
+    attn._qkv_same_embed_dim = False
+
+
+def value_projection(attn: nn.MultiheadAttention) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The value projection's (weight, bias) in either layout."""
+    width = attn.embed_dim
+    weight = attn.v_proj_weight if is_split(attn) else attn.in_proj_weight[2 * width:]
+    bias = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+    return weight, bias
+
+
+def _match_qkv_layout(attn, state_dict, prefix, *args) -> None:
+    # Weight files may hold either layout (open_clip's fused one, or q/k/v split by the "qv" fine-tuning mode);
+    # rewrite them to this module's current layout so both load everywhere.
+    fused_key, split_keys = prefix + "in_proj_weight", [prefix + f"{c}_proj_weight" for c in "qkv"]
+    if is_split(attn) and fused_key in state_dict:
+        for key, part in zip(split_keys, state_dict.pop(fused_key).chunk(3, dim=0)):
+            state_dict[key] = part
+    elif not is_split(attn) and all(k in state_dict for k in split_keys):
+        state_dict[fused_key] = torch.cat([state_dict.pop(k) for k in split_keys], dim=0)
+
+
 class ClipEncoder(nn.Module):
     """Wraps an open_clip CLIP: dense MaskCLIP-style image features and template-averaged text embeddings."""
 
@@ -64,7 +108,13 @@ class ClipEncoder(nn.Module):
         if any(not 1 <= i < depth for i in self.guidance_layers):
             raise ValueError(f"clip_guidance_layers={self.guidance_layers} must be 1-based blocks before the last "
                              f"of the {depth}-block image encoder (1..{depth - 1})")
+        if cfg.prompt_templates not in TEMPLATE_SETS:
+            raise ValueError(f"prompt_templates={cfg.prompt_templates!r} is not valid; choose one of: "
+                             f"{', '.join(TEMPLATE_SETS)}")
         self.templates = TEMPLATE_SETS[cfg.prompt_templates]
+        self.synonyms = cfg.synonyms
+        for _, attn in attention_modules(self.model):
+            attn.register_load_state_dict_pre_hook(_match_qkv_layout)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=cfg.clip_context_length)
         self.width = visual.conv1.out_channels
         self.embed_dim = model_cfg["embed_dim"]
@@ -73,8 +123,9 @@ class ClipEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     # -- image ------------------------------------------------------------------------------------------------
-    def encode_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Images in [0, 1] -> (L2-normalised dense features (B, C, g, g), tapped block outputs (B, W, g, g))."""
+    def encode_dense(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images in [0, 1] -> (dense features (B, C, g, g), L2-normalised unless told not to; tapped block
+        outputs (B, W, g, g))."""
         v = self.model.visual
         x = (images - self.mean) / self.std
         if x.shape[-1] != self.image_size:
@@ -95,14 +146,12 @@ class ClipEncoder(nn.Module):
         if v.proj is not None:
             x = x @ v.proj
         dense = rearrange(x[:, 1:], "b (h w) c -> b c h w", h=self.grid)
-        return F.normalize(dense, dim=1), [taps[i] for i in self.guidance_layers]
+        return F.normalize(dense, dim=1) if normalize else dense, [taps[i] for i in self.guidance_layers]
 
     def _last_block_value_path(self, block, x: torch.Tensor) -> torch.Tensor:
         # MaskCLIP: no token mixing in the last block; every token goes through value + output projection only.
         attn = block.attn
-        width = x.shape[-1]
-        w_v = attn.in_proj_weight[2 * width:]
-        b_v = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+        w_v, b_v = value_projection(attn)
         y = attn.out_proj(F.linear(block.ln_1(x), w_v, b_v))
         residual = x[:, :1] if self.last_residual == "cls" else x
         x = residual + block.ls_1(y)
@@ -110,8 +159,14 @@ class ClipEncoder(nn.Module):
 
     # -- text -------------------------------------------------------------------------------------------------
     def encode_text(self, class_names: list[str], batch_size: int = 2048) -> torch.Tensor:
-        """Class names -> (N, P, C) L2-normalised embeddings, one per prompt template; synonyms averaged."""
+        """Class names -> (N, P, C) L2-normalised embeddings, one per prompt template.
+
+        A name with comma-separated synonyms averages their embeddings (synonyms="mean") or uses the first
+        (synonyms="first", as the later release does).
+        """
         synonyms = [split_synonyms(n) for n in class_names]
+        if self.synonyms == "first":
+            synonyms = [s[:1] for s in synonyms]
         prompts = [t.format(s) for syns in synonyms for s in syns for t in self.templates]
         device = self.model.token_embedding.weight.device
         tokens = self.tokenizer(prompts)
@@ -125,8 +180,14 @@ class ClipEncoder(nn.Module):
 
     # -- parameters -------------------------------------------------------------------------------------------
     def attention_parameter_names(self, tower: str = "visual") -> list[str]:
+        """Names of the attention parameters of one tower ("visual" or "text")."""
         prefix = "model.visual.transformer." if tower == "visual" else "model.transformer."
         return [n for n, _ in self.named_parameters() if n.startswith(prefix) and ".attn." in n]
+
+    def split_qkv(self) -> None:
+        """Give every attention of both towers separate q/k/v projection weights (see split_qkv)."""
+        for _, attn in attention_modules(self.model):
+            split_qkv(attn)
 
 
 def load_clip_weights(encoder: ClipEncoder, path: str) -> None:

@@ -10,6 +10,7 @@ BACKBONES = ("resnet", "swin", "clip", "none")
 AGGREGATIONS = ("cost", "feature")
 UPSAMPLERS = ("bilinear", "transposed")
 LAST_RESIDUALS = ("token", "cls")
+SYNONYM_RULES = ("mean", "first")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -32,7 +33,8 @@ class CatSegConfig:
     clip_context_length: int = 77  # text tokens per prompt
     clip_last_residual: str = "token"  # last block residual: each token (paper) or the CLS token (later design)
     clip_guidance_layers: tuple = ()  # 1-based CLIP blocks tapped for decoder guidance when backbone == "clip"
-    prompt_templates: str = "imagenet80"  # template set name, see catseg.text.TEMPLATE_SETS
+    prompt_templates: str = "imagenet80"  # template set name, see catseg.clip.TEMPLATE_SETS
+    synonyms: str = "mean"  # 'a, b' class names: average the synonyms' embeddings (paper) or use the first (later)
     finetune: str = "attention"  # which CLIP parameters train, see CatSeg.set_clip_trainable
     # feature backbone for embedding guidance and the decoder
     backbone: str = "resnet"  # resnet | swin (timm), clip (CLIP's own features), none
@@ -53,6 +55,13 @@ class CatSegConfig:
     decoder_guidance_dims: tuple = (32, 16)  # projected backbone feature widths concatenated at each stage
     decoder_upsample: str = "bilinear"  # bilinear (paper) or transposed convolution (later release)
     clip_guidance_upsample_dims: tuple = (256, 128)  # transposed-conv widths of CLIP taps when backbone == "clip"
+    clip_guidance_normalized: bool = True  # backbone "clip": guide with L2-normalised dense features (False: raw)
+    # class aggregation details of the later release (defaults: the paper's design)
+    class_pool_eval: bool = False  # also average-pool by class_pool_train before class aggregation in evaluation
+    class_pooled_residual: bool = False  # add the pooled input back with the update (upsampled, aligned corners)
+    class_guidance_norm: bool = True  # LayerNorm on the text guidance before the query/key projections
+    class_attention_proj: bool = True  # output projection after the class attention
+    class_pad_to: int = 0  # pad the classes to this many with learned tokens before class aggregation (0 = off)
     # ablation switches (paper tables 2, 7, 8, 10)
     aggregation: str = "cost"  # cost volume (ours) or feature concatenation baseline
     spatial_aggregation: bool = True
@@ -74,6 +83,13 @@ class CatSegConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("decoder_upsample", self.decoder_upsample, UPSAMPLERS)
         _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
+        _choice("synonyms", self.synonyms, SYNONYM_RULES)
+        for name in ("clip_guidance_normalized", "class_pool_eval", "class_pooled_residual", "class_guidance_norm",
+                     "class_attention_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if not isinstance(self.class_pad_to, int) or self.class_pad_to < 0:
+            raise ValueError(f"class_pad_to={self.class_pad_to!r} must be an integer >= 0 (0 = no padding)")
         for name in ("image_size", "clip_image_size", "embed_dim", "num_heads", "window_size", "inference_size",
                      "inference_stride", "class_pool_train"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:

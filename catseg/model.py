@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .aggregation import AggregationLayer, UpStage, chunk_slices
+from .aggregation import AggregationLayer, ClassAggregation, UpStage, chunk_slices
 from .clip import ClipEncoder
 from .config import CatSegConfig
 
@@ -41,6 +41,67 @@ class TimmBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = self.body((images - self.mean) / self.std)
         return [f.permute(0, 3, 1, 2) for f in feats] if self.nhwc else list(feats)
+
+
+class ReleaseClassAggregation(ClassAggregation):
+    """Class aggregation with the later release's details, each switchable (see the class_* config fields).
+
+    pool_eval: pool by `pool` in evaluation as well as in training. pooled_residual: the residual adds the pooled
+    input together with the update, x + up(pool(x) + update), upsampled with aligned corners. guidance_norm /
+    attention_proj: whether the text guidance is layer-normalised and the attention output projected.
+    pad_to: fewer classes than this are padded with one learned token (and learned guidance) to exactly this many,
+    so the linear attention's key/value summary always spans the same number of classes.
+    """
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, *,
+                 pool_eval: bool, pooled_residual: bool, guidance_norm: bool, attention_proj: bool, pad_to: int):
+        super().__init__(dim, guidance_dim, num_heads, mlp_ratio, pool)
+        self.pool_eval, self.pooled_residual, self.pad_to = pool_eval, pooled_residual, pad_to
+        if not guidance_norm and self.guidance_norm is not None:
+            self.guidance_norm = nn.Identity()
+        if not attention_proj:
+            self.proj = nn.Identity()
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, dim)) if pad_to else None
+        self.padding_guidance = nn.Parameter(torch.zeros(1, 1, guidance_dim)) if pad_to and guidance_dim else None
+
+    def _pooling(self) -> bool:
+        return self.pool > 1 and (self.training or self.pool_eval)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pooling():
+            b, n = x.shape[:2]
+            x = F.avg_pool2d(x.flatten(0, 1), self.pool).unflatten(0, (b, n))
+        return rearrange(x, "b n c h w -> b (h w) n c")
+
+    def _residual(self, xs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.pooled_residual:
+            return self._upsampled(xs, self._tokens(xs) + delta, True)
+        return self._upsampled(xs, delta, False)
+
+    def _upsampled(self, xs: torch.Tensor, update: torch.Tensor, align_corners: bool) -> torch.Tensor:
+        b, n, c, h, w = xs.shape
+        hp, wp = (h // self.pool, w // self.pool) if self._pooling() else (h, w)
+        update = rearrange(update, "b (h w) n c -> (b n) c h w", h=hp, w=wp)
+        if (hp, wp) != (h, w):
+            update = F.interpolate(update, size=(h, w), mode="bilinear", align_corners=align_corners)
+        return xs + update.unflatten(0, (b, n))
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
+        """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
+        b, n, c, h, w = x.shape
+        if self.padding_tokens is None or n >= self.pad_to:
+            return super().forward(x, guidance, chunks)
+        # The padding classes join the key/value summary as one more chunk; their own outputs are dropped.
+        pad = self.pad_to - n
+        x = torch.cat([x, self.padding_tokens.to(x.dtype).view(1, 1, c, 1, 1).expand(b, pad, c, h, w)], dim=1)
+        if guidance is not None and self.padding_guidance is not None:
+            guidance = torch.cat([guidance, self.padding_guidance[0].to(guidance.dtype).expand(pad, -1)], dim=0)
+        return super().forward(x, guidance, [*chunks, slice(n, self.pad_to)])[:, :n]
+
+
+def _uses_release_class_aggregation(cfg: CatSegConfig) -> bool:
+    return (cfg.class_pool_eval or cfg.class_pooled_residual or not cfg.class_guidance_norm
+            or not cfg.class_attention_proj or cfg.class_pad_to > 0)
 
 
 class CatSeg(nn.Module):
@@ -90,10 +151,17 @@ class CatSeg(nn.Module):
             self.cost_embed = nn.Conv2d(num_templates, d, 7, padding=3)
         else:  # feature aggregation baseline: concatenated CLIP image and text features, projected
             self.cost_embed = nn.Conv2d(2 * clip_dim, d, 1)
+        release = cfg.class_aggregation and _uses_release_class_aggregation(cfg)
         self.layers = nn.ModuleList(
             AggregationLayer(d, app_dim, text_dim, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
-                             cfg.class_pool_train, cfg.spatial_aggregation, cfg.class_aggregation)
+                             cfg.class_pool_train, cfg.spatial_aggregation, cfg.class_aggregation and not release)
             for _ in range(cfg.num_layers))
+        if release:
+            for layer in self.layers:
+                layer.klass = ReleaseClassAggregation(
+                    d, text_dim, cfg.num_heads, cfg.mlp_ratio, cfg.class_pool_train, pool_eval=cfg.class_pool_eval,
+                    pooled_residual=cfg.class_pooled_residual, guidance_norm=cfg.class_guidance_norm,
+                    attention_proj=cfg.class_attention_proj, pad_to=cfg.class_pad_to)
 
         self.decoder_proj = nn.ModuleList()
         self.decoder = nn.ModuleList()
@@ -168,12 +236,18 @@ class CatSeg(nn.Module):
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         self.validate(images, class_names)
         text = self.text_embeddings(class_names)
-        dense, taps = self.clip.encode_dense(images)
-        appearance, decoder_feats = self.guidance_features(images, dense, taps)
+        raw, taps = self.clip.encode_dense(images, normalize=False)
+        dense = F.normalize(raw, dim=1)
+        guide = dense if self.config.clip_guidance_normalized else raw
+        appearance, decoder_feats = self.guidance_features(images, guide, taps)
         return self.segment_features(dense, text, appearance, decoder_feats)
 
     def guidance_features(self, images, dense, taps) -> tuple[Optional[torch.Tensor], list]:
-        """Backbone features: (projected appearance guidance at the cost grid, projected decoder features)."""
+        """Backbone features: (projected appearance guidance at the cost grid, projected decoder features).
+
+        With backbone "clip", `dense` (CLIP's dense features) is the appearance guidance and `taps` (its
+        intermediate block outputs) feed the decoder.
+        """
         g = self.grid
         if self.backbone is not None:
             feats = self.backbone(images)
@@ -204,9 +278,10 @@ class CatSeg(nn.Module):
         return torch.cat([self.decode(x[:, sl], decoder_feats) for sl in chunks], dim=1)
 
     def _segment_top_k(self, dense, text, appearance, decoder_feats, k):
-        # Per image, keep the k classes with the highest maximum cosine similarity (later-release option).
+        # Per image, keep the k classes with the highest maximum cosine similarity over templates and pixels
+        # (later-release option).
         with torch.no_grad():
-            score = torch.einsum("bchw,npc->bnhw", dense.float(), text.float()).flatten(2).amax(dim=2)
+            score = torch.einsum("bchw,npc->bnphw", dense.float(), text.float()).flatten(2).amax(dim=2)
             keep = score.topk(k, dim=1).indices.sort(dim=1).values
         outs = []
         for i in range(dense.shape[0]):
@@ -250,17 +325,24 @@ class CatSeg(nn.Module):
 
         attention: the visual attention layers (q/k/v in-projection and out-projection) and the visual positional
                    embedding (the paper's efficient fine-tuning); frozen: no CLIP parameter; full: the whole image
-                   encoder. The text tower is frozen in every mode.
+                   encoder. The text tower is frozen in these three modes.
+        qv: the query and value projection weights of every attention of both towers (the later release); the
+            fused q/k/v weights are split into separate parameters first (attn.{q,k,v}_proj_weight), so call this
+            before building an optimizer. The key weights, biases and out-projections stay frozen.
         """
-        allowed = ("attention", "frozen", "full")
+        allowed = ("attention", "frozen", "full", "qv")
         if mode not in allowed:
             raise ValueError(f"unknown fine-tuning mode {mode!r}; choose one of: {', '.join(allowed)}")
+        if mode == "qv":
+            self.clip.split_qkv()
         for name, p in self.clip.named_parameters():
             visual = name.startswith("model.visual.")
             if mode == "full":
                 p.requires_grad_(visual)
             elif mode == "attention":
                 p.requires_grad_(visual and (".attn." in name or name == "model.visual.positional_embedding"))
+            elif mode == "qv":
+                p.requires_grad_(name.endswith((".attn.q_proj_weight", ".attn.v_proj_weight")))
             else:
                 p.requires_grad_(False)
         if self.backbone is not None:

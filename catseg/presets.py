@@ -6,6 +6,28 @@ from .config import CatSegConfig
 _SWIN = dict(backbone="swin", backbone_model="swin_base_patch4_window12_384.ms_in22k", backbone_indices=(0, 1, 2),
              backbone_frozen=True, clip_image_size=336)
 
+# The later (CVPR 2024) design: no extra backbone; CLIP's own intermediate blocks, upsampled by transposed
+# convolutions, guide the decoder; one prompt template; q/v fine-tuning of both towers; CLS residual in the last
+# block; class aggregation pooled 2x2 at every step over classes padded to 256. Top-256 pruning is left off.
+_CATSEG2 = dict(backbone="clip", clip_guidance_upsample_dims=(256, 128), decoder_upsample="transposed",
+                prompt_templates="catseg2", synonyms="first", finetune="qv", clip_last_residual="cls",
+                clip_guidance_normalized=False, class_pool_eval=True, class_pooled_residual=True,
+                class_guidance_norm=False, class_attention_proj=False, class_pad_to=256)
+
+
+def _tiny_clip(vision_layers: int) -> dict:
+    return dict(embed_dim=64, vision_cfg=dict(image_size=128, layers=vision_layers, width=64, head_width=32,
+                                              patch_size=16),
+                text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2))
+
+
+_TINY = dict(
+    image_size=128, clip_image_size=128, clip_model="tiny", clip_pretrained="none", clip_quick_gelu=False,
+    clip_cfg=_tiny_clip(vision_layers=2), clip_context_length=16, prompt_templates="simple4",
+    backbone_model="resnet10t", embed_dim=32, num_heads=2, window_size=4, appearance_guidance_dim=32,
+    text_guidance_dim=32, decoder_dims=(16, 8), decoder_guidance_dims=(8, 4), inference_size=192,
+    inference_stride=64)
+
 PRESETS: dict[str, dict] = {
     # CLIP ViT-B/16 (OpenAI) at 384 (positional embedding resized 14 -> 24), ResNet-101 guidance, lr x0.01
     "catseg_vitb16_r101": dict(),
@@ -16,16 +38,15 @@ PRESETS: dict[str, dict] = {
                                 **_SWIN),
     "catseg_vitg14_swinb": dict(clip_model="ViT-bigG-14", clip_pretrained="laion2b_s39b_b160k",
                                 clip_quick_gelu=False, **_SWIN),
+    # Later design: CLIP ViT-B/16 (OpenAI) at 384, guidance from blocks 4 and 8
+    "catseg2_vitb16": dict(clip_guidance_layers=(4, 8), **_CATSEG2),
+    # Later design: CLIP ViT-L/14@336 (OpenAI), 384 px input resized to 336, guidance from blocks 8 and 16
+    "catseg2_vitl14": dict(clip_model="ViT-L-14-336", clip_image_size=336, clip_guidance_layers=(8, 16), **_CATSEG2),
     # A few narrow layers on 128 px images: tests and the CPU quickstart (random weights only)
-    "catseg_tiny": dict(
-        image_size=128, clip_image_size=128, clip_model="tiny", clip_pretrained="none", clip_quick_gelu=False,
-        clip_cfg=dict(embed_dim=64,
-                      vision_cfg=dict(image_size=128, layers=2, width=64, head_width=32, patch_size=16),
-                      text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2)),
-        clip_context_length=16, prompt_templates="simple4",
-        backbone_model="resnet10t", embed_dim=32, num_heads=2, window_size=4, appearance_guidance_dim=32,
-        text_guidance_dim=32, decoder_dims=(16, 8), decoder_guidance_dims=(8, 4), inference_size=192,
-        inference_stride=64),
+    "catseg_tiny": _TINY,
+    # The later design at the tiny size (three CLIP blocks so two can guide): tests of it and of the converter
+    "catseg2_tiny": {**_TINY, **_CATSEG2, "clip_cfg": _tiny_clip(vision_layers=3), "clip_guidance_layers": (1, 2),
+                     "clip_guidance_upsample_dims": (32, 16), "class_pad_to": 12},
 }
 
 
