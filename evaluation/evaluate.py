@@ -142,7 +142,8 @@ def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
     if step is None:
         m = re.fullmatch(r"step_(\d+)", path.name if path.is_dir() else path.parent.name)
         step = int(m.group(1)) if m else None
-    return CheckpointInfo(path=path, weights=weights, preset=preset, step=None if step is None else int(step), meta=meta)
+    step = None if step is None else int(step)
+    return CheckpointInfo(path=path, weights=weights, preset=preset, step=step, meta=meta)
 
 
 def load_model(info: CheckpointInfo, device):
@@ -238,7 +239,9 @@ def evaluate_benchmark(
     if failure is not None:
         raise failure
     if failed:
-        raise EvaluationFailed(f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log")
+        raise EvaluationFailed(
+            f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log"
+        )
     conf = reduce_confusion(conf)
     return conf, images
 
@@ -299,7 +302,8 @@ def write_report(report: dict, confusions: dict[str, np.ndarray], out_dir: Path)
         writer.writerow(["id", "name", "iou", "acc", "gt_pixels", "pred_pixels"])
         for row in result["per_class"]:
             writer.writerow(
-                [row["id"], row["name"], _csv_num(row["iou"]), _csv_num(row["acc"]), row["gt_pixels"], row["pred_pixels"]]
+                [row["id"], row["name"], _csv_num(row["iou"]), _csv_num(row["acc"])]
+                + [row["gt_pixels"], row["pred_pixels"]]
             )
         _atomic_write(out_dir / f"{name}.csv", buf.getvalue().encode())
         npy = io.BytesIO()
@@ -433,10 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated: {', '.join(BENCHMARKS)}; 'paper' = the six of the paper (default)",
     )
     p.add_argument("--shards", type=Path, help="shards root; a benchmark reads <shards>/<dataset>/val")
-    p.add_argument("--shard-dir", action="append", default=[], metavar="NAME=PATH", help="shard folder for one benchmark")
+    p.add_argument(
+        "--shard-dir", action="append", default=[], metavar="NAME=PATH", help="shard folder for one benchmark"
+    )
     p.add_argument("--out", type=Path, help="report folder (default ./eval/<checkpoint name>)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
-    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES), help="rule for classes absent from the ground truth")
+    p.add_argument(
+        "--rule", default=DEFAULT_RULE, choices=list(RULES), help="rule for classes absent from the ground truth"
+    )
     p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

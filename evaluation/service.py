@@ -203,7 +203,8 @@ class EvaluationService:
                     if not any(self.needs_evaluation(n) for n in present):
                         unlogged = [n for n in present if self.ledger.get(n).get("status") == "unlogged"]
                         if unlogged:
-                            log.error("evaluated but not logged into MLflow: %s; run again to log them", ", ".join(unlogged))
+                            log.error("evaluated but not logged into MLflow: %s; run again to log them",
+                                      ", ".join(unlogged))
                             return 1
                         break
                 self.stop.wait(self.cfg.interval)
@@ -302,7 +303,7 @@ class EvaluationService:
         return uri
 
     def log_to_mlflow(self, meta: dict, name: str, report: dict) -> tuple[str | None, str | None]:
-        """Log the report's metrics at the checkpoint's step (skipping any already there) and its folder as artifacts."""
+        """Log the report's metrics at the checkpoint's step (unless already there) and its folder as artifacts."""
         run_id = meta.get("mlflow_run_id")
         if not run_id:
             log.warning("%s names no MLflow run; report kept at %s only", name, report.get("report_path"))
@@ -372,11 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmarks", default="paper", help=f"comma-separated: {', '.join(BENCHMARKS)}; 'paper' = the six (default)"
     )
     p.add_argument("--shards", type=Path, help="shards root; a benchmark reads <shards>/<dataset>/val")
-    p.add_argument("--shard-dir", action="append", default=[], metavar="NAME=PATH", help="shard folder for one benchmark")
+    p.add_argument(
+        "--shard-dir", action="append", default=[], metavar="NAME=PATH", help="shard folder for one benchmark"
+    )
     p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the checkpoint's, else RUN_DIR/mlflow.db)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each benchmark")
-    p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES), help="rule for classes absent from the ground truth")
+    p.add_argument(
+        "--rule", default=DEFAULT_RULE, choices=list(RULES), help="rule for classes absent from the ground truth"
+    )
     p.add_argument("--cpu", action="store_true", help="evaluate on CPU even when a GPU is present")
     p.add_argument("--once", action="store_true", help="evaluate the checkpoints present, then exit")
     p.add_argument("--retries", type=int, default=1, help="further attempts after a failure (default 1)")
