@@ -165,3 +165,16 @@ def test_two_processes_agree_with_one(tmp_path):
     assert summed.dtype == np.int64
     np.testing.assert_array_equal(summed, single)
     assert summarize(summed) == summarize(single)
+
+
+def test_renaming_classes_permutes_per_class_iou_and_keeps_the_mean():
+    rng = np.random.default_rng(4)
+    n = 12
+    gt = rng.integers(0, n - 2, size=(50, 60))  # the last two classes never occur in the ground truth
+    pred = rng.integers(0, n, size=gt.shape)
+    perm = rng.permutation(n)
+    base = summarize(confusion_matrix(pred, gt, n, 255))
+    renamed = summarize(confusion_matrix(perm[pred], perm[gt], n, 255))
+    np.testing.assert_allclose(np.array(renamed["per_class_iou"])[perm], base["per_class_iou"])
+    for key in ("miou", "macc", "pacc", "fwiou"):
+        assert renamed[key] == pytest.approx(base[key])
