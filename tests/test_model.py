@@ -47,7 +47,7 @@ def test_batch_equals_one_at_a_time(tiny_model):
     torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 50, 128, 846])
+@pytest.mark.parametrize("chunk", [13, 128, 846])
 def test_chunked_equals_unchunked_847(tiny_model, chunk):
     vocab = names(847)
     x = images(1, seed=3)
