@@ -110,6 +110,9 @@ def load_detectron2_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tenso
                          f"({_reason(error)})") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{str(path)!r} is not a readable torch/detectron2 checkpoint ({_reason(error)})") from None
+    if isinstance(obj, dict) and "model" not in obj and obj and all(
+            torch.is_tensor(v) or isinstance(v, np.ndarray) for v in obj.values()):
+        obj = {"model": obj}  # a bare state dict, saved without detectron2's wrapper
     if not isinstance(obj, dict) or "model" not in obj:
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{str(path)!r} is not a detectron2 checkpoint: expected a dict with the state dict under "

@@ -176,3 +176,30 @@ def test_config_validation():
         get_config("catseg2_tiny", class_pool_eval="yes")
     with pytest.raises(ValueError, match="prompt_templates='imagenet'.*catseg2"):
         catseg.create_model("catseg2_tiny", prompt_templates="imagenet")
+
+
+def test_open_clip_weights_load_into_the_split_layout(tmp_path):
+    """pretrained=True reads open_clip's fused q/k/v file into the q/v-trainable split layout."""
+    import open_clip
+    from safetensors.torch import save_file
+    from catseg.clip import clip_model_config
+    from catseg.weights import clip_weights_file
+
+    cfg = get_config("catseg2_tiny", clip_pretrained="local", weights_dir=str(tmp_path))
+    torch.manual_seed(5)
+    clip = open_clip.CLIP(**clip_model_config(cfg))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_weights_file(cfg, tmp_path)))
+    model = catseg.create_model("catseg2_tiny", pretrained=True, clip_pretrained="local", weights_dir=str(tmp_path))
+    attn = model.clip.model.visual.transformer.resblocks[1].attn
+    q, k, v = clip.visual.transformer.resblocks[1].attn.in_proj_weight.chunk(3)
+    assert torch.equal(attn.q_proj_weight, q) and torch.equal(attn.k_proj_weight, k)
+    assert torch.equal(attn.v_proj_weight, v) and attn.q_proj_weight.requires_grad
+    assert not attn.k_proj_weight.requires_grad
+
+
+def test_patch_inference_runs_the_later_design(model2):
+    from catseg.inference import labels_from_probs, patch_inference
+
+    probs = patch_inference(model2, [torch.rand(3, 150, 200)], names(4))
+    assert probs.shape[:2] == (1, 4) and 0 <= probs.min() and probs.max() <= 1
+    assert labels_from_probs(probs, (150, 200)).shape == (1, 150, 200)

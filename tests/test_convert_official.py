@@ -339,6 +339,9 @@ def test_roundtrip_reproduces_our_model_exactly(source, tmp_path):
     x = images(seed=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, VOCAB), source(x, VOCAB), rtol=0, atol=0)
+    torch.save(release_state(source), tmp_path / "bare.pth")  # a state dict without detectron2's 'model' wrapper
+    bare = convert(tmp_path / "bare.pth", "catseg2_tiny", tmp_path / "bare.safetensors")
+    assert catseg.weights.read_preset(bare) == "catseg2_tiny"
 
 
 def test_extra_missing_and_misshapen_keys_are_listed(source, tmp_path, capsys):
