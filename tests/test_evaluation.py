@@ -183,3 +183,21 @@ def test_bad_input_is_reported_clearly(synthetic_root, run_dir, tmp_path, capsys
         EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, limit=0)
     with pytest.raises(ValueError, match="EvalConfig.rule must be one of: present, absent_as_zero"):
         EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, rule="mmseg")
+
+
+def test_coco_stuff_val_converted_by_data_prep_is_found_by_name(run_dir, tmp_path):
+    from data_prep.convert import main as convert
+    from data_prep.fake_raw import write_coco_stuff_tree
+
+    raw = write_coco_stuff_tree(tmp_path / "raw", 1, width=80, height=64, folder="val2017")
+    shards = tmp_path / "shards"
+    assert convert(["coco_stuff", "--root", str(raw), "--out", str(shards), "--split", "val", "--workers", "0",
+                    "--no-progress"]) == 0
+    out = tmp_path / "report"
+    args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "coco", "--shards", str(shards)]
+    assert main(args + ["--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "report.json").read_text())["benchmarks"]["coco"]
+    assert result["images"] == 1 and len(result["per_class"]) == 171
+    assert result["shards"] == str(shards / "coco_stuff" / "val")
+    conf = np.load(out / "coco_confusion.npy")
+    assert conf.sum() == _valid_pixels(shards / "coco_stuff" / "val", 1) > 0
