@@ -1,0 +1,41 @@
+"""The quickstart end to end in a shortened mode: shards, 2-process training, evaluation, MLflow, pictures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_short(tmp_path):
+    run_dir, data = tmp_path / "run", tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--steps", "12", "--run-dir", str(run_dir), "--data", str(data),
+         "--train-images", "48", "--val-images", "6", "--pictures", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "mIoU on the held-out synthetic images" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+
+    summary = json.loads((run_dir / "quickstart.json").read_text())
+    assert 0.0 <= summary["miou"] <= 1.0 and 0.0 < summary["chance_miou"] < 1.0
+    assert f"{100 * summary['miou']:.1f}%" in out
+
+    # the embedded MLflow store holds the run with its training and evaluation metrics and the pictures
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["model.preset"] == "catseg_tiny"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) >= 2 and all(m.value > 0 for m in losses)
+    mious = client.get_metric_history(run.info.run_id, "miou/synthetic")
+    assert mious and max(m.step for m in mious) == 12
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert {"pictures/training_curve.png", "pictures/prediction_0.png", "pictures/prediction_1.png"} <= artifacts
+
+    for name in ("training_curve.png", "prediction_0.png", "prediction_1.png"):
+        with Image.open(run_dir / "pictures" / name) as im:
+            im.load()
+            assert im.width > 100 and im.height > 100
