@@ -106,8 +106,10 @@ class CheckpointInfo:
 
     @property
     def name(self) -> str:
-        """A short name: the checkpoint folder's name or the weights file's stem."""
-        return self.path.name if self.path.is_dir() else self.path.stem
+        """A short name: the checkpoint folder's name (also for its model.safetensors) or the weights file's stem."""
+        if self.path.is_dir():
+            return self.path.name
+        return self.path.parent.name if self.path.name == WEIGHTS_FILE and self.meta else self.path.stem
 
 
 def resolve_checkpoint(path: str | Path) -> CheckpointInfo:

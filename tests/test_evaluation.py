@@ -154,7 +154,7 @@ def test_two_processes_give_the_same_counts_as_one(synthetic_root, run_dir, tmp_
 
 def test_checkpoint_may_be_a_weights_file(run_dir, tmp_path):
     inside = resolve_checkpoint(_ckpt(run_dir) / "model.safetensors")
-    assert (inside.preset, inside.step) == ("catseg_tiny", 5)
+    assert (inside.preset, inside.step, inside.name) == ("catseg_tiny", 5, checkpoint_name(5))
     loose = tmp_path / "exported.safetensors"
     loose.write_bytes((_ckpt(run_dir) / "model.safetensors").read_bytes())
     info = resolve_checkpoint(loose)
