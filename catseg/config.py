@@ -41,6 +41,7 @@ class CatSegConfig:
     backbone_model: str = "resnet101.tv_in1k"  # timm model name (with pretrained tag)
     backbone_indices: tuple = (1, 2, 3)  # timm feature stages at strides 4, 8, 16
     backbone_frozen: bool = False  # Swin-B is frozen in the paper's ViT-L/H/G models
+    backbone_out_norm: bool = False  # LayerNorm on each backbone output (the release's detectron2 Swin wrapper)
     # aggregation
     embed_dim: int = 128  # d_F, the cost embedding width
     num_layers: int = 2  # N_B aggregation layers
@@ -50,6 +51,7 @@ class CatSegConfig:
     class_pool_train: int = 2  # average-pool factor before class aggregation during training (1 = off)
     appearance_guidance_dim: int = 128  # projected visual guidance width (0 = no visual guidance)
     text_guidance_dim: int = 128  # projected text guidance width (0 = no text guidance)
+    text_guidance_renormalize: bool = False  # L2-normalise the template-averaged text before projecting it
     # upsampling decoder
     decoder_dims: tuple = (64, 32)  # output widths of the N_U decoder stages
     decoder_guidance_dims: tuple = (32, 16)  # projected backbone feature widths concatenated at each stage
@@ -84,7 +86,7 @@ class CatSegConfig:
         _choice("decoder_upsample", self.decoder_upsample, UPSAMPLERS)
         _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
         _choice("synonyms", self.synonyms, SYNONYM_RULES)
-        for name in ("clip_guidance_normalized", "class_pool_eval", "class_pooled_residual", "class_guidance_norm",
+        for name in ("backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized", "class_pool_eval", "class_pooled_residual", "class_guidance_norm",
                      "class_attention_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

@@ -2,8 +2,11 @@
 
     python -m catseg.convert_official model_base.pth --preset catseg2_vitb16 --out catseg2_vitb16.safetensors
     python -m catseg.convert_official model_large.pth --preset catseg2_vitl14 --out catseg2_vitl14.safetensors
+    python -m catseg.convert_official model_final_base.pth --preset catseg_vitb16_r101 --out base.safetensors
 
-The later (CVPR 2024) release maps onto the catseg2_* presets. The checkpoint is read without executing pickled
+The later (CVPR 2024) release maps onto the catseg2_* presets; the paper design's release (model_final_*.pth,
+detectron2 ResNet-101 or Swin-B names) onto the `_release` variants of the paper presets, which add the
+release's computation (see presets.py). The checkpoint is read without executing pickled
 code (tensors, NumPy arrays and plain containers only). Every released parameter must map onto exactly one of the
 preset's parameters and every parameter of the preset must be filled: anything left over or missing is an error
 that lists the keys. The CLIP positional embedding is resized (bicubic) to the preset's grid as the release does
@@ -17,7 +20,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -27,8 +30,8 @@ from .clip import CLIP_MEAN, CLIP_STD
 from .model import IMAGENET_MEAN, IMAGENET_STD
 from .presets import PRESETS
 
-# (pattern, replacement) on the release's parameter names, first match wins; None drops the key (derived buffers).
-Rule = tuple[str, Optional[str]]
+# (pattern, replacement or function of the match) on the release's names, first match wins; None drops the key.
+Rule = tuple[str, Union[str, Callable[[re.Match], str], None]]
 
 _CLIP = r"sem_seg_head\.predictor\.clip_model\."
 _AGG = r"sem_seg_head\.predictor\.transformer\."
@@ -58,7 +61,35 @@ CATSEG2_RULES: list[Rule] = [
     (_AGG + r"layers\.(\d+)\.attention\.padding_(tokens|guidance)", r"layers.\1.klass.padding_\2"),
 ]
 
-RULES: dict[str, list[Rule]] = {"catseg2": CATSEG2_RULES}
+
+def _stage(offset: int, template: str) -> Callable[[re.Match], str]:
+    # detectron2 counts stages from res2 (ResNet) or 0 (Swin), timm from layer1 / layers_0; the offset bridges them.
+    return lambda m: template.format(int(m[1]) + offset, *m.groups()[1:])
+
+
+# The paper design's release: detectron2 ResNet or Swin backbone, CLIP (OpenAI layout, q/k/v fused), aggregator.
+PAPER_RULES: list[Rule] = [
+    (r"backbone\.stem\.conv1\.weight", "backbone.body.conv1.weight"),
+    (r"backbone\.stem\.conv1\.norm\.(weight|bias|running_mean|running_var)", r"backbone.body.bn1.\1"),
+    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight", _stage(-1, "backbone.body.layer{}.{}.conv{}.weight")),
+    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.(weight|bias|running_mean|running_var)",
+     _stage(-1, "backbone.body.layer{}.{}.bn{}.{}")),
+    (r"backbone\.res(\d)\.(\d+)\.shortcut\.weight", _stage(-1, "backbone.body.layer{}.{}.downsample.0.weight")),
+    (r"backbone\.res(\d)\.(\d+)\.shortcut\.norm\.(weight|bias|running_mean|running_var)",
+     _stage(-1, "backbone.body.layer{}.{}.downsample.1.{}")),
+    (r"backbone\.patch_embed\.(.+)", r"backbone.body.patch_embed.\1"),
+    (r"backbone\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_index", None),  # recomputed by timm
+    (r"backbone\.layers\.(\d+)\.blocks\.(.+)", _stage(0, "backbone.body.layers_{}.blocks.{}")),
+    # the original Swin merges patches at the end of a stage, timm at the start of the next one
+    (r"backbone\.layers\.(\d+)\.downsample\.(.+)", _stage(1, "backbone.body.layers_{}.downsample.{}")),
+    (r"backbone\.norm(\d)\.(weight|bias)", r"backbone.out_norms.\1.\2"),
+    *[rule for rule in CATSEG2_RULES if not rule[0].startswith("upsample")],
+]
+
+RULES: dict[str, list[Rule]] = {"catseg2": CATSEG2_RULES, "paper": PAPER_RULES}
+
+# Target entries that are bookkeeping, not weights; a release need not hold them.
+_BOOKKEEPING = (".num_batches_tracked",)
 
 # Normalisation constants the release may store as buffers (x 255: detectron2 images are 0..255); the model has
 # them built in, so stored values are checked, not loaded.
@@ -131,14 +162,26 @@ def load_detectron2_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tenso
 
 
 # -- mapping --------------------------------------------------------------------------------------------------------
+def target_preset(preset: str) -> str:
+    """The preset a release converts to: a paper preset's released weights need its `_release` variant."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(convertible_presets())}")
+    if not preset.startswith("catseg2_") and not preset.endswith("_release"):
+        if f"{preset}_release" in PRESETS:
+            return f"{preset}_release"
+        raise ValueError(f"no released checkpoint converts to preset {preset!r}; choose one of: "
+                         f"{', '.join(convertible_presets())}")
+    return preset
+
+
+def convertible_presets() -> list[str]:
+    """Presets that released checkpoints convert to."""
+    return sorted(p for p in PRESETS if p.startswith("catseg2_vit") or p.endswith("_release"))
+
+
 def rules_for(preset: str) -> list[Rule]:
     """The name-mapping rules of a preset's release family."""
-    family = preset.split("_")[0]
-    if preset not in PRESETS or family not in RULES:
-        convertible = sorted(p for p in PRESETS if p.split("_")[0] in RULES and "tiny" not in p)
-        raise ValueError(f"no released checkpoint converts to preset {preset!r}; choose one of: "
-                         f"{', '.join(convertible)}")
-    return RULES[family]
+    return RULES["catseg2" if target_preset(preset).startswith("catseg2_") else "paper"]
 
 
 def rename(state: dict[str, torch.Tensor], rules: list[Rule]) -> tuple[dict, list[str], list[str]]:
@@ -195,13 +238,16 @@ def resize_positional_embedding(pos: torch.Tensor, tokens: int) -> torch.Tensor:
     return torch.cat([pos[:1].float(), side.reshape(-1, new * new).T], dim=0).to(pos.dtype)
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], preset: str,
-                       target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Released parameter names and layouts -> the preset's state dict (`target` gives its names and shapes).
+def convert_state_dict(state: dict[str, torch.Tensor], rules: list[Rule],
+                       target: dict[str, torch.Tensor], preset: str = "") -> dict[str, torch.Tensor]:
+    """Released parameter names and layouts -> a model's state dict (`target` gives its names and shapes).
 
-    Raises ConversionError listing every released key left over and every preset key left unfilled.
+    Raises ConversionError listing every released key left over and every target key left unfilled.
     """
-    mapped, unmatched, _ = rename(state, rules_for(preset))
+    mapped, unmatched, _ = rename(state, rules)
+    for key in target:
+        if key.endswith(_BOOKKEEPING) and key not in mapped:
+            mapped[key] = torch.zeros_like(target[key], device="cpu")
     _match_qkv(mapped, set(target))
     if _POSITIONAL in mapped and _POSITIONAL in target and mapped[_POSITIONAL].shape != target[_POSITIONAL].shape:
         mapped[_POSITIONAL] = resize_positional_embedding(mapped[_POSITIONAL], target[_POSITIONAL].shape[0])
@@ -227,20 +273,27 @@ def convert_state_dict(state: dict[str, torch.Tensor], preset: str,
 
 def convert(checkpoint: str | os.PathLike, preset: str, out: str | os.PathLike,
             log: Callable[[str], None] = lambda message: None) -> Path:
-    """Convert a released checkpoint into a safetensors file that `create_model(preset, pretrained=out)` loads."""
+    """Convert a released checkpoint into a safetensors file that `create_model` loads.
+
+    catseg2_* presets take the later release (model_base.pth, model_large.pth). A paper preset (catseg_vitb16_r101,
+    ...) takes the paper design's release (model_final_*.pth) and writes weights for its `_release` variant.
+    """
     from .factory import create_model
     from .weights import save_weights
 
-    rules_for(preset)  # an unknown preset fails before the (large) checkpoint is read
+    name = target_preset(preset)  # an unknown preset fails before the (large) checkpoint is read
+    if name != preset:
+        log(f"the released weights of {preset} run with the release's computation: preset {name}")
     state = load_detectron2_checkpoint(checkpoint)
     log(f"read {len(state)} tensors from {checkpoint}")
     with torch.device("meta"):  # names and shapes only; the weights come from the checkpoint
-        model = create_model(preset)
+        model = create_model(name)
     target = {k: v for k, v in model.state_dict().items()}
-    converted = convert_state_dict(state, preset, target)
+    converted = convert_state_dict(state, rules_for(name), target, name)
     model.load_state_dict(converted, strict=True, assign=True)
     path = save_weights(model, out)
-    log(f"wrote {len(converted)} tensors of preset {preset} to {path}")
+    log(f"wrote {len(converted)} tensors of preset {name} to {path}; load it with "
+        f"catseg.create_model({name!r}, pretrained={str(path)!r})")
     return path
 
 

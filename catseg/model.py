@@ -35,11 +35,15 @@ class TimmBackbone(nn.Module):
                                       out_indices=cfg.backbone_indices, **kwargs)
         self.channels = list(self.body.feature_info.channels())
         self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if cfg.backbone_out_norm else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         feats = self.body((images - self.mean) / self.std)
+        if self.out_norms is not None:  # LayerNorm over channels, taken channels-last
+            feats = [n(f if self.nhwc else f.permute(0, 2, 3, 1)) for n, f in zip(self.out_norms, feats)]
+            return [f.permute(0, 3, 1, 2) for f in feats]
         return [f.permute(0, 3, 1, 2) for f in feats] if self.nhwc else list(feats)
 
 
@@ -271,7 +275,10 @@ class CatSeg(nn.Module):
 
     def _segment(self, dense, text, appearance, decoder_feats) -> torch.Tensor:
         chunks = chunk_slices(text.shape[0], self.config.class_chunk_size)
-        text_guidance = self.text_proj(text.mean(dim=1)) if self.text_proj is not None else None
+        text_guidance = None
+        if self.text_proj is not None:
+            mean = text.mean(dim=1)
+            text_guidance = self.text_proj(F.normalize(mean, dim=-1) if self.config.text_guidance_renormalize else mean)
         x = torch.cat([self.embed(dense, text[sl]) for sl in chunks], dim=1)
         for layer in self.layers:
             x = layer(x, appearance, text_guidance, chunks)

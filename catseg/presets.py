@@ -49,6 +49,15 @@ PRESETS: dict[str, dict] = {
                      "clip_guidance_upsample_dims": (32, 16), "class_pad_to": 12},
 }
 
+# The computation of the paper design's released weights (model_final_*.pth): transposed-convolution decoder,
+# class aggregation pooled at every step with the pooled input in the residual, no text-guidance LayerNorm or
+# attention output projection, template-averaged text re-normalised; the Swin wrapper norms its outputs.
+_PAPER_RELEASE = dict(decoder_upsample="transposed", class_pool_eval=True, class_pooled_residual=True,
+                      class_guidance_norm=False, class_attention_proj=False, text_guidance_renormalize=True)
+for _name in ("catseg_vitb16_r101", "catseg_vitl14_swinb", "catseg_vith14_swinb", "catseg_vitg14_swinb"):
+    PRESETS[f"{_name}_release"] = {**PRESETS[_name], **_PAPER_RELEASE,
+                                   "backbone_out_norm": PRESETS[_name].get("backbone") == "swin"}
+
 
 def get_config(name: str, **overrides) -> CatSegConfig:
     """The preset's config with `overrides` applied."""

@@ -439,3 +439,100 @@ def test_real_presets_have_release_shapes():
         assert not any(k.endswith("in_proj_weight") for k in sd)
         names = {to_release_name(k) for k in sd}
         assert len(names) == len(sd)
+
+
+# -- the paper design's release (detectron2 ResNet / Swin backbones, fused CLIP q/k/v) ------------------------------
+def to_paper_release_name(key: str):
+    """Our name -> the paper release's name (None: bookkeeping the release does not store)."""
+    if key.endswith("num_batches_tracked"):
+        return None
+    m = re.fullmatch(r"backbone\.body\.(conv1\.weight|bn1\.(\w+))", key)
+    if m:
+        return "backbone.stem.conv1.weight" if m[2] is None else f"backbone.stem.conv1.norm.{m[2]}"
+    m = re.fullmatch(r"backbone\.body\.layer(\d)\.(\d+)\.(conv|bn)(\d)\.(\w+)", key)
+    if m:
+        return f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[4]}." + ("weight" if m[3] == "conv" else f"norm.{m[5]}")
+    m = re.fullmatch(r"backbone\.body\.layer(\d)\.(\d+)\.downsample\.([01])\.(\w+)", key)
+    if m:
+        return f"backbone.res{int(m[1]) + 1}.{m[2]}.shortcut." + ("weight" if m[3] == "0" else f"norm.{m[4]}")
+    m = re.fullmatch(r"backbone\.body\.layers_(\d)\.(blocks\..+)", key)
+    if m:
+        return f"backbone.layers.{m[1]}.{m[2]}"
+    m = re.fullmatch(r"backbone\.body\.layers_(\d)\.downsample\.(.+)", key)
+    if m:
+        return f"backbone.layers.{int(m[1]) - 1}.downsample.{m[2]}"
+    m = re.fullmatch(r"backbone\.(body\.patch_embed|out_norms)\.(.+)", key)
+    if m:
+        return f"backbone.patch_embed.{m[2]}" if m[1] == "body.patch_embed" else f"backbone.norm{m[2]}"
+    return to_release_name(key)
+
+
+def paper_release_state(state):
+    out = {}
+    for k, v in state.items():
+        name = to_paper_release_name(k)
+        if name is not None:
+            out[name] = v
+        if ".blocks." in k and k.endswith("attn.relative_position_bias_table"):  # a buffer the release stores
+            out[name.replace("bias_table", "index")] = torch.zeros(144, 144, dtype=torch.long, device=v.device)
+    return out
+
+
+def test_paper_release_with_resnet_converts_and_reproduces_the_model():
+    from catseg.convert_official import PAPER_RULES, convert_state_dict
+    from catseg.presets import _PAPER_RELEASE
+
+    torch.manual_seed(4)
+    overrides = dict(_PAPER_RELEASE, backbone_model="resnet18")  # basic blocks: detectron2's R18 naming
+    source = catseg.create_model("catseg_tiny", **overrides).eval()
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for name, b in source.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+    state = paper_release_state(source.state_dict())
+    assert "backbone.res3.0.shortcut.norm.running_mean" in state and "backbone.stem.conv1.norm.weight" in state
+    fresh = catseg.create_model("catseg_tiny", **overrides).eval()
+    fresh.load_state_dict(convert_state_dict(state, PAPER_RULES, fresh.state_dict()))
+    x = images(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, VOCAB), source(x, VOCAB), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["catseg_vitb16_r101", "catseg_vitl14_swinb"])
+def test_paper_release_names_cover_the_full_presets(preset):
+    """Every tensor of the real ResNet-101 / Swin-B release variants maps from the release's names (meta tensors)."""
+    from catseg.convert_official import convert_state_dict, rules_for, target_preset
+
+    name = target_preset(preset)
+    assert name == f"{preset}_release"
+    with torch.device("meta"):
+        model = catseg.create_model(name)
+    target = model.state_dict()
+    state = paper_release_state(target)
+    expected = (["backbone.res4.22.conv3.norm.running_var", "backbone.res2.0.shortcut.weight"] if "r101" in preset
+                else ["backbone.norm2.weight", "backbone.layers.1.downsample.reduction.weight",
+                      "backbone.layers.2.blocks.17.attn.relative_position_index"])
+    assert all(k in state for k in expected)
+    converted = convert_state_dict(state, rules_for(name), target, name)
+    assert converted.keys() == target.keys()
+    assert all(converted[k].shape == target[k].shape for k in target)
+    del state[CLIP + "visual.ln_post.bias"]
+    with pytest.raises(ConversionError, match="visual.ln_post.bias"):
+        convert_state_dict(state, rules_for(name), target, name)
+
+
+def test_swin_output_norm_is_a_channel_layer_norm():
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", backbone_out_norm=True).eval()
+    for norm in model.backbone.out_norms:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = images(1)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        raw = model.backbone.body((x - model.backbone.mean) / model.backbone.std)
+    for f, r, norm in zip(feats, raw, model.backbone.out_norms):
+        expected = F.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2], norm.weight, norm.bias).permute(0, 3, 1, 2)
+        torch.testing.assert_close(f, expected)
