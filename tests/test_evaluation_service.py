@@ -95,10 +95,23 @@ def write_checkpoint(run_dir: Path, step: int, weights: Path, meta: dict, slow: 
     return final
 
 
-def start_service(run_dir: Path, shards_root: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "evaluation.service", "--watch", str(run_dir), "--benchmarks", "synthetic",
-           "--shards", str(shards_root), "--interval", "0.3", "--cpu", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start_service():
+    """Start the service as a subprocess; whatever the test's outcome, none outlives it."""
+    started = []
+
+    def start(run_dir: Path, shards_root: Path, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "evaluation.service", "--watch", str(run_dir), "--benchmarks", "synthetic",
+               "--shards", str(shards_root), "--interval", "0.3", "--cpu", *extra]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def ledger(run_dir: Path) -> dict:
@@ -132,7 +145,8 @@ def done(run_dir: Path, *steps: int):
     return lambda: all(ledger(run_dir).get(checkpoint_name(s), {}).get("status") == "done" for s in steps)
 
 
-def test_service_scores_each_checkpoint_once_across_restarts(mlflow_uri, shards_root, weights, tmp_path):
+def test_service_scores_each_checkpoint_once_across_restarts(mlflow_uri, shards_root, weights, tmp_path,
+                                                            start_service):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)
