@@ -60,7 +60,7 @@ class CatSegConfig:
     clip_guidance_normalized: bool = True  # backbone "clip": guide with L2-normalised dense features (False: raw)
     # class aggregation details of the later release (defaults: the paper's design)
     class_pool_eval: bool = False  # also average-pool by class_pool_train before class aggregation in evaluation
-    class_pooled_residual: bool = False  # add the pooled input back with the update (upsampled, aligned corners)
+    class_pooled_residual: bool = False  # x + up(pool(x) + update), aligned corners (release); else x + up(update)
     class_guidance_norm: bool = True  # LayerNorm on the text guidance before the query/key projections
     class_attention_proj: bool = True  # output projection after the class attention
     class_pad_to: int = 0  # pad the classes to this many with learned tokens before class aggregation (0 = off)
@@ -86,8 +86,8 @@ class CatSegConfig:
         _choice("decoder_upsample", self.decoder_upsample, UPSAMPLERS)
         _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
         _choice("synonyms", self.synonyms, SYNONYM_RULES)
-        for name in ("backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized", "class_pool_eval", "class_pooled_residual", "class_guidance_norm",
-                     "class_attention_proj"):
+        for name in ("backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized", "class_pool_eval",
+                     "class_pooled_residual", "class_guidance_norm", "class_attention_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.class_pad_to, int) or self.class_pad_to < 0:

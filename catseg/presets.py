@@ -8,11 +8,13 @@ _SWIN = dict(backbone="swin", backbone_model="swin_base_patch4_window12_384.ms_i
 
 # The later (CVPR 2024) design: no extra backbone; CLIP's own intermediate blocks, upsampled by transposed
 # convolutions, guide the decoder; one prompt template; q/v fine-tuning of both towers; CLS residual in the last
-# block; class aggregation pooled 2x2 at every step over classes padded to 256. Top-256 pruning is left off.
+# block; class aggregation over classes padded to 256, pooled 2x2 in training and not in evaluation (the release's
+# evaluation protocol; class_pool_eval=True matches its model run with the training pooling). Top-256 pruning is
+# left off.
 _CATSEG2 = dict(backbone="clip", clip_guidance_upsample_dims=(256, 128), decoder_upsample="transposed",
                 prompt_templates="catseg2", synonyms="first", finetune="qv", clip_last_residual="cls",
-                clip_guidance_normalized=False, class_pool_eval=True, class_pooled_residual=True,
-                class_guidance_norm=False, class_attention_proj=False, class_pad_to=256)
+                clip_guidance_normalized=False, class_pooled_residual=True, class_guidance_norm=False,
+                class_attention_proj=False, class_pad_to=256)
 
 
 def _tiny_clip(vision_layers: int) -> dict:
@@ -50,10 +52,10 @@ PRESETS: dict[str, dict] = {
 }
 
 # The computation of the paper design's released weights (model_final_*.pth): transposed-convolution decoder,
-# class aggregation pooled at every step with the pooled input in the residual, no text-guidance LayerNorm or
-# attention output projection, template-averaged text re-normalised; the Swin wrapper norms its outputs.
-_PAPER_RELEASE = dict(decoder_upsample="transposed", class_pool_eval=True, class_pooled_residual=True,
-                      class_guidance_norm=False, class_attention_proj=False, text_guidance_renormalize=True)
+# the (pooled) input re-added with the class-aggregation update, no text-guidance LayerNorm or attention output
+# projection, template-averaged text re-normalised; the Swin wrapper norms its outputs.
+_PAPER_RELEASE = dict(decoder_upsample="transposed", class_pooled_residual=True, class_guidance_norm=False,
+                      class_attention_proj=False, text_guidance_renormalize=True)
 for _name in ("catseg_vitb16_r101", "catseg_vitl14_swinb", "catseg_vith14_swinb", "catseg_vitg14_swinb"):
     PRESETS[f"{_name}_release"] = {**PRESETS[_name], **_PAPER_RELEASE,
                                    "backbone_out_norm": PRESETS[_name].get("backbone") == "swin"}

@@ -101,16 +101,19 @@ def test_text_tower_trains_without_cached_embeddings():
     assert model.text_embeddings(["cat"]) is model.text_embeddings(["cat"])  # cached again in evaluation
 
 
-def test_pooled_in_training_and_evaluation_alike(model2):
+def test_class_pooling_in_training_and_optionally_in_evaluation(model2):
+    pooled = catseg.create_model("catseg2_tiny", class_pool_eval=True)
+    pooled.load_state_dict(model2.state_dict())
     x, vocab = images(1, seed=1), names(4)
+    outs = {}
     with torch.no_grad():
-        evaluated = model2(x, vocab)
-        model2.train()
-        try:
-            trained = model2(x, vocab)
-        finally:
-            model2.eval()
-    torch.testing.assert_close(trained, evaluated, rtol=1e-5, atol=1e-5)
+        for key, model in (("default", model2), ("pool_eval", pooled)):
+            for mode in ("train", "eval"):
+                getattr(model, mode)()
+                outs[key, mode] = model(x, vocab)
+    torch.testing.assert_close(outs["pool_eval", "train"], outs["pool_eval", "eval"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["default", "train"], outs["pool_eval", "eval"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs["default", "eval"], outs["pool_eval", "eval"], atol=1e-3)  # no pooling
 
 
 @pytest.mark.parametrize("n,chunk", [(5, 2), (12, 5), (20, 7)])

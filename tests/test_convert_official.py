@@ -40,7 +40,8 @@ def to_release_name(key: str) -> str:
         (r"decoder_proj\.(\d)\.0\.(\w+)", lambda m: f"decoder_guidance_projection.{m[1]}.0.{m[2]}"),
         (r"decoder\.(\d)\.up\.(\w+)", lambda m: f"decoder{int(m[1]) + 1}.up.{m[2]}"),
         (r"decoder\.(\d)\.conv\.(\d)\.(\w+)", lambda m: f"decoder{int(m[1]) + 1}.conv.double_conv.{m[2]}.{m[3]}"),
-        (r"layers\.(\d)\.spatial\.blocks\.(\d)\.(.+)", lambda m: f"layers.{m[1]}.swin_block.block_{int(m[2]) + 1}.{m[3]}"),
+        (r"layers\.(\d)\.spatial\.blocks\.(\d)\.(.+)",
+         lambda m: f"layers.{m[1]}.swin_block.block_{int(m[2]) + 1}.{m[3]}"),
         (r"layers\.(\d)\.spatial\.guidance_norm\.(\w+)", lambda m: f"layers.{m[1]}.swin_block.guidance_norm.{m[2]}"),
         (r"layers\.(\d)\.klass\.([qkv])\.(\w+)", lambda m: f"layers.{m[1]}.attention.attention.{m[2]}.{m[3]}"),
         (r"layers\.(\d)\.klass\.mlp\.fc1\.(\w+)", lambda m: f"layers.{m[1]}.attention.MLP.0.{m[2]}"),
@@ -258,7 +259,8 @@ def release_forward(sd, model, images01, names):
     dec = [conv_relu(res4, AGG + "decoder_guidance_projection.0.0"),
            conv_relu(res5, AGG + "decoder_guidance_projection.1.0")]
     tg = F.normalize(text.mean(-2), dim=-1)
-    tg = F.relu(F.linear(tg, sd[AGG + "text_guidance_projection.0.weight"], sd[AGG + "text_guidance_projection.0.bias"]))
+    proj = AGG + "text_guidance_projection.0"
+    tg = F.relu(F.linear(tg, sd[proj + ".weight"], sd[proj + ".bias"]))
     heads, window = cfg.num_heads, cfg.window_size
     for i in range(cfg.num_layers):
         key = f"{AGG}layers.{i}"
@@ -269,7 +271,9 @@ def release_forward(sd, model, images01, names):
         y = _swin_block(y, guide, sd, key + ".swin_block.block_1", g, g, window, 0, heads)
         y = _swin_block(y, guide, sd, key + ".swin_block.block_2", g, g, window, window // 2, heads)
         x = y.view(b, tt, g, g, c).permute(0, 4, 1, 2, 3)
-        x = _class_layer(x, tg, sd, key + ".attention", cfg.class_pool_train, pad_len, heads)
+        # the release evaluates with POOLING_SIZES [1, 1] (its eval.sh); its config's [2, 2] = class_pool_eval
+        pool = cfg.class_pool_train if cfg.class_pool_eval else 1
+        x = _class_layer(x, tg, sd, key + ".attention", pool, pad_len, heads)
     y = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
     y = _up(y, dec[0], sd, AGG + "decoder1")
     y = _up(y, dec[1], sd, AGG + "decoder2")
@@ -291,8 +295,12 @@ def source():
     return random_model(seed=0)
 
 
-def test_converted_release_matches_the_release_computation(source, tmp_path):
-    """Positional embedding at a smaller native grid, NumPy entries, derived buffers: via the real CLI."""
+@pytest.mark.parametrize("pool_eval", [False, True])
+def test_converted_release_matches_the_release_computation(source, tmp_path, pool_eval):
+    """Positional embedding at a smaller native grid, NumPy entries, derived buffers: via the real CLI.
+
+    pool_eval: the release evaluated as its eval.sh does (no class pooling) or with its config's 2x2 pooling.
+    """
     state = release_state(source, pos_grid=4)
     ckpt = save_release(state, tmp_path / "model_final.pth",
                         numpy_keys=[CLIP + "visual.proj", AGG + "head.weight", "upsample1.bias"])
@@ -302,7 +310,7 @@ def test_converted_release_matches_the_release_computation(source, tmp_path):
                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "wrote" in run.stderr and out.is_file()
-    model = catseg.create_model("catseg2_tiny", pretrained=str(out)).eval()
+    model = catseg.create_model("catseg2_tiny", pretrained=str(out), class_pool_eval=pool_eval).eval()
     x = images()
     with torch.no_grad():
         ours = model(x, VOCAB)
