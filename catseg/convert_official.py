@@ -4,6 +4,8 @@
     python -m catseg.convert_official model_large.pth --preset catseg2_vitl14 --out catseg2_vitl14.safetensors
     python -m catseg.convert_official model_final_base.pth --preset catseg_vitb16_r101 --out base.safetensors
 
+The authors publish the files on Hugging Face (repository hamacojr/CAT-Seg, linked from github.com/cvlab-kaist/
+CAT-Seg): model_base.pth / model_large.pth (later design), model_final_base.pth / model_final_large.pth (paper).
 The later (CVPR 2024) release maps onto the catseg2_* presets; the paper design's release (model_final_*.pth,
 detectron2 ResNet-101 or Swin-B names) onto the `_release` variants of the paper presets, which add the
 release's computation (see presets.py). The checkpoint is read without executing pickled
