@@ -48,7 +48,7 @@ class TimmBackbone(nn.Module):
 
 
 class ReleaseClassAggregation(ClassAggregation):
-    """Class aggregation with the later release's details, each switchable (see the class_* config fields).
+    """Class aggregation with the details of the authors' releases, each switchable (the class_* config fields).
 
     pool_eval: pool by `pool` in evaluation as well as in training. pooled_residual: the residual adds the pooled
     input together with the update, x + up(pool(x) + update), upsampled with aligned corners. guidance_norm /
