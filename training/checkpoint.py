@@ -133,11 +133,19 @@ def _zero3(accelerator) -> bool:
     return _is_deepspeed(accelerator) and plugin is not None and plugin.zero_stage == 3
 
 
+def unwrap(model):
+    """The CatSeg module inside DDP / DeepSpeed / torch.compile wrappers."""
+    # accelerator.unwrap_model imports DeepSpeed (seconds per process) even when it is not in use.
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def export_weights(accelerator, model, path: Path) -> None:
     """Write the full model weights as safetensors from the main process (gathering ZeRO-3 partitions first)."""
     import catseg
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
     if _zero3(accelerator):
         import deepspeed
 
@@ -167,7 +175,7 @@ class Checkpointer:
     def _load_model_weights(self, models, input_dir) -> None:
         import catseg
 
-        catseg.load_weights(self.accelerator.unwrap_model(models[0]), self._loading_from / WEIGHTS_FILE)
+        catseg.load_weights(unwrap(models[0]), self._loading_from / WEIGHTS_FILE)
         models.clear()
 
     def save(self, step: int, train_state: dict, meta: dict) -> Path:

@@ -77,7 +77,7 @@ def open_shards(root: str | Path) -> ShardSet:
         raise DataError(f"{root} lists no shards in sizes.json; rerun the data_prep command that made it")
     sizes = _read_sizes(root)
     for path in paths:
-        if Path(path).stat().st_size == 0 or sizes.get(Path(path).name, 1) == 0:
+        if sizes.get(Path(path).name, 1) == 0 or _tar_is_empty(path):
             raise DataError(f"shard {path} is empty (0 samples); remove it from {root / 'sizes.json'} or rerun the "
                             f"data_prep command that made it")
     return ShardSet(root, paths, list(info["class_names"]), int(info["ignore_index"]), int(info["num_samples"]))
@@ -93,6 +93,13 @@ def prep_command(root: str | Path) -> str:
     if dataset in known:
         return f"python -m data_prep.convert {dataset} --root <raw {dataset} folder> --out {out}"
     return "python -m data_prep.convert <dataset> --root <raw folder> --out <shards folder>  (see data_prep/README.md)"
+
+
+def _tar_is_empty(path: str) -> bool:
+    # A tar without members is only zero blocks: its first 512-byte header is all zeros (or missing).
+    with open(path, "rb") as handle:
+        header = handle.read(512)
+    return len(header) < 512 or not any(header)
 
 
 def _read_sizes(root: Path) -> dict:

@@ -58,6 +58,14 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if ds_file and ds_file != "none" and not Path(ds_file).is_file():
+        # launch/zero*.yaml name their JSON relative to the repository; allow launching from elsewhere.
+        if (REPO / ds_file).is_file():
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(REPO / ds_file)
+        else:
+            raise ConfigError(f"DeepSpeed config {ds_file} (from the accelerate launch config) not found; launch from "
+                              f"the repository root or give an absolute deepspeed_config_file")
     handlers = []
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
@@ -141,7 +149,7 @@ class Trainer:
         self.logger = self.open_logger()
 
     def unwrapped(self):
-        return self.acc.unwrap_model(self.model)
+        return ckpt.unwrap(self.model)
 
     def state_dict(self) -> dict:
         """This process's loop state (model and optimizer are saved by Accelerate)."""
@@ -324,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse arguments, validate the config and data, train."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*upcast.*|.*TypedStorage.*")
+    # DeepSpeed calls collectives that torch marks deprecated, once per step; the warnings say nothing to users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:
         overrides = list(args.set) + ([f"train.run_dir={args.run_dir}"] if args.run_dir else [])
         cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
@@ -335,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # the model library's refusals (wrong preset in a weights file, unknown preset)
         print(f"catseg train: error: {e}", file=sys.stderr)
         return 2
-    return trainer.train()
+    try:
+        return trainer.train()
+    except DataError as e:  # e.g. a shard that turned out unreadable mid-run
+        print(f"catseg train: error at step {trainer.step}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

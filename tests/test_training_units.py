@@ -1,0 +1,384 @@
+"""Training building blocks in-process: config validation, schedule, optimizer groups, loss, data stream,
+checkpoint layout, tracking fallback, SLURM command generation (the .sbatch scripts run with a stand-in srun)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_training_fixtures import PYTHON, REPO, free_port, write_synthetic
+from training import checkpoint as ckpt
+from training.config import ConfigError, OptimConfig, ScheduleConfig, load_config
+from training.criterion import PixelBCECriterion
+from training.data import (AugmentConfig, DataError, ShardStream, StreamState, augment, make_loader, open_shards)
+from training.dist import world_info_from_env
+from training.optim import build_optimizer, lr_factor, param_groups
+from training.slurm_cmd import accelerate_command, expand_hostlist, node_launch_from_env
+from training.train import main as train_main, micro_batch_size
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("shards"), train=48, val=8, shard_size=12)
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+
+
+def test_every_run_config_loads_with_a_known_preset_and_the_paper_recipe():
+    import catseg
+
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"quickstart", "catseg_vitb16_r101", "catseg_vitl14_swinb",
+                                       "catseg_vith14_swinb", "catseg_vitg14_swinb"}
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.model.preset in catseg.list_models(), path
+        if path.stem != "quickstart":
+            assert (cfg.train.steps, cfg.train.batch_size, cfg.data.crop_size) == (80000, 4, 384), path
+            assert (cfg.optim.lr, cfg.optim.clip_lr, cfg.optim.weight_decay) == (2e-4, 2e-6, 1e-4), path
+            assert cfg.schedule.name == "cosine" and cfg.schedule.warmup_steps == 0, path
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["optim.lrr=1"], "unknown key 'optim.lrr'; valid keys in 'optim': lr, clip_lr"),
+    (["trian.steps=5"], "unknown key 'trian'"),
+    (["train.steps=ten"], "train.steps = 'ten' has the wrong type; expected an integer"),
+    (["optim.lr=fast"], "optim.lr = 'fast' has the wrong type; expected a number"),
+    (["data.hflip=1"], "data.hflip = 1 has the wrong type; expected true or false"),
+    (["schedule.name=step"], "schedule.name = 'step'; choose one of: cosine, poly, constant"),
+    (["train.steps=10", "schedule.warmup_steps=20"], "schedule.warmup_steps = 20 exceeds train.steps = 10"),
+    (["train.batch_size=6", "train.grad_accum=4"], "train.batch_size = 6 is not divisible by train.grad_accum = 4"),
+    (["data.scale_range=[2.0]"], "data.scale_range = [2.0]; expected a list of 2 values"),
+    (["steps"], "expected KEY=VALUE"),
+])
+def test_bad_config_values_are_errors_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "quickstart.yaml", override)
+    assert needle in str(err.value)
+    assert "quickstart.yaml" in str(err.value) or override == ["steps"]
+
+
+def test_unknown_key_in_a_config_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  preset: catseg_tiny\n  colour: blue\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'model.colour'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="run config .*missing.yaml not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_global_batch_splits_over_processes_and_accumulation_or_fails():
+    cfg = load_config(None, ["train.batch_size=8", "train.grad_accum=2"])
+    assert micro_batch_size(cfg, 2) == 2
+    with pytest.raises(ConfigError, match="does not split over 3 processes x 2 accumulation steps; use a multiple of 6"):
+        micro_batch_size(cfg, 3)
+
+
+# -- schedule, optimizer, loss ---------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedules():
+    cos = ScheduleConfig(name="cosine")
+    assert lr_factor(0, 100, cos) == 1.0 and lr_factor(50, 100, cos) == pytest.approx(0.5)
+    assert lr_factor(100, 100, cos) == pytest.approx(0.0, abs=1e-12)
+    warm = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert [lr_factor(s, 110, warm) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(60, 110, warm) == pytest.approx(0.1 + 0.9 * 0.5)
+    poly = ScheduleConfig(name="poly", power=0.9)
+    assert lr_factor(50, 100, poly) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(70, 100, ScheduleConfig(name="constant")) == 1.0
+
+
+def test_optimizer_groups_separate_learning_rates_and_no_decay_for_vectors():
+    import catseg
+
+    model = catseg.create_model("catseg_tiny")
+    model.set_clip_trainable("attention")
+    groups = param_groups(model.parameter_groups(), OptimConfig(lr=1e-3, clip_lr=1e-5, backbone_lr=1e-4,
+                                                                weight_decay=0.05))
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"clip", "clip.no_decay", "backbone", "backbone.no_decay", "head", "head.no_decay"}
+    assert [by_name[k]["lr"] for k in ("clip", "backbone", "head")] == [1e-5, 1e-4, 1e-3]
+    for name, group in by_name.items():
+        assert all((p.ndim <= 1) == name.endswith("no_decay") for p in group["params"]), name
+        assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else 0.05)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    optimizer = build_optimizer(model.parameter_groups(), OptimConfig(backbone_lr=0.0))
+    assert "backbone" not in {g["name"] for g in optimizer.param_groups}  # lr 0 = not optimised at all
+
+
+def test_pixel_bce_masks_ignore_pixels_or_uses_zero_targets():
+    logits = torch.tensor([[[[2.0, -1.0]]], [[[0.5, 3.0]]]]).permute(1, 0, 2, 3)  # (1, 2 classes, 1, 2)
+    labels = torch.tensor([[[1, 255]]])
+    bce = lambda x, t: -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+    masked = (bce(2.0, 0) + bce(0.5, 1)) / 2
+    unmasked = (bce(2.0, 0) + bce(0.5, 1) + bce(-1.0, 0) + bce(3.0, 0)) / 4
+    assert PixelBCECriterion(255, mask_ignore=True)(logits, labels).item() == pytest.approx(masked, rel=1e-6)
+    assert PixelBCECriterion(255, mask_ignore=False)(logits, labels).item() == pytest.approx(unmasked, rel=1e-6)
+    # logits at a quarter of the label size are upsampled to it
+    loss = PixelBCECriterion(255)(torch.zeros(2, 3, 4, 4), torch.zeros(2, 16, 16, dtype=torch.long))
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+# -- data ---------------------------------------------------------------------------------------------------------------
+
+
+def test_augment_resizes_crops_and_pads_label_with_ignore_keeping_integer_ids():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    label = np.full((60, 90), 846, np.int64)
+    label[:, 45:] = 65534  # 16-bit ids survive the resize exactly (no float decoding)
+    cfg = AugmentConfig(crop_size=64, short_side=40, jitter=True, hflip=True, ignore_index=65535)
+    out_image, out_label = augment(image, label, cfg, np.random.default_rng(1))
+    assert out_image.shape == (64, 64, 3) and out_image.dtype == np.uint8 and out_label.shape == (64, 64)
+    assert set(np.unique(out_label)) == {846, 65534, 65535}
+    assert (out_label[40:] == 65535).all()  # short side 40 < crop 64: label padded with ignore
+    again = augment(image, label, cfg, np.random.default_rng(1))
+    assert np.array_equal(again[0], out_image) and np.array_equal(again[1], out_label)
+
+
+def _batches(shards, seed=0, rank=0, world=1, workers=2, positions=None, rotation=0, count=10):
+    stream = ShardStream(shards, AugmentConfig(64, 64, (0.8, 1.2)), 3, seed, rank, world, workers, shuffle=8,
+                         positions=positions, rotation=rotation)
+    return list(itertools.islice(make_loader(stream, workers), count))
+
+
+def test_stream_is_deterministic_per_seed_split_by_rank_and_resumes_exactly(synthetic):
+    shards = open_shards(synthetic / "train")
+    first = _batches(shards)
+    assert all(b["images"].shape == (3, 3, 64, 64) and b["labels"].dtype == torch.int32 for b in first)
+    same = lambda a, b: torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    assert all(same(a, b) for a, b in zip(first, _batches(shards)))
+    assert not same(first[0], _batches(shards, seed=1, count=1)[0])
+    assert not same(first[0], _batches(shards, rank=1, world=2, count=1)[0])
+    state = StreamState(2, 0, 1)
+    for batch in first[:5]:  # an odd count: the next batch comes from the second loader worker
+        state.update(batch)
+    restored = StreamState(2, 0, 1)
+    restored.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    rest = _batches(shards, positions=restored.positions, rotation=restored.rotation, count=5)
+    assert all(same(a, b) for a, b in zip(first[5:], rest))
+
+
+def test_missing_shard_folder_names_the_data_prep_command(tmp_path):
+    with pytest.raises(DataError) as err:
+        open_shards(tmp_path / "coco_stuff" / "train")
+    assert f"python -m data_prep.convert coco_stuff --root <raw coco_stuff folder> --out {tmp_path}" in str(err.value)
+    with pytest.raises(DataError, match=f"python -m data_prep.synthetic --out {tmp_path}"):
+        open_shards(tmp_path / "synthetic" / "train")
+
+
+def _shard_folder(root: Path, samples_per_shard: list[list[dict]]) -> Path:
+    from data_prep import shards
+
+    folder = root / "toy" / "train"
+    folder.mkdir(parents=True)
+    records = [shards.write_shard(folder / shards.shard_name("toy", "train", i), i, samples)
+               for i, samples in enumerate(samples_per_shard)]
+    shards.finalize_folder(folder, {"name": "toy", "split": "train", "class_names": ["a", "b"], "num_classes": 2,
+                                    "ignore_index": 255, "label_dtype": "uint8"}, records)
+    return folder
+
+
+def _sample(i: int, image_bytes: bytes | None = None) -> dict:
+    import io
+
+    from PIL import Image
+
+    from data_prep import shards
+
+    label = np.zeros((32, 32), np.uint8)
+    label[:, 16:] = 1
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 100 + i, np.uint8)).save(buf, format="JPEG")
+    return shards.build_sample(f"toy_train_{i:04d}", image_bytes or buf.getvalue(), "jpg", label, label_dtype="uint8",
+                               ignore_index=255, class_list="toy", source={})
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "no members"])
+def test_empty_shard_is_a_clear_error(tmp_path, damage):
+    import tarfile
+
+    folder = _shard_folder(tmp_path, [[_sample(0), _sample(1)], [_sample(2), _sample(3)]])
+    shard = folder / "toy-train-000001.tar"
+    shard.chmod(0o644)
+    if damage == "zero bytes":
+        shard.write_bytes(b"")
+    else:
+        tarfile.open(shard, "w").close()
+    with pytest.raises(DataError, match=r"shard .*toy-train-000001.tar is empty \(0 samples\)"):
+        open_shards(folder)
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
+    folder = _shard_folder(tmp_path, [[_sample(0), _sample(1, b"not a jpeg at all"), _sample(2), _sample(3)]])
+    shards = open_shards(folder)
+    stream = ShardStream(shards, AugmentConfig(32, 32, jitter=False, hflip=False), 1, 0, 0, 1, 0, shuffle=1)
+    batches = list(itertools.islice(iter(stream), 6))
+    assert len(batches) == 6 and max(b["corrupt"] for b in batches) == 2  # the shard is drawn twice in 6 samples
+    assert "toy_train_0001" in caplog.text and "cannot be decoded" in caplog.text
+    state = StreamState(0, 0, 1)
+    for batch in batches:
+        state.update(batch)
+    assert state.corrupt == 2
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(run_dir: Path, step: int, preset: str = "catseg_tiny") -> Path:
+    path = run_dir / "checkpoints" / ckpt.checkpoint_name(step)
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "preset": preset, "mlflow_run_id": None,
+                                                "mlflow_tracking_uri": None, "created": "now"}))
+    return path
+
+
+def test_checkpoint_listing_ignores_partial_folders_and_prunes_oldest(tmp_path):
+    assert ckpt.list_checkpoints(tmp_path) == [] and ckpt.latest_checkpoint(tmp_path) is None
+    for step in (300, 100, 2000):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoints" / ".tmp-step_00003000").mkdir()
+    (tmp_path / "checkpoints" / "step_00004000").mkdir()  # no meta.json: not complete
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step_00000100", "step_00000300", "step_00002000"]
+    assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path))["step"] == 2000
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step_00002000"
+    assert ckpt.resolve_resume(tmp_path, "none") is None
+    ckpt.prune(tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000300", "step_00002000"]
+    ckpt.remove_partial(tmp_path)
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00003000").exists()
+    with pytest.raises(ckpt.CheckpointError, match="meta.json is missing"):
+        ckpt.read_meta(tmp_path / "checkpoints" / "step_00004000")
+
+
+def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path, synthetic, capsys):
+    run_dir = tmp_path / "run"
+    _fake_checkpoint(run_dir, 50, preset="catseg_vitb16_r101")
+    code = train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir),
+                       "--set", f"data.root={synthetic / 'train'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "holds preset 'catseg_vitb16_r101' but this run builds 'catseg_tiny'" in err
+
+
+def test_pretrained_weights_of_another_preset_are_refused(tmp_path, synthetic, capsys):
+    import catseg
+
+    other = catseg.save_weights(catseg.create_model("catseg2_tiny"), tmp_path / "other.safetensors")
+    code = train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "run"),
+                       "--set", f"data.root={synthetic / 'train'}", f"model.pretrained={other}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "preset 'catseg2_tiny', not 'catseg_tiny'" in err
+
+
+def test_missing_default_shards_say_which_command_makes_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default data folder data/shards/coco_stuff/train does not exist here
+    assert train_main([]) == 2
+    err = capsys.readouterr().err
+    assert "python -m data_prep.convert coco_stuff --root <raw coco_stuff folder> --out data/shards" in err
+
+
+# -- tracking ----------------------------------------------------------------------------------------------------
+
+
+def test_unreachable_tracking_server_warns_and_keeps_metrics_locally(tmp_path):
+    from training.tracking import LocalLogger, MLflowLogger, MultiLogger
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.warns(UserWarning, match="MLflow tracking at http://127.0.0.1"):
+        remote = MLflowLogger(uri, tmp_path, "catseg", "run", timeout_s=2)
+    logger = MultiLogger(LocalLogger(tmp_path), remote)
+    logger.log_params({"a": 1})
+    for step in (1, 2):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss"]) for x in lines] == [(1, 1.0), (2, 0.5)]
+    assert logger.run_id is None
+
+
+# -- distributed environment and SLURM --------------------------------------------------------------------------
+
+
+def test_world_info_from_env(monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert world_info_from_env() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert world_info_from_env() == (5, 1, 8)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert world_info_from_env() == (3, 3, 4)  # the launcher's variables win
+
+
+def test_slurm_hostlists_and_node_commands():
+    assert expand_hostlist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand_hostlist("r[1-2]n[8-9]") == ["r1n8", "r1n9", "r2n8", "r2n9"]
+    env = {"SLURM_JOB_NUM_NODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "node[10-12]",
+           "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "4242"}
+    node = node_launch_from_env(env)
+    assert (node.num_machines, node.machine_rank, node.main_ip, node.procs_per_node) == (3, 2, "node10", 4)
+    cmd = accelerate_command(node, "launch/zero3.yaml", ["--config", "c.yaml"], python="py")
+    text = " ".join(cmd)
+    assert text.startswith("py -m accelerate.commands.launch --config_file launch/zero3.yaml")
+    for flag in ("--num_machines 3", "--machine_rank 2", "--main_process_ip node10", "--main_process_port 24242",
+                 "--num_processes 12", "training/train.py --config c.yaml"):
+        assert flag in text
+    with pytest.raises(Exception, match="SLURM_NODEID"):
+        node_launch_from_env({"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "a,b"})
+
+
+def _fake_slurm_bin(folder: Path, nodes: int) -> Path:
+    """srun that runs its command once per node (SLURM_NODEID set), scontrol that records its arguments."""
+    folder.mkdir()
+    srun = folder / "srun"
+    srun.write_text("#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+                    f"for n in $(seq 0 {nodes - 1}); do SLURM_NODEID=$n \"$@\" || exit $?; done\n")
+    scontrol = folder / "scontrol"
+    scontrol.write_text(f"#!/bin/bash\necho \"$@\" >> {folder / 'scontrol.log'}\n")
+    for tool in (srun, scontrol):
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+@pytest.mark.parametrize("script, config", [("vith14", "catseg_vith14_swinb"), ("vitg14", "catseg_vitg14_swinb")])
+def test_sbatch_scripts_start_one_accelerate_launch_per_node_and_requeue(tmp_path, script, config):
+    path = REPO / "launch" / "slurm" / f"{script}.sbatch"
+    header = path.read_text()
+    assert "#SBATCH --signal=USR1@" in header and "#SBATCH --requeue" in header
+    assert "#SBATCH --ntasks-per-node=1" in header
+    fake = _fake_slurm_bin(tmp_path / "bin", nodes=2)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=PYTHON, CATSEG_SLURM_DRY_RUN="1",
+               SLURM_JOB_ID="777", SLURM_JOB_NAME=f"catseg-{script}", SLURM_JOB_NUM_NODES="2",
+               SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="2")
+    out = subprocess.run(["bash", str(path), "--set", "data.root=/data/x"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for rank in (0, 1):
+        line = next(x for x in lines if x.startswith(f"node {rank}: "))
+        for flag in ("--config_file launch/zero3.yaml", "--num_machines 2", f"--machine_rank {rank}",
+                     "--main_process_ip gpu07", "--main_process_port 20777", "--num_processes 4",
+                     f"training/train.py --config configs/{config}.yaml --run-dir runs/catseg-{script}-777 "
+                     "--resume auto --set data.root=/data/x"):
+            assert flag in line, (flag, line)
+    assert f"run runs/catseg-{script}-777 not finished: scontrol requeue 777" in out.stdout
+    for name in ("launch/zero3.yaml", f"configs/{config}.yaml"):
+        assert (REPO / name).is_file()
