@@ -113,7 +113,9 @@ def node_launch_from_env(env: dict | None = None) -> NodeLaunch:
     if len(hosts) != nodes:
         raise SlurmError(f"$SLURM_JOB_NODELIST {hostlist!r} names {len(hosts)} hosts but the job has {nodes} nodes")
     visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    gpus = _env_int(env, ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"), default=len(visible) or 1)
+    # CATSEG_PROCS_PER_NODE overrides the GPU count (CPU-only clusters, or fewer processes than GPUs).
+    gpus = _env_int(env, ("CATSEG_PROCS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"),
+                    default=len(visible) or 1)
     # The job id picks the port, so two jobs sharing a first node do not collide.
     port = int(env.get("MASTER_PORT") or 20000 + _env_int(env, ("SLURM_JOB_ID",), default=0) % 20000)
     return NodeLaunch(nodes, rank, hosts[0], port, gpus)

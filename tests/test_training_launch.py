@@ -1,0 +1,216 @@
+"""End-to-end training through the real `accelerate launch` on CPU (gloo): DDP, DeepSpeed ZeRO-2, two "machines",
+SIGTERM + resume equal to an uninterrupted run, a real MLflow server (also killed mid-run), the SLURM node wrapper.
+
+Every run uses the tiny preset on synthetic shards written once per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training_fixtures import (PYTHON, REPO, base_env, finish, free_port, launch_cmd, metrics, miou_on_val,
+                                    run, start, wait_for, write_synthetic)
+from training.checkpoint import latest_checkpoint, list_checkpoints, read_meta
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("shards"), train=96, val=24, shard_size=24)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields (uri, restart function)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    cmd = [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    uri = f"http://127.0.0.1:{port}"
+    procs = []
+
+    def up():
+        procs.append(subprocess.Popen(cmd, cwd=root, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+        wait_for(lambda: _healthy(uri), 60, "the MLflow server", procs[-1], root / "server.log")
+
+    def down():
+        os.killpg(procs[-1].pid, signal.SIGKILL)
+        procs[-1].wait()
+
+    up()
+    yield uri, up, down
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        return urllib.request.urlopen(uri + "/health", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def _args(shards: Path, run_dir: Path, *sets: str) -> list[str]:
+    return ["--config", QUICKSTART, "--run-dir", str(run_dir), "--set", f"data.root={shards / 'train'}",
+            "train.deterministic=true", "schedule.warmup_steps=2", *sets]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+def test_ddp_two_processes_learn_the_synthetic_task_tracked_in_mlflow(shards, mlflow_server, tmp_path):
+    uri, _, _ = mlflow_server
+    run_dir = tmp_path / "run"
+    out = run(launch_cmd(_args(shards, run_dir, "train.steps=200", "train.log_every=10", f"tracking.uri={uri}",
+                               "tracking.experiment=launch-test")), tmp_path / "log.txt")
+    assert "catseg train: finished step 200/200" in out
+    losses = _losses(run_dir)
+    assert losses[200] < 0.75 * losses[10], losses
+    final = json.loads((run_dir / "final.json").read_text())
+    weights = Path(final["weights"])
+    miou = miou_on_val(weights, shards / "val")
+    assert miou > 0.2, f"mIoU {miou:.3f} on held-out synthetic images (chance is about 0.07)"
+
+    from mlflow.tracking import MlflowClient
+
+    meta = read_meta(latest_checkpoint(run_dir))
+    assert meta["mlflow_tracking_uri"] == uri and meta["preset"] == "catseg_tiny" and meta["world_size"] == 2
+    client = MlflowClient(uri)
+    mlrun = client.get_run(meta["mlflow_run_id"])
+    assert mlrun.info.status == "FINISHED"
+    params = mlrun.data.params
+    assert params["model.preset"] == "catseg_tiny" and params["train.steps"] == "200" and params["world_size"] == "2"
+    for key in ("loss", "lr/head", "lr/clip", "images_per_s", "data_wait_fraction", "peak_memory_mb", "grad_norm"):
+        assert key in mlrun.data.metrics, key
+    history = client.get_metric_history(mlrun.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(10, 201, 10))
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"config.yaml", "model.safetensors"} <= artifacts
+
+
+def test_sigterm_then_resume_continues_the_uninterrupted_loss_curve(shards, tmp_path):
+    sets = ("train.steps=24", "train.log_every=1", "train.ckpt_every=100")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run(launch_cmd(_args(shards, reference, *sets)), tmp_path / "reference.txt")
+
+    log = tmp_path / "killed.txt"
+    proc = start(launch_cmd(_args(shards, resumed, *sets)), log)
+    wait_for(lambda: len(metrics(resumed)) >= 6, 180, "six logged steps", proc, log)
+    proc.send_signal(signal.SIGTERM)  # to `accelerate launch`, which passes it to the training processes
+    out = finish(proc, log)
+    assert "catseg train: stopped by signal 15 at step" in out
+    stopped = read_meta(latest_checkpoint(resumed))["step"]
+    assert 6 <= stopped < 24 and (resumed / "final.json").exists() is False
+
+    out = run(launch_cmd(_args(shards, resumed, *sets)), tmp_path / "resumed.txt")
+    assert "catseg train: finished step 24/24" in out
+    ref, res = _losses(reference), _losses(resumed)
+    assert sorted(res) == list(range(1, 25)), "the resumed run logs every step once"
+    assert [res[s] for s in range(1, 25)] == [ref[s] for s in range(1, 25)]
+    a = load_file(reference / "checkpoints" / "step_00000024" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_00000024" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # both halves of the resumed run went to the same MLflow run
+    ids = {read_meta(p)["mlflow_run_id"] for p in list_checkpoints(resumed)}
+    assert len(ids) == 1 and None not in ids
+
+
+def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
+    """ZeRO-2 through the launch config alone; the MLflow server is killed mid-run and training still finishes."""
+    uri, up, down = mlflow_server
+    run_dir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    cmd = launch_cmd(_args(shards, run_dir, "train.steps=30", "train.log_every=2", f"tracking.uri={uri}",
+                           "tracking.timeout_s=2"),
+                     launch_config="launch/zero2.yaml", extra=["--mixed_precision", "no"])
+    proc = start(cmd, log, env=base_env(cpu=False))  # DeepSpeed picks its CPU accelerator by itself
+    wait_for(lambda: len(metrics(run_dir)) >= 3, 240, "three logged steps", proc, log)
+    down()
+    try:
+        out = finish(proc, log, timeout=240)
+    finally:
+        up()
+    assert proc.returncode == 0, out[-4000:]
+    assert "catseg train: finished step 30/30" in out and "MLflow tracking at" in out
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(2, 31, 2)), "every metric kept locally while the server was gone"
+    assert losses[30] < 0.8 * losses[2]
+    state = latest_checkpoint(run_dir) / "state"
+    assert (state / "pytorch_model").is_dir(), "a DeepSpeed engine checkpoint"
+    import catseg
+
+    model = catseg.create_model("catseg_tiny", pretrained=latest_checkpoint(run_dir) / "model.safetensors")
+    assert sum(p.numel() for p in model.parameters()) > 4_000_000
+
+
+def test_two_machines_on_one_host_finish_together(shards, tmp_path):
+    port = free_port()
+    run_dir = tmp_path / "run"
+    procs = []
+    for rank in (0, 1):
+        cmd = launch_cmd(_args(shards, run_dir, "train.steps=12", "train.log_every=4", "train.batch_size=4"),
+                         num_processes=2, port=port,
+                         extra=["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"])
+        procs.append((start(cmd, tmp_path / f"machine{rank}.txt"), tmp_path / f"machine{rank}.txt"))
+    ends = []
+    for proc, log in procs:
+        out = finish(proc, log)
+        ends.append(time.monotonic())
+        assert proc.returncode == 0, out[-4000:]
+    assert abs(ends[1] - ends[0]) < 30
+    assert "catseg train: finished step 12/12" in procs[0][1].read_text()
+    assert read_meta(latest_checkpoint(run_dir))["world_size"] == 2
+    assert sorted(_losses(run_dir)) == [4, 8, 12]
+
+
+def test_slurm_node_wrapper_checkpoints_on_the_preemption_signal(shards, tmp_path):
+    """`python -m training.slurm_cmd run` as a SLURM step would start it; SIGUSR1 makes training save and stop."""
+    run_dir = tmp_path / "run"
+    env = dict(base_env(), SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
+               SLURM_GPUS_ON_NODE="2", SLURM_JOB_ID="4321", MASTER_PORT=str(free_port()))
+    cmd = [PYTHON, "-m", "training.slurm_cmd", "run", "--launch-config", "launch/cpu.yaml", "--",
+           *_args(shards, run_dir, "train.steps=500", "train.log_every=1")]
+    log = tmp_path / "node.txt"
+    proc = start(cmd, log, env)
+    wait_for(lambda: len(metrics(run_dir)) >= 3, 180, "three logged steps", proc, log)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc, log)
+    assert proc.returncode == 0, out[-4000:]
+    assert "--num_machines 1 --machine_rank 0 --main_process_ip localhost" in out
+    assert "catseg train: stopped by signal 10 at step" in out
+    assert read_meta(latest_checkpoint(run_dir))["step"] >= 3
+    requeue = subprocess.run([PYTHON, "-m", "training.slurm_cmd", "requeue", "--run-dir", str(run_dir), "--dry-run"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert requeue.returncode == 0 and "not finished: scontrol requeue 4321" in requeue.stdout
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None or shutil.which("sinfo") is None, reason="no SLURM installation")
+def test_sbatch_script_runs_on_a_real_slurm(shards, tmp_path):
+    """With a working SLURM (sinfo answers), submit the ViT-H script with the tiny config and wait for it."""
+    if subprocess.run(["sinfo"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("SLURM is installed but not running")
+    run_dir = tmp_path / "run"
+    env = dict(base_env(), PYTHON=PYTHON, CONFIG=QUICKSTART, LAUNCH_CONFIG="launch/cpu.yaml", RUN_DIR=str(run_dir),
+               CATSEG_PROCS_PER_NODE="2")
+    out = subprocess.run(["sbatch", "--wait", "--nodes=1", "--gpus-per-node=0", "--time=10", f"--chdir={REPO}",
+                          f"--output={tmp_path / 'slurm.out'}", "launch/slurm/vith14.sbatch", "--set",
+                          f"data.root={shards / 'train'}", "train.steps=6", "schedule.warmup_steps=0"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr + (tmp_path / "slurm.out").read_text()
+    assert (run_dir / "final.json").exists()
