@@ -49,6 +49,7 @@ class CatSegConfig:
     window_size: int = 12  # Swin window on the cost grid; the second block shifts by half of it
     mlp_ratio: float = 4.0
     class_pool_train: int = 2  # average-pool factor before class aggregation during training (1 = off)
+    zero_init_residual: bool = True  # aggregation blocks start as the identity (residual branches end in zeros)
     appearance_guidance_dim: int = 128  # projected visual guidance width (0 = no visual guidance)
     text_guidance_dim: int = 128  # projected text guidance width (0 = no text guidance)
     text_guidance_renormalize: bool = False  # L2-normalise the template-averaged text before projecting it
@@ -86,7 +87,7 @@ class CatSegConfig:
         _choice("decoder_upsample", self.decoder_upsample, UPSAMPLERS)
         _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
         _choice("synonyms", self.synonyms, SYNONYM_RULES)
-        for name in ("backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized", "class_pool_eval",
+        for name in ("zero_init_residual", "backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized", "class_pool_eval",
                      "class_pooled_residual", "class_guidance_norm", "class_attention_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

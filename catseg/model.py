@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .aggregation import AggregationLayer, ClassAggregation, UpStage, chunk_slices
+from .aggregation import AggregationLayer, ClassAggregation, GuidedSwinBlock, UpStage, chunk_slices
 from .clip import ClipEncoder
 from .config import CatSegConfig
 
@@ -167,6 +167,9 @@ class CatSeg(nn.Module):
                     pooled_residual=cfg.class_pooled_residual, guidance_norm=cfg.class_guidance_norm,
                     attention_proj=cfg.class_attention_proj, pad_to=cfg.class_pad_to)
 
+        if cfg.zero_init_residual:
+            self._zero_init_residual_branches()
+
         self.decoder_proj = nn.ModuleList()
         self.decoder = nn.ModuleList()
         cin = d
@@ -182,6 +185,21 @@ class CatSeg(nn.Module):
         self._text_version = 0
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_text_cache())
         self.set_clip_trainable(cfg.finetune)
+
+    def _zero_init_residual_branches(self) -> None:
+        # Random aggregation blocks add large class-agnostic outputs to the small cosine-similarity signal and stall
+        # early training; starting each block as the identity lets the cost reach the decoder from the first step.
+        # Pretrained or loaded weights replace this initialisation.
+        for module in self.layers.modules():
+            if isinstance(module, GuidedSwinBlock):
+                last = [module.attn.proj, module.mlp.fc2]
+            elif isinstance(module, ClassAggregation):
+                last = [module.proj if isinstance(module.proj, nn.Linear) else module.v, module.mlp.fc2]
+            else:
+                continue
+            for linear in last:
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
     # -- text embeddings --------------------------------------------------------------------------------------
     def clear_text_cache(self) -> None:

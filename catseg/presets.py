@@ -48,7 +48,9 @@ PRESETS: dict[str, dict] = {
     "catseg_tiny": _TINY,
     # The later design at the tiny size (three CLIP blocks so two can guide): tests of it and of the converter
     "catseg2_tiny": {**_TINY, **_CATSEG2, "clip_cfg": _tiny_clip(vision_layers=3), "clip_guidance_layers": (1, 2),
-                     "clip_guidance_upsample_dims": (32, 16), "class_pad_to": 12},
+                     "clip_guidance_upsample_dims": (32, 16), "class_pad_to": 12,
+                     # its tests compare every block against the release's computation: no identity blocks
+                     "zero_init_residual": False},
 }
 
 # The computation of the paper design's released weights (model_final_*.pth): transposed-convolution decoder,

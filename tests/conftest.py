@@ -9,7 +9,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """One random-weight tiny model for read-only tests (eval mode)."""
+    """One random-weight tiny model for read-only tests (eval mode); every aggregation block active (no zero init)."""
     import catseg
     torch.manual_seed(0)
-    return catseg.create_model("catseg_tiny").eval()
+    return catseg.create_model("catseg_tiny", zero_init_residual=False).eval()

@@ -64,7 +64,7 @@ def test_chunked_equals_unchunked_847(tiny_model, chunk):
 
 def test_chunked_training_gradients_match():
     torch.manual_seed(0)
-    model = catseg.create_model("catseg_tiny", class_pool_train=1)
+    model = catseg.create_model("catseg_tiny", class_pool_train=1, zero_init_residual=False)
     x, vocab = images(1), names(9)
     grads = []
     for chunk in (None, 4):
@@ -333,7 +333,7 @@ def test_dense_features_are_normalised_and_skip_last_token_mixing(tiny_model):
     dict(top_k_classes=3),
 ])
 def test_ablation_switches(overrides):
-    model = catseg.create_model("catseg_tiny", **overrides)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False, **overrides)
     out = model(images(2), names(5))
     assert out.shape == (2, 5, 32, 32)
     out.mean().backward()
@@ -344,7 +344,7 @@ def test_ablation_switches(overrides):
 
 
 def test_class_pooling_only_in_training():
-    model = catseg.create_model("catseg_tiny", class_pool_train=2)
+    model = catseg.create_model("catseg_tiny", class_pool_train=2, zero_init_residual=False)
     x = images(1)
     with torch.no_grad():
         model.eval()
@@ -382,3 +382,16 @@ def test_config_validation():
     with pytest.raises(ValueError, match="window_size=3 must divide the cost grid 8"):
         catseg.create_model("catseg_tiny", window_size=3)
     assert math.isclose(get_config("catseg_tiny").mlp_ratio, 4.0)
+
+
+def test_zero_init_blocks_start_as_identity():
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny").eval()
+    x = images(1)
+    with torch.no_grad():
+        with_layers = model(x, names(4))
+        model.layers = torch.nn.ModuleList()
+        without = model(x, names(4))
+    torch.testing.assert_close(with_layers, without, rtol=1e-5, atol=1e-6)
+    active = catseg.create_model("catseg_tiny", zero_init_residual=False)
+    assert active.layers[0].spatial.blocks[0].attn.proj.weight.abs().sum() > 0
