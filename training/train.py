@@ -103,6 +103,31 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def freeze_unused(model, image_size: int, class_names: list[str], device) -> list[str]:
+    """Freeze trainable parameters that get no gradient (found by one probe step); return their names.
+
+    DDP waits for a gradient of every trainable parameter, so one that the forward never uses stops training
+    (for example the last CLIP block's query projection, which the dense last block skips). A single process
+    would never update such a parameter either, so freezing it changes nothing numerically.
+    """
+    buffers = {k: v.clone() for k, v in model.named_buffers()}  # the probe must not move BatchNorm statistics
+    with torch.random.fork_rng(devices=[]):
+        images = torch.rand(1, 3, image_size, image_size, device=device)
+        model(images, class_names).float().mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in model.named_parameters():
+        param.grad = None
+        if name in unused:
+            param.requires_grad_(False)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    if unused:
+        log.warning("freezing %d trainable parameter(s) that receive no gradient: %s", len(unused),
+                    ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""))
+    return unused
+
+
 class Trainer:
     """Holds the run's state; `train()` is the loop."""
 
@@ -132,7 +157,12 @@ class Trainer:
         model.check_inputs = False  # the loader only produces [0, 1] images; skip the per-step host sync
         self.class_names = self.shards.class_names
         self.image_size = cfg.data.crop_size or model.image_size
+        if self.image_size != model.image_size:
+            raise ConfigError(f"data.crop_size = {cfg.data.crop_size} but preset {cfg.model.preset!r} trains on "
+                              f"{model.image_size} px crops; use {model.image_size} or 0")
         model.to(acc.device).train()
+        if acc.num_processes > 1:
+            freeze_unused(model, model.image_size, self.class_names, acc.device)
         with torch.no_grad():
             model.text_embeddings(self.class_names)  # the training vocabulary, encoded once and cached in the model
         optimizer = build_optimizer(model.parameter_groups(), cfg.optim)
