@@ -1,5 +1,6 @@
 """The checkpoint layout of a run folder: the one module that writes, finds and reads checkpoints.
 
+    RUN_DIR/final.json      written when the run reaches its last step (names the final checkpoint)
     RUN_DIR/checkpoints/step_00001000/
         model.safetensors   full inference weights (catseg.save_weights; gathered under DeepSpeed ZeRO)
         meta.json           {"step", "preset", "mlflow_run_id", "mlflow_tracking_uri", "created"}
@@ -24,6 +25,7 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STATE_DIR = "state"
+FINAL_FILE = "final.json"  # in the run folder once training reached its last step: {"step", "checkpoint", "weights"}
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
@@ -76,6 +78,22 @@ def weights_path(ckpt_dir: str | os.PathLike) -> Path:
     return Path(ckpt_dir) / WEIGHTS_FILE
 
 
+def write_final(run_dir: str | os.PathLike, ckpt_dir: Path) -> None:
+    """Mark a run finished, naming its final checkpoint and weights."""
+    step = read_meta(ckpt_dir)["step"]
+    write_json(Path(run_dir) / FINAL_FILE, {"step": step, "checkpoint": ckpt_dir.name,
+                                            "weights": str(weights_path(ckpt_dir))})
+
+
+def read_final(run_dir: str | os.PathLike) -> dict | None:
+    """The final.json of a finished run, or None while it has not finished."""
+    path = Path(run_dir) / FINAL_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     """Turn --resume (auto, none, or a checkpoint folder) into the checkpoint to continue from."""
     if resume in ("", "none"):
@@ -96,7 +114,8 @@ def check_compatible(ckpt_dir: Path, preset: str) -> dict:
     return meta
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """Write a small JSON file through a temporary name."""
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -189,11 +208,11 @@ class Checkpointer:
             (tmp / STATE_DIR).mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / STATE_DIR))
-        _write_json(tmp / STATE_DIR / f"train_rank{acc.process_index}.json", train_state)
+        write_json(tmp / STATE_DIR / f"train_rank{acc.process_index}.json", train_state)
         export_weights(acc, self.model, tmp / WEIGHTS_FILE)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _write_json(tmp / META_FILE, dict(meta, step=step, created=datetime.datetime.now(
+            write_json(tmp / META_FILE, dict(meta, step=step, created=datetime.datetime.now(
                 datetime.timezone.utc).isoformat(timespec="seconds")))
             if final.exists():  # the same step saved again (a signal right after a periodic save)
                 os.replace(final, root / f".del-{final.name}")

@@ -69,9 +69,6 @@ class DataConfig:
 class LossConfig:
     mask_ignore: bool = True  # drop ignore pixels from the loss; False = the reference's all-zero target for them
 
-    def __post_init__(self):
-        pass
-
 
 @dataclass
 class OptimConfig:

@@ -15,7 +15,6 @@ checkpoint and stop. `requeue` puts the job back in the queue when the run has n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -26,8 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.checkpoint import read_final
+
 TRAIN_SCRIPT = "training/train.py"
-FINAL_FILE = "final.json"  # written by training/train.py when a run reaches its last step
 
 
 class SlurmError(RuntimeError):
@@ -177,14 +177,7 @@ def run_node(cmd: list[str]) -> int:
 
 def run_finished(run_dir: str | os.PathLike) -> bool:
     """Whether a run folder holds a finished run (training wrote final.json at its last step)."""
-    path = Path(run_dir) / FINAL_FILE
-    if not path.is_file():
-        return False
-    try:
-        json.loads(path.read_text())
-    except ValueError:
-        return False
-    return True
+    return read_final(run_dir) is not None
 
 
 def requeue_command(env: dict | None = None) -> list[str]:

@@ -169,8 +169,15 @@ class MultiLogger(MetricLogger):
 
     def __init__(self, *loggers: MetricLogger):
         self.loggers = loggers
-        self.run_id = next((lg.run_id for lg in loggers if lg.run_id), None)
-        self.tracking_uri = next((lg.tracking_uri for lg in loggers if lg.tracking_uri), None)
+
+    @property
+    def run_id(self) -> str | None:
+        # Read live: a tracking store that was down at the start may open its run later.
+        return next((lg.run_id for lg in self.loggers if lg.run_id), None)
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return next((lg.tracking_uri for lg in self.loggers if lg.tracking_uri), None)
 
     def log_params(self, params):
         for lg in self.loggers:

@@ -38,7 +38,6 @@ from training.tracking import LocalLogger, MetricLogger, MLflowLogger, MultiLogg
 log = logging.getLogger("catseg.train")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "catseg_vitb16_r101.yaml"
-FINAL_FILE = "final.json"
 
 
 class StopRequest:
@@ -197,6 +196,8 @@ class Trainer:
             return MetricLogger()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partial(self.run_dir)
+        if self.step < self.cfg.train.steps:  # a finished run extended to more steps is unfinished again
+            (self.run_dir / ckpt.FINAL_FILE).unlink(missing_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         t = self.cfg.tracking
         uri = default_tracking_uri(t.uri, self.run_dir)
@@ -292,8 +293,7 @@ class Trainer:
         done = self.step >= self.cfg.train.steps
         final = ckpt.latest_checkpoint(self.run_dir)
         if self.acc.is_main_process and done and final is not None:
-            ckpt._write_json(self.run_dir / FINAL_FILE, {"step": self.step, "checkpoint": final.name,
-                                                        "weights": str(ckpt.weights_path(final))})
+            ckpt.write_final(self.run_dir, final)
             self.logger.log_artifact(ckpt.weights_path(final))
         self.logger.close("FINISHED" if done else "KILLED")
         if self.acc.is_main_process:
