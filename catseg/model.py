@@ -351,7 +351,8 @@ class CatSeg(nn.Module):
         attention: the visual attention layers (q/k/v in-projection and out-projection) and the visual positional
                    embedding (the paper's efficient fine-tuning); frozen: no CLIP parameter; full: the whole image
                    encoder. The text tower is frozen in these three modes.
-        qv: the query and value projection weights of every attention of both towers (the later release); the
+        qv: the query and value projection weights of every attention of both towers (the later release; not the
+            query of the last visual block, which the dense features do not use); the
             fused q/k/v weights are split into separate parameters first (attn.{q,k,v}_proj_weight), so call this
             before building an optimizer. The key weights, biases and out-projections stay frozen.
         """
@@ -360,6 +361,9 @@ class CatSeg(nn.Module):
             raise ValueError(f"unknown fine-tuning mode {mode!r}; choose one of: {', '.join(allowed)}")
         if mode == "qv":
             self.clip.split_qkv()
+        # The last visual block keeps only its value path (no token mixing): its query projection is never used.
+        last = len(self.clip.model.visual.transformer.resblocks) - 1
+        unused_query = f"model.visual.transformer.resblocks.{last}.attn.q_proj_weight"
         for name, p in self.clip.named_parameters():
             visual = name.startswith("model.visual.")
             if mode == "full":
@@ -367,7 +371,7 @@ class CatSeg(nn.Module):
             elif mode == "attention":
                 p.requires_grad_(visual and (".attn." in name or name == "model.visual.positional_embedding"))
             elif mode == "qv":
-                p.requires_grad_(name.endswith((".attn.q_proj_weight", ".attn.v_proj_weight")))
+                p.requires_grad_(name.endswith((".attn.q_proj_weight", ".attn.v_proj_weight")) and name != unused_query)
             else:
                 p.requires_grad_(False)
         if self.backbone is not None:

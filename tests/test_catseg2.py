@@ -27,7 +27,8 @@ def model2():
 
 
 def qv_count(width, layers, text_width, text_layers):
-    return 2 * width * width * layers + 2 * text_width * text_width * text_layers
+    # the last visual block's query is unused (value path only), so it stays frozen
+    return 2 * width * width * layers - width * width + 2 * text_width * text_width * text_layers
 
 
 @pytest.mark.parametrize("name,width,layers,text_width", [("catseg2_vitb16", 768, 12, 512),
@@ -53,7 +54,8 @@ def test_qv_mode_by_name_and_count():
 
     t = clip_trainable()
     assert sum(t.values()) == qv_count(w, vis_layers, w, text_layers)
-    assert len(t) == 2 * (vis_layers + text_layers)
+    assert len(t) == 2 * (vis_layers + text_layers) - 1
+    assert not any(n.endswith(f"resblocks.{vis_layers - 1}.attn.q_proj_weight") and ".visual." in n for n in t)
     for frozen in ("k_proj_weight", "in_proj_bias", "out_proj", "positional_embedding", "mlp", "ln_"):
         assert not any(frozen in n for n in t), frozen
     # other modes still work on the split layout and count the same as on the fused one
