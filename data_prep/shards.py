@@ -16,6 +16,7 @@ Tar bytes are deterministic (fixed mtime, owner and member order) so a rerun rep
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -140,13 +141,17 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, dict]:
 # Writing
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename it into place."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; on success sync it and rename it into place.
+
+    On any error the temporary file is removed; an OSError is re-raised naming ``path``.
+    """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    temp = temp_shard_path(path)
     try:
         with open(temp, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -156,6 +161,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename it into place."""
+    with atomic_file(path) as handle:
+        handle.write(data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -260,24 +271,13 @@ def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], sk
     import tarfile
 
     path = Path(path)
-    temp = temp_shard_path(path)
     keys = []
-    try:
-        with open(temp, "wb") as handle:
-            hashing = _HashingFile(handle)
-            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in samples:
-                    _write_tar_members(tar, sample)
-                    keys.append(sample["__key__"])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        hashing = _HashingFile(handle)
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                _write_tar_members(tar, sample)
+                keys.append(sample["__key__"])
     record = ShardRecord(
         name=path.name,
         index=index,
