@@ -119,7 +119,7 @@ def cmd_segment(args) -> int:
     model = resolve_model(args.model, args.checkpoint)
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
                     class_chunk_size=args.class_chunk)
-    model.validate(torch.zeros(1, 3, model.image_size, model.image_size), names)
+    model.validate_class_names(names)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

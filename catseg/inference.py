@@ -126,16 +126,29 @@ def patch_inference(model: CatSeg, images, class_names: Sequence[str]) -> torch.
 @torch.no_grad()
 def labels_from_probs(probs: torch.Tensor, size: tuple[int, int], chunk: int = DEFAULT_CLASS_CHUNK) -> torch.Tensor:
     """(B, N, h, w) probabilities -> (B, H, W) int64 argmax after a bilinear resize, in class chunks."""
-    b, n = probs.shape[:2]
-    best = torch.full((b, *size), -float("inf"), device=probs.device)
-    labels = torch.zeros((b, *size), dtype=torch.int64, device=probs.device)
-    for start in range(0, n, chunk):
-        part = F.interpolate(probs[:, start:start + chunk].float(), size=size, mode="bilinear", align_corners=False)
+    running = RunningArgmax()
+    for start in range(0, probs.shape[1], chunk):
+        running.update(F.interpolate(probs[:, start:start + chunk].float(), size=size, mode="bilinear",
+                                     align_corners=False), start)
+    return running.labels
+
+
+class RunningArgmax:
+    """Argmax over class chunks seen one after another (dim 1 = classes); ties keep the earlier class."""
+
+    def __init__(self):
+        self.labels: Optional[torch.Tensor] = None
+        self.best: Optional[torch.Tensor] = None
+
+    def update(self, part: torch.Tensor, start: int) -> None:
+        """Fold in the scores (B, n, H, W) of classes start .. start + n - 1."""
         val, idx = part.max(dim=1)
-        better = val > best
-        best = torch.where(better, val, best)
-        labels = torch.where(better, idx + start, labels)
-    return labels
+        if self.labels is None:
+            self.labels, self.best = idx + start, val
+        else:
+            better = val > self.best
+            self.best = torch.where(better, val, self.best)
+            self.labels = torch.where(better, idx + start, self.labels)
 
 
 @torch.no_grad()
@@ -145,21 +158,15 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str],
     ims = _as_list(images)
     probs = _view_probs(model, ims, class_names)  # (B, V, N, h, w): small, at the model's output size
     n = probs.shape[2]
-    labels, best = [None] * len(ims), [None] * len(ims)
+    running = [RunningArgmax() for _ in ims]
     scores = torch.zeros(len(ims), n)
     for start in range(0, n, chunk):
         merged = merge_views(model, probs[:, :, start:start + chunk])
         scores[:, start:start + chunk] = merged.mean(dim=(2, 3)).cpu()
-        for i, im in enumerate(ims):
-            part = F.interpolate(merged[i:i + 1], size=tuple(im.shape[-2:]), mode="bilinear", align_corners=False)[0]
-            val, idx = part.max(dim=0)
-            if labels[i] is None:
-                labels[i], best[i] = idx + start, val
-            else:
-                better = val > best[i]
-                best[i] = torch.where(better, val, best[i])
-                labels[i] = torch.where(better, idx + start, labels[i])
-    return [lab.cpu() for lab in labels], scores
+        for i, im in enumerate(ims):  # images differ in size: resize each to its own
+            running[i].update(F.interpolate(merged[i:i + 1], size=tuple(im.shape[-2:]), mode="bilinear",
+                                            align_corners=False), start)
+    return [r.labels[0].cpu() for r in running], scores
 
 
 @dataclass
@@ -197,7 +204,7 @@ class Segmenter:
                 torch.is_tensor(images) and images.ndim == 3):
             images = [images]
         names = [n.strip() for n in class_names] if not isinstance(class_names, str) else class_names
-        self.model.validate(torch.zeros(1, 3, self.model.image_size, self.model.image_size), names)
+        self.model.validate_class_names(names)
         out: list[Prediction] = []
         batch: list[torch.Tensor] = []
         items = list(images)

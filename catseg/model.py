@@ -242,6 +242,11 @@ class CatSeg(nn.Module):
             if lo.item() < 0 or hi.item() > 1:
                 raise ValueError(f"image values must lie in [0, 1] (RGB / 255), got min {lo.item():.3g} max "
                                  f"{hi.item():.3g}")
+        self.validate_class_names(class_names)
+
+    @staticmethod
+    def validate_class_names(class_names: Sequence[str]) -> None:
+        """Raise for a vocabulary the model cannot take: not a list of strings, empty, blank or duplicate names."""
         if isinstance(class_names, str) or not isinstance(class_names, (list, tuple)):
             raise TypeError(f"class_names must be a list of strings, got {type(class_names).__name__}")
         if len(class_names) == 0:
