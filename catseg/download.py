@@ -11,17 +11,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
 
 from .clip import ClipEncoder, download_clip_weights, load_clip_weights
 from .presets import get_config
-from .weights import backbone_weights_file, clip_weights_file
-
-
-def _save(state: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+from .weights import backbone_weights_file, clip_weights_file, write_safetensors
 
 
 def download_preset_weights(preset: str, out: str | os.PathLike) -> list[Path]:
@@ -34,12 +27,12 @@ def download_preset_weights(preset: str, out: str | os.PathLike) -> list[Path]:
     written = []
     encoder = ClipEncoder(cfg)
     load_clip_weights(encoder, download_clip_weights(cfg))
-    _save(encoder.model.state_dict(), clip_weights_file(cfg, out))
+    write_safetensors(encoder.model.state_dict(), clip_weights_file(cfg, out))
     written.append(clip_weights_file(cfg, out))
     if cfg.backbone in ("resnet", "swin"):
         with torch.no_grad():
             backbone = timm.create_model(cfg.backbone_model, pretrained=True)
-        _save(backbone.state_dict(), backbone_weights_file(cfg, out))
+        write_safetensors(backbone.state_dict(), backbone_weights_file(cfg, out))
         written.append(backbone_weights_file(cfg, out))
     return written
 

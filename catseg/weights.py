@@ -12,15 +12,22 @@ from safetensors.torch import load_file, save_file
 from .config import CatSegConfig
 
 
-def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's weights to `path` (.safetensors) atomically, tagged with the preset name."""
+def write_safetensors(state: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
+    """Write a state dict to `path` as safetensors through a temporary name, renamed when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": "catseg", "preset": model.config.name})
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's weights to `path` (.safetensors) atomically, tagged with the preset name."""
+    return write_safetensors(model.state_dict(), path, {"format": "catseg", "preset": model.config.name})
 
 
 def read_preset(path: str | os.PathLike) -> Optional[str]:
