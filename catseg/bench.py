@@ -21,13 +21,13 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import create_model
-from .inference import make_views, merge_views
+from .inference import predict_labels
 
 
 def _rss_status(key: str) -> int:
@@ -86,35 +86,57 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def bench_inference(model, device, precision, num_classes, batch, warmup, repeats) -> dict:
-    """Patch inference of `batch` images at the preset's inference size over `num_classes` classes."""
+def profile_table(step: Callable[[], object], device: torch.device, rows: int = 30) -> str:
+    """torch.profiler table of one call of step, the operators sorted by their own device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + (
+            "self_cpu_time_total",):
+        try:
+            return events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return events.table(row_limit=rows)
+
+
+def _finish(step, device, warmup, repeats, profile) -> tuple[float, Optional[int], Optional[str]]:
+    ms = time_ms(step, device, warmup, repeats)
+    with PeakMemory(device) as mem:
+        step()
+    return ms, mem.peak, profile_table(step, device) if profile else None
+
+
+def bench_inference(model, device, precision, num_classes, batch, warmup, repeats, profile=False) -> dict:
+    """Patch inference of `batch` images at the preset's inference size over `num_classes` classes: the product
+    path (`predict_labels`: all views in one batch, views merged, resized and arg-maxed in class chunks)."""
     size = model.config.inference_size
     names = [f"class {i}" for i in range(num_classes)]
-    images = [torch.rand(3, size, size) for _ in range(batch)]
-    views = make_views(model, images).to(device)
+    images = torch.rand(batch, 3, size, size, device=device)
     model.text_embeddings(names)  # computed once per vocabulary, as in real use
 
     @torch.no_grad()
     def step():
         with _autocast(device, precision):
-            logits = model(views, names)
-        probs = torch.sigmoid(logits.float()).unflatten(0, (batch, -1))
-        return merge_views(model, probs).argmax(dim=1)
+            return predict_labels(model, images, names)
 
-    ms = time_ms(step, device, warmup, repeats)
-    with PeakMemory(device) as mem:
-        step()
+    ms, peak, table = _finish(step, device, warmup, repeats, profile)
     return {"classes": num_classes, "batch": batch, "ms_per_image": ms / batch, "images_per_s": 1000 * batch / ms,
-            "peak_memory_bytes": mem.peak}
+            "peak_memory_bytes": peak, "profile": table}
 
 
-def bench_training(model, device, precision, num_classes, batch, warmup, repeats) -> dict:
+def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False) -> dict:
     """Forward + masked per-pixel BCE + backward + AdamW step on random crops and labels."""
     model.train()
     s = model.image_size
     names = [f"class {i}" for i in range(num_classes)]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4, fused=device.type == "cuda")
     images = torch.rand(batch, 3, s, s, device=device)
     labels = torch.randint(0, num_classes, (batch, s, s), device=device)
     labels[:, :8] = 255
@@ -132,12 +154,10 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
         loss.backward()
         opt.step()
 
-    ms = time_ms(step, device, warmup, repeats)
-    with PeakMemory(device) as mem:
-        step()
+    ms, peak, table = _finish(step, device, warmup, repeats, profile)
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": 1000 * batch / ms,
-            "peak_memory_bytes": mem.peak}
+            "peak_memory_bytes": peak, "profile": table}
 
 
 def main(argv=None) -> dict:
@@ -154,6 +174,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers")
+    p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
+                   "of the training step")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here as JSON")
@@ -182,24 +204,38 @@ def main(argv=None) -> dict:
         "compile": args.compile, "channels_last": args.channels_last, "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    for batch in [int(b) for b in args.batches.split(",")]:
-        for n in [int(c) for c in args.classes.split(",")]:
-            r = bench_inference(model, device, precision, n, batch, args.warmup, args.repeats)
+    batches, counts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.classes.split(",")]
+    for batch in batches:
+        for n in counts:
+            profile = args.profile and batch == batches[0] and n == counts[-1]
+            r = bench_inference(model, device, precision, n, batch, args.warmup, args.repeats, profile)
             result["inference"].append(r)
             print(f"inference  {n:5d} classes  batch {batch:3d}: {r['ms_per_image']:9.2f} ms/image  "
                   f"{r['images_per_s']:8.2f} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+            _write(result, args.json)
     if not args.no_train:
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
-                           args.repeats)
+                           args.repeats, args.profile)
         result["training"] = r
         print(f"training   {r['classes']:5d} classes  batch {r['batch']:3d}: {r['ms_per_step']:9.2f} ms/step   "
               f"{r['images_per_s']:8.2f} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        _write(result, args.json)
+    for r in result["inference"] + [result["training"] or {}]:
+        if r.get("profile"):
+            what = f"training step, {r['classes']} classes" if "ms_per_step" in r else \
+                f"inference, {r['classes']} classes, batch {r['batch']}"
+            print(f"\n== profile: {args.preset}, {what}\n{r['profile']}", flush=True)
     return result
+
+
+def _write(result: dict, path: Optional[str]) -> None:
+    """Write the results so far as JSON (atomically: a temporary name, then renamed)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _gb(n) -> str:

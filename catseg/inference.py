@@ -159,14 +159,14 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str],
     probs = _view_probs(model, ims, class_names)  # (B, V, N, h, w): small, at the model's output size
     n = probs.shape[2]
     running = [RunningArgmax() for _ in ims]
-    scores = torch.zeros(len(ims), n)
+    scores = probs.new_zeros(len(ims), n)  # stays on the device until the end: no host sync per chunk
     for start in range(0, n, chunk):
         merged = merge_views(model, probs[:, :, start:start + chunk])
-        scores[:, start:start + chunk] = merged.mean(dim=(2, 3)).cpu()
+        scores[:, start:start + chunk] = merged.mean(dim=(2, 3))
         for i, im in enumerate(ims):  # images differ in size: resize each to its own
             running[i].update(F.interpolate(merged[i:i + 1], size=tuple(im.shape[-2:]), mode="bilinear",
                                             align_corners=False), start)
-    return [r.labels[0].cpu() for r in running], scores
+    return [r.labels[0].cpu() for r in running], scores.cpu()
 
 
 @dataclass

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every GPU figure of the README's speed table in one call, on a machine with one CUDA GPU.
+#
+#   bash benchmarks/gpu_bench.sh OUT_DIR [VARIANT ...]
+#
+# Runs from the repository root with the machine's own python3 (torch, timm, einops and numpy preinstalled).
+# Wheels for the rest (open_clip_torch, ftfy, wcwidth, timm) may lie in .whl/ (no network needed): they are
+# installed into a private folder first. A copy of an older catseg/ under .baseline/ is benchmarked side by side
+# ("baseline" variants). Each run has its own time limit, so one failure leaves the others' figures; results land
+# in OUT_DIR/*.json and *.log, and a summary table is printed last.
+set -u
+out=${1:?usage: gpu_bench.sh OUT_DIR [VARIANT ...]}
+shift
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+root=$(pwd)
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/catseg-site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/catseg-site
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)" | tee -a "$out/gpu.txt"
+
+# name  time-limit  where  bench arguments
+bench() {
+    local name=$1 limit=$2 dir=$3; shift 3
+    echo "== $name: python -m catseg.bench $*"
+    (cd "$dir" && timeout "$limit" python3 -m catseg.bench "$@" ${BENCH_ARGS:-} --json "$out/$name.json") >"$out/$name.log" 2>&1
+    echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
+}
+
+variants=${*:-"profile b l"}
+for v in $variants; do
+    case $v in
+        profile) bench b16_profile 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
+        l_profile) bench l14_profile 120 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --profile ;;
+        b_batch) bench b16_batch 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;
+        l_batch) bench l14_batch 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 --batches 8,32 --no-train ;;
+        b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
+        l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
+        b_chunk) bench b16_chunk128 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 847 --class-chunk 128 --no-train ;;
+        b_compile) bench b16_compile 180 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile ;;
+        l_compile) bench l14_compile 240 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile ;;
+        b_base) bench b16_baseline 150 "$root/.baseline" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
+        l_base) bench l14_baseline 150 "$root/.baseline" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
+        *) echo "unknown variant $v" ;;
+    esac
+done
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+print(f"\n{'run':22s} {'classes':>7s} {'batch':>5s} {'ms/img':>8s} {'img/s':>8s} {'peak GiB':>8s}")
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    r = json.load(open(path))
+    name = os.path.basename(path)[:-5]
+    for x in r["inference"]:
+        print(f"{name:22s} {x['classes']:7d} {x['batch']:5d} {x['ms_per_image']:8.2f} {x['images_per_s']:8.1f} "
+              f"{(x['peak_memory_bytes'] or 0) / 2**30:8.2f}")
+    t = r.get("training")
+    if t:
+        print(f"{name:22s} {t['classes']:7d} {t['batch']:5d} {t['ms_per_step']:8.2f} {'train':>8s} "
+              f"{(t['peak_memory_bytes'] or 0) / 2**30:8.2f}")
+PY
