@@ -18,6 +18,8 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .ops import GroupNorm, LayerNorm, resize
+
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
     """Consecutive slices covering range(n), each at most `chunk` long (one slice when chunk is None)."""
@@ -70,9 +72,9 @@ class GuidedSwinBlock(nn.Module):
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
         super().__init__()
         self.window, self.shift = window, shift
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = GuidedWindowAttention(dim, guidance_dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
@@ -99,7 +101,7 @@ class SpatialAggregation(nn.Module):
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, mlp_ratio: float):
         super().__init__()
-        self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim else None
+        self.guidance_norm = LayerNorm(guidance_dim) if guidance_dim else None
         self.blocks = nn.ModuleList([
             GuidedSwinBlock(dim, guidance_dim, num_heads, window, 0, mlp_ratio),
             GuidedSwinBlock(dim, guidance_dim, num_heads, window, window // 2, mlp_ratio),
@@ -132,13 +134,13 @@ class ClassAggregation(nn.Module):
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, eps: float = 1e-6):
         super().__init__()
         self.num_heads, self.pool, self.eps = num_heads, pool, eps
-        self.norm1 = nn.LayerNorm(dim)
-        self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim else None
+        self.norm1 = LayerNorm(dim)
+        self.guidance_norm = LayerNorm(guidance_dim) if guidance_dim else None
         self.q = nn.Linear(dim + guidance_dim, dim)
         self.k = nn.Linear(dim + guidance_dim, dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.ReLU)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +191,7 @@ class ClassAggregation(nn.Module):
         hp, wp = (h // self.pool, w // self.pool) if (self.training and self.pool > 1) else (h, w)
         delta = rearrange(delta, "b (h w) n c -> (b n) c h w", h=hp, w=wp)
         if (hp, wp) != (h, w):
-            delta = F.interpolate(delta, size=(h, w), mode="bilinear", align_corners=False)
+            delta = resize(delta, (h, w))
         return xs + delta.unflatten(0, (b, n))
 
 
@@ -220,8 +222,8 @@ class DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int):
         groups = max(1, cout // 16)
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), GroupNorm(groups, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), GroupNorm(groups, cout), nn.ReLU(inplace=True),
         )
 
 
@@ -243,7 +245,7 @@ class UpStage(nn.Module):
         if self.up is not None:
             x = self.up(x)
         else:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
         if guidance is not None:
             x = torch.cat([x, repeat(guidance, "b c h w -> (b n) c h w", n=x.shape[0] // guidance.shape[0])], 1)
         return self.conv(x)

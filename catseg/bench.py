@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import create_model
 from .inference import predict_labels
+from .ops import resize
 
 
 def _rss_status(key: str) -> int:
@@ -145,7 +146,7 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
     def step():
         with _autocast(device, precision):
             logits = model(images, names)
-        logits = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        logits = resize(logits.float(), (s, s))
         valid = labels != 255
         target = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")

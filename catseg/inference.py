@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .model import CatSeg
+from .ops import bilinear_matrix, resize
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 DEFAULT_CLASS_CHUNK = 128
@@ -89,24 +91,67 @@ def make_views(model: CatSeg, images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(views).clamp_(0, 1)
 
 
-def merge_views(model: CatSeg, probs: torch.Tensor) -> torch.Tensor:
-    """(B, V, n, h, w) view probabilities -> (B, n, L, L) at the inference size: crops averaged, then with global."""
+@lru_cache(maxsize=32)
+def merge_matrices(size: int, crop: int, stride: int, h: int, out_h: int, out_w: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch-inference merging as matrices: merged = sum_v A[v] @ P[v] @ B[v]^T for view probabilities P[v] (h, h).
+
+    Each view's map is resized to the crop size, placed at its offset in the size x size mosaic and divided by the
+    number of crops covering each pixel (a product of row and column counts, since the crops form a grid); the global
+    view is resized to the crop size and then to the full size; crops and global view are averaged; the result is
+    resized to out_h x out_w. Every step is bilinear (align_corners=False) and so linear and separable: the products
+    of the steps' matrices give A (V, out_h, h) and B (V, out_w, h). Also returns a, b (V, h) with
+    a[v] @ P[v] @ b[v] = the mean over the size x size merged map (the class score).
+    """
+    offs = crop_offsets(size, crop, stride)
+    cpu = torch.device("cpu")
+    up = bilinear_matrix(crop, h, cpu, torch.float64)  # (crop, h)
+    count = torch.zeros(size, dtype=torch.float64)
+    for o in offs:
+        count[o:o + crop] += 1
+    placed = []
+    for o in offs:
+        e = torch.zeros(size, h, dtype=torch.float64)
+        e[o:o + crop] = up
+        placed.append(e / count[:, None])
+    glob = bilinear_matrix(size, crop, cpu, torch.float64) @ up
+    rows = [placed[iy] for iy in range(len(offs)) for _ in offs] + [glob]  # view order: crops row by row, global
+    cols = [placed[ix] for _ in offs for ix in range(len(offs))] + [glob]
+    rh = bilinear_matrix(out_h, size, cpu, torch.float64)
+    rw = bilinear_matrix(out_w, size, cpu, torch.float64)
+    a_mat = torch.stack([0.5 * rh @ r for r in rows])
+    b_mat = torch.stack([rw @ c for c in cols])
+    a_vec = torch.stack([0.5 * r.sum(0) / size for r in rows])
+    b_vec = torch.stack([c.sum(0) / size for c in cols])
+    return tuple(t.to(device=device, dtype=dtype) for t in (a_mat, b_mat, a_vec, b_vec))
+
+
+def _merge_args(model: CatSeg, probs: torch.Tensor, out_size: tuple[int, int]):
     cfg = model.config
-    s, size = model.image_size, cfg.inference_size
-    offs = crop_offsets(size, s, cfg.inference_stride)
-    b, v, n = probs.shape[:3]
-    up = F.interpolate(probs.flatten(0, 2).unsqueeze(1), size=(s, s), mode="bilinear", align_corners=False)
-    up = up.view(b, v, n, s, s)
-    mosaic = probs.new_zeros(b, n, size, size)
-    count = probs.new_zeros(1, 1, size, size)
-    i = 0
-    for y in offs:
-        for x in offs:
-            mosaic[..., y:y + s, x:x + s] += up[:, i]
-            count[..., y:y + s, x:x + s] += 1
-            i += 1
-    glob = F.interpolate(up[:, -1], size=(size, size), mode="bilinear", align_corners=False)
-    return (mosaic / count + glob) / 2
+    size, s = cfg.inference_size, model.image_size
+    nv = len(crop_offsets(size, s, cfg.inference_stride)) ** 2 + 1
+    if probs.shape[1] != nv or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"expected (B, {nv}, n, h, h) view probabilities for preset {cfg.name!r}, got "
+                         f"{tuple(probs.shape)}")
+    return merge_matrices(size, s, cfg.inference_stride, probs.shape[-1], *out_size, probs.device, probs.dtype)
+
+
+def merge_views(model: CatSeg, probs: torch.Tensor, out_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """(B, V, n, h, h) view probabilities -> (B, n, H, W) merged probabilities (crops averaged, then with the
+    global view), at the inference size or resized to out_size."""
+    size = model.config.inference_size
+    a, b, _, _ = _merge_args(model, probs, out_size or (size, size))
+    with torch.autocast(probs.device.type, enabled=False):
+        t = torch.matmul(probs, b.transpose(1, 2).unsqueeze(1))  # (B, V, n, h, W)
+        return torch.einsum("vih,bvnhj->bnij", a, t)
+
+
+def view_scores(model: CatSeg, probs: torch.Tensor) -> torch.Tensor:
+    """(B, V, n, h, h) view probabilities -> (B, n) mean merged probability of each class at the inference size."""
+    size = model.config.inference_size
+    _, _, a, b = _merge_args(model, probs, (size, size))
+    with torch.autocast(probs.device.type, enabled=False):
+        return torch.einsum("vh,bvnhw,vw->bn", a, probs, b)
 
 
 def _view_probs(model: CatSeg, images: list[torch.Tensor], class_names: Sequence[str]) -> torch.Tensor:
@@ -128,8 +173,7 @@ def labels_from_probs(probs: torch.Tensor, size: tuple[int, int], chunk: int = D
     """(B, N, h, w) probabilities -> (B, H, W) int64 argmax after a bilinear resize, in class chunks."""
     running = RunningArgmax()
     for start in range(0, probs.shape[1], chunk):
-        running.update(F.interpolate(probs[:, start:start + chunk].float(), size=size, mode="bilinear",
-                                     align_corners=False), start)
+        running.update(resize(probs[:, start:start + chunk].float(), size), start)
     return running.labels
 
 
@@ -159,14 +203,10 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str],
     probs = _view_probs(model, ims, class_names)  # (B, V, N, h, w): small, at the model's output size
     n = probs.shape[2]
     running = [RunningArgmax() for _ in ims]
-    scores = probs.new_zeros(len(ims), n)  # stays on the device until the end: no host sync per chunk
     for start in range(0, n, chunk):
-        merged = merge_views(model, probs[:, :, start:start + chunk])
-        scores[:, start:start + chunk] = merged.mean(dim=(2, 3))
-        for i, im in enumerate(ims):  # images differ in size: resize each to its own
-            running[i].update(F.interpolate(merged[i:i + 1], size=tuple(im.shape[-2:]), mode="bilinear",
-                                            align_corners=False), start)
-    return [r.labels[0].cpu() for r in running], scores.cpu()
+        for i, im in enumerate(ims):  # images differ in size: merge each straight to its own
+            running[i].update(merge_views(model, probs[i:i + 1, :, start:start + chunk], tuple(im.shape[-2:])), start)
+    return [r.labels[0].cpu() for r in running], view_scores(model, probs).cpu()
 
 
 @dataclass

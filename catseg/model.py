@@ -13,6 +13,7 @@ from torch import nn
 from .aggregation import AggregationLayer, ClassAggregation, GuidedSwinBlock, UpStage, chunk_slices
 from .clip import ClipEncoder
 from .config import CatSegConfig
+from .ops import resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -346,7 +347,7 @@ class CatSeg(nn.Module):
             y = stage(y, feat)
         y = self.head(y)
         if y.shape[-1] != self.output_size:
-            y = F.interpolate(y, size=(self.output_size, self.output_size), mode="bilinear", align_corners=False)
+            y = resize(y, (self.output_size, self.output_size))
         return y.view(b, n, *y.shape[-2:])
 
     # -- training helpers -------------------------------------------------------------------------------------
@@ -405,7 +406,5 @@ class CatSeg(nn.Module):
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return resize(x, (size, size))
 

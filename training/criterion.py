@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from catseg.ops import resize
+
 
 class PixelBCECriterion:
     """Per-pixel, per-class binary cross-entropy with logits against one-hot targets.
@@ -20,7 +22,7 @@ class PixelBCECriterion:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Return the mean loss (a scalar in float32)."""
         num_classes = logits.shape[1]
-        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize(logits.float(), tuple(labels.shape[-2:]))
         valid = labels != self.ignore_index
         target = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2).to(logits.dtype)
         target = target * valid.unsqueeze(1)
