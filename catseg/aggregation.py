@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from timm.layers import Mlp
 from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
@@ -41,6 +41,25 @@ def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -
     return ids.unsqueeze(1) == ids.unsqueeze(2)
 
 
+@lru_cache(maxsize=16)
+def _shift_bias(h: int, w: int, window: int, shift: int, heads: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The shift mask as an additive bias (1, nW * heads, T, T): 0 inside a region, -inf across regions."""
+    mask = _shift_mask(h, w, window, shift, device)
+    bias = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    return bias.unsqueeze(1).expand(-1, heads, -1, -1).reshape(1, -1, *mask.shape[1:])
+
+
+def split_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """linear(cat([x, guidance], -1)) without building the concatenation, the guidance term computed once.
+
+    The guidance half of the weight is applied to `guidance` (with the bias) and broadcast-added: guidance may have
+    size 1 (or a divisor) where x repeats it, e.g. one guidance map per image for all of its classes.
+    """
+    c = x.shape[-1]
+    return F.linear(x, linear.weight[:, :c]) + F.linear(guidance, linear.weight[:, c:], linear.bias)
+
+
 class GuidedWindowAttention(nn.Module):
     """Window self-attention whose query/key inputs carry extra guidance channels; values see the cost only."""
 
@@ -52,18 +71,32 @@ class GuidedWindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        qk_in = x if guidance is None else torch.cat([x, guidance], dim=-1)
-        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
-                   for t in (self.q(qk_in), self.k(qk_in), self.v(x)))
-        if mask is not None:  # (nW, T, T) -> broadcast over the batch of windows, which is (B*nW)
-            nw = mask.shape[0]
-            q, k, v = (t.view(-1, nw, *t.shape[1:]) for t in (q, k, v))
-            mask = mask.unsqueeze(1)  # (nW, 1, T, T) broadcast over heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if mask is not None:
-            out = out.flatten(0, 1)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+    def _qk(self, linear: nn.Linear, x: torch.Tensor, guidance: Optional[torch.Tensor], images: int):
+        if guidance is None:
+            return linear(x)
+        # x: windows of every class (B*n*nW, T, C); guidance: windows of each image (B*nW, T, G)
+        out = F.linear(x, linear.weight[:, :x.shape[-1]])
+        g = F.linear(guidance, linear.weight[:, x.shape[-1]:], linear.bias)
+        out = out.view(images, -1, g.shape[0] // images * g.shape[1], out.shape[-1])  # (B, n, nW*T, C)
+        return (out + g.view(images, 1, -1, g.shape[-1])).view(x.shape[0], x.shape[1], -1)
+
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                images: int = 1) -> torch.Tensor:
+        """x (B*n*nW, T, C) windows of B images x n classes; guidance (B*nW, T, G) or None; bias (1, nW*heads, T, T)
+        or None (shifted windows) -> (B*n*nW, T, C)."""
+        t, c = x.shape[1], x.shape[2]
+        heads = self.num_heads
+        q, k, v = self._qk(self.q, x, guidance, images), self._qk(self.k, x, guidance, images), self.v(x)
+        if bias is None:  # (windows, heads, T, d) views: fused attention without a mask
+            q, k, v = (z.view(z.shape[0], t, heads, -1).transpose(1, 2) for z in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        else:  # windows and heads share the head axis, so the per-window bias broadcasts over the batch
+            nw = bias.shape[1] // heads
+            q, k, v = (z.view(-1, nw, t, heads, c // heads).transpose(2, 3).reshape(-1, nw * heads, t, c // heads)
+                       for z in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = out.view(-1, nw, heads, t, c // heads).transpose(2, 3)
+        return self.proj(out.reshape(x.shape))
 
 
 class GuidedSwinBlock(nn.Module):
@@ -77,18 +110,20 @@ class GuidedSwinBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B, H, W, C), guidance (B, H, W, G) or None."""
+    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], images: int = 1) -> torch.Tensor:
+        """x (B*n, H, W, C) for B images of n classes each, guidance (B, H, W, G) (shared by an image's classes)
+        or None."""
         b, h, w, c = x.shape
         win = (self.window, self.window)
         y = self.norm1(x)
         if self.shift:
             y = torch.roll(y, (-self.shift, -self.shift), dims=(1, 2))
             guidance = None if guidance is None else torch.roll(guidance, (-self.shift, -self.shift), dims=(1, 2))
-        mask = _shift_mask(h, w, self.window, self.shift, x.device) if self.shift else None
+        bias = _shift_bias(h, w, self.window, self.shift, self.attn.num_heads, x.device, y.dtype) \
+            if self.shift else None
         yw = window_partition(y, win).flatten(1, 2)
         gw = None if guidance is None else window_partition(guidance, win).flatten(1, 2)
-        y = self.attn(yw, gw, mask).view(-1, self.window, self.window, c)
+        y = self.attn(yw, gw, bias, images).view(-1, self.window, self.window, c)
         y = window_reverse(y, win, h, w)
         if self.shift:
             y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
@@ -113,10 +148,9 @@ class SpatialAggregation(nn.Module):
         y = rearrange(x, "b n c h w -> (b n) h w c")
         g = None
         if guidance is not None and self.guidance_norm is not None:
-            g = self.guidance_norm(rearrange(guidance, "b c h w -> b h w c"))
-            g = repeat(g, "b h w c -> (b n) h w c", n=n)
+            g = self.guidance_norm(rearrange(guidance, "b c h w -> b h w c"))  # once per image, not per class
         for block in self.blocks:
-            y = block(y, g)
+            y = block(y, g, b)
         return rearrange(y, "(b n) h w c -> b n c h w", b=b)
 
 
@@ -150,10 +184,10 @@ class ClassAggregation(nn.Module):
             x = F.avg_pool2d(x.flatten(0, 1), self.pool).unflatten(0, (b, n))
         return rearrange(x, "b n c h w -> b (h w) n c")
 
-    def _qk_input(self, t: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        if guidance is None:
-            return t
-        return torch.cat([t, guidance.expand(t.shape[0], t.shape[1], -1, -1)], dim=-1)
+    @staticmethod
+    def _qk(linear: nn.Linear, t: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
+        # the text guidance (1, 1, n, G) is projected once per class and broadcast over images and pixels
+        return linear(t) if guidance is None else split_linear(linear, t, guidance)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
         """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
@@ -167,7 +201,7 @@ class ClassAggregation(nn.Module):
         for sl in chunks:  # pass 1: the key/value summary over all classes
             t = self.norm1(self._tokens(x[:, sl]))
             gi = None if g is None else g[:, :, sl]
-            k = _elu_feature_map(rearrange(self.k(self._qk_input(t, gi)), "b p n (h d) -> b p n h d", h=heads))
+            k = _elu_feature_map(rearrange(self._qk(self.k, t, gi), "b p n (h d) -> b p n h d", h=heads))
             v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=heads)
             kv_i = torch.einsum("bpnhd,bpnhe->bphde", k, v)
             z_i = k.sum(dim=2)
@@ -178,7 +212,7 @@ class ClassAggregation(nn.Module):
             t0 = self._tokens(xs)
             t = self.norm1(t0)
             gi = None if g is None else g[:, :, sl]
-            q = _elu_feature_map(rearrange(self.q(self._qk_input(t, gi)), "b p n (h d) -> b p n h d", h=heads))
+            q = _elu_feature_map(rearrange(self._qk(self.q, t, gi), "b p n (h d) -> b p n h d", h=heads))
             num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
             den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
             y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
@@ -241,11 +275,18 @@ class UpStage(nn.Module):
             self.conv = DoubleConv(cin + guidance_dim, cout)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B*n, C, H, W); guidance (B, G, 2H, 2W), repeated over the n classes."""
+        """x (B*n, C, H, W); guidance (B, G, 2H, 2W), shared by the n classes of each image."""
         if self.up is not None:
             x = self.up(x)
         else:
             x = resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
-        if guidance is not None:
-            x = torch.cat([x, repeat(guidance, "b c h w -> (b n) c h w", n=x.shape[0] // guidance.shape[0])], 1)
-        return self.conv(x)
+        if guidance is None:
+            return self.conv(x)
+        # conv(cat([x, guidance])) == conv_x(x) + conv_g(guidance): the guidance half runs once per image
+        first, cx = self.conv[0], x.shape[1]
+        y = F.conv2d(x, first.weight[:, :cx], None, first.stride, first.padding)
+        g = F.conv2d(guidance, first.weight[:, cx:], None, first.stride, first.padding)
+        y = (y.unflatten(0, (g.shape[0], -1)) + g.unsqueeze(1)).flatten(0, 1)
+        for layer in list(self.conv)[1:]:
+            y = layer(y)
+        return y

@@ -113,3 +113,84 @@ def test_grad_checkpointing_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+def test_swin_block_guidance_shared_by_classes_equals_repeated():
+    """One guidance map per image, broadcast over its classes, equals the guidance repeated for every class."""
+    torch.manual_seed(2)
+    images, classes = 2, 3
+    for shift in (0, 2):
+        block = GuidedSwinBlock(dim=16, guidance_dim=6, num_heads=2, window=4, shift=shift, mlp_ratio=2.0)
+        x = torch.randn(images * classes, 8, 12, 16)
+        g = torch.randn(images, 8, 12, 6)
+        with torch.no_grad():
+            ref = naive_swin_block(block, x, g.repeat_interleave(classes, dim=0))
+            torch.testing.assert_close(block(x, g, images), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_upstage_split_convolution_equals_concatenation():
+    from catseg.aggregation import UpStage
+
+    torch.manual_seed(3)
+    stage = UpStage(cin=12, cout=8, guidance_dim=4, mode="bilinear").eval()
+    x = torch.randn(2 * 5, 12, 6, 6)  # 2 images x 5 classes
+    g = torch.randn(2, 4, 12, 12)
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    ref = stage.conv(torch.cat([up, g.repeat_interleave(5, dim=0)], dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(stage(x, g), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 24, 24), (48, 48)), ((1, 5, 96, 96), (384, 384)),
+                                        ((2, 1, 640, 640), (375, 500)), ((3, 2, 13, 17), (29, 11))])
+def test_matrix_resize_equals_interpolate(shape, size):
+    from catseg.ops import resize
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize(x, size), ref, rtol=1e-12, atol=1e-12)
+
+
+def plain_merge(model, probs, out_size):
+    """Patch-inference merging step by step: upsample crops, mosaic / count, average with the global view, resize."""
+    from catseg.inference import crop_offsets
+
+    cfg = model.config
+    s, size = model.image_size, cfg.inference_size
+    offs = crop_offsets(size, s, cfg.inference_stride)
+    b, v, n = probs.shape[:3]
+    up = F.interpolate(probs.flatten(0, 1), size=(s, s), mode="bilinear", align_corners=False).view(b, v, n, s, s)
+    mosaic, count = probs.new_zeros(b, n, size, size), probs.new_zeros(1, 1, size, size)
+    views = [(y, x) for y in offs for x in offs]
+    for i, (y, x) in enumerate(views):
+        mosaic[..., y:y + s, x:x + s] += up[:, i]
+        count[..., y:y + s, x:x + s] += 1
+    glob = F.interpolate(up[:, -1], size=(size, size), mode="bilinear", align_corners=False)
+    merged = (mosaic / count + glob) / 2
+    return merged, F.interpolate(merged, size=out_size, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("out_size", [(192, 192), (150, 230)])
+def test_matrix_merge_equals_plain_mosaic(tiny_model, out_size):
+    from catseg.inference import merge_views, view_scores
+
+    nv = len(catseg.inference.crop_offsets(192, 128, 64)) ** 2 + 1
+    probs = torch.rand(2, nv, 7, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    merged, resized = plain_merge(tiny_model, probs, out_size)
+    torch.testing.assert_close(merge_views(tiny_model, probs, out_size), resized, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(view_scores(tiny_model, probs), merged.mean(dim=(2, 3)), rtol=1e-10, atol=1e-10)
+
+
+def test_norms_keep_bf16_under_autocast():
+    from catseg.ops import GroupNorm, LayerNorm
+
+    torch.manual_seed(4)
+    ln, gn = LayerNorm(16), GroupNorm(4, 16)
+    for mod, x in ((ln, torch.randn(3, 5, 16)), (gn, torch.randn(3, 16, 4, 4))):
+        nn_ref = torch.nn.LayerNorm(16) if mod is ln else torch.nn.GroupNorm(4, 16)
+        nn_ref.load_state_dict(mod.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mod(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), nn_ref(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(mod(x), nn_ref(x))  # float32 outside autocast: the plain module
