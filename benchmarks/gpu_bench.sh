@@ -31,22 +31,21 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"profile b l"}
+variants=${*:-"b l b_base l_base b_batch l_batch b_eager b_compile"}
 for v in $variants; do
     case $v in
-        profile) bench b16_profile 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
-        l_profile) bench l14_profile 120 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --profile ;;
-        b_batch) bench b16_batch 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;
-        l_batch) bench l14_batch 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 --batches 8,32 --no-train ;;
-        b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
+        b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
         l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
-        b_chunk) bench b16_chunk128 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 847 --class-chunk 128 --no-train ;;
-        b_compile) bench b16_compile 180 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile ;;
-        l_compile) bench l14_compile 240 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile ;;
+        b_batch) bench b16_batch 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;
+        l_batch) bench l14_batch 120 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 --batches 8,32 --no-train ;;
+        b_eager) bench b16_eager 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cuda-graphs --no-train ;;
+        b_compile) bench b16_compile 200 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train ;;
         b_base) bench b16_baseline 150 "$root/.baseline" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
         l_base) bench l14_baseline 150 "$root/.baseline" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         *) echo "unknown variant $v" ;;
     esac
+    # ARCHIVE: keep a tarball of everything so far (what a time-limited caller gets back even if cut short)
+    [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$(dirname "$out")" "$(basename "$out")"
 done
 python3 - "$out" <<'PY'
 import glob, json, os, sys

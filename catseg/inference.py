@@ -11,6 +11,9 @@ Memory stays bounded for large vocabularies: the model runs its per-class work i
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -154,18 +157,84 @@ def view_scores(model: CatSeg, probs: torch.Tensor) -> torch.Tensor:
         return torch.einsum("vh,bvnhw,vw->bn", a, probs, b)
 
 
-def _view_probs(model: CatSeg, images: list[torch.Tensor], class_names: Sequence[str]) -> torch.Tensor:
+def _view_probs(model: CatSeg, images: list[torch.Tensor], class_names: Sequence[str],
+                cuda_graphs: bool = False) -> torch.Tensor:
+    """(B, V, n, h, h) sigmoid probabilities of every view (valid until the next call when replayed from a graph)."""
     device = next(model.parameters()).device
-    views = make_views(model, images).to(device)
-    logits = model(views, list(class_names))
-    nv = views.shape[0] // len(images)
-    return torch.sigmoid(logits.float()).unflatten(0, (len(images), nv))
+    views = make_views(model, [im.to(device, non_blocking=True) for im in images])
+    names = list(class_names)
+    if cuda_graphs and views.is_cuda and not model.training and not torch.is_grad_enabled() \
+            and model.config.top_k_classes is None:
+        probs = _graphed_probs(model, views, names)
+    else:
+        probs = torch.sigmoid(model(views, names).float())
+    return probs.unflatten(0, (len(images), views.shape[0] // len(images)))
+
+
+_GRAPHS: "weakref.WeakKeyDictionary[CatSeg, OrderedDict]" = weakref.WeakKeyDictionary()
+MAX_GRAPHS_PER_MODEL = 2  # each holds its own memory pool
+
+
+def _graphed_probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """sigmoid(model(views, names)) replayed from a CUDA graph captured once per (views shape, vocabulary, precision).
+
+    A patch inference launches about a thousand small kernels; replaying them as one graph removes the host's
+    launch overhead, which dominates for small vocabularies. Falls back to eager execution (with a warning) if
+    capture fails.
+    """
+    amp, amp_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    cfg = model.config
+    key = (tuple(views.shape), views.dtype, views.device, tuple(names), amp, amp_dtype, model._text_version,
+           cfg.class_chunk_size)
+    cache = _GRAPHS.setdefault(model, OrderedDict())
+    entry = cache.get(key)
+    if entry is None:
+        entry = _capture(model, views, names, amp, amp_dtype)
+        cache[key] = entry
+        while len(cache) > MAX_GRAPHS_PER_MODEL:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    if entry is False:
+        return torch.sigmoid(model(views, names).float())
+    static_views, graph, static_probs, _text = entry
+    static_views.copy_(views)
+    graph.replay()
+    return static_probs
+
+
+def _capture(model: CatSeg, views: torch.Tensor, names: list[str], amp: bool, amp_dtype: torch.dtype):
+    # Autocast's weight-cast cache must stay off while capturing (cached casts would live in the graph's pool).
+    def run(x):
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp, cache_enabled=False):
+            return torch.sigmoid(model(x, names).float())
+
+    check = model.check_inputs
+    model.check_inputs = False  # views are clamped to [0, 1] by make_views; the range check would sync
+    try:
+        text = model.text_embeddings(names)  # kept alive with the graph, which reads it
+        static_views = views.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazily built buffers, library handles, kernel selection
+                run(static_views)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_probs = run(static_views)
+        return static_views, graph, static_probs, text
+    except RuntimeError as e:  # an operation that cannot be captured: run eagerly from now on
+        warnings.warn(f"CUDA graph capture failed ({e}); running patch inference eagerly")
+        torch.cuda.synchronize()
+        return False
+    finally:
+        model.check_inputs = check
 
 
 @torch.no_grad()
 def patch_inference(model: CatSeg, images, class_names: Sequence[str]) -> torch.Tensor:
     """Patch inference (appendix A.3): (B, N, L, L) probabilities at the preset's inference size L."""
-    return merge_views(model, _view_probs(model, _as_list(images), class_names))
+    return merge_views(model, _view_probs(model, _as_list(images), class_names).clone())
 
 
 @torch.no_grad()
@@ -196,17 +265,25 @@ class RunningArgmax:
 
 
 @torch.no_grad()
-def predict_labels(model: CatSeg, images, class_names: Sequence[str],
-                   chunk: int = DEFAULT_CLASS_CHUNK) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Label maps at each image's original size and per-class mean probabilities (B, N), in class chunks."""
+def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int = DEFAULT_CLASS_CHUNK,
+                   cuda_graphs: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Label maps at each image's original size and per-class mean probabilities (B, N), in class chunks.
+
+    cuda_graphs: on a GPU, replay the model from a CUDA graph captured per views shape and vocabulary.
+    """
     ims = _as_list(images)
-    probs = _view_probs(model, ims, class_names)  # (B, V, N, h, w): small, at the model's output size
+    probs = _view_probs(model, ims, class_names, cuda_graphs)  # (B, V, N, h, w): small, the model's output size
     n = probs.shape[2]
-    running = [RunningArgmax() for _ in ims]
-    for start in range(0, n, chunk):
-        for i, im in enumerate(ims):  # images differ in size: merge each straight to its own
-            running[i].update(merge_views(model, probs[i:i + 1, :, start:start + chunk], tuple(im.shape[-2:])), start)
-    return [r.labels[0].cpu() for r in running], view_scores(model, probs).cpu()
+    sizes = [tuple(im.shape[-2:]) for im in ims]
+    groups = [list(range(len(ims)))] if len(set(sizes)) == 1 else [[i] for i in range(len(ims))]
+    labels: list[torch.Tensor] = [None] * len(ims)
+    for group in groups:  # images of one size merge together; others each straight to their own size
+        running = RunningArgmax()
+        for start in range(0, n, chunk):
+            running.update(merge_views(model, probs[group, :, start:start + chunk], sizes[group[0]]), start)
+        for j, i in enumerate(group):
+            labels[i] = running.labels[j].cpu()
+    return labels, view_scores(model, probs).cpu()
 
 
 @dataclass
@@ -228,7 +305,8 @@ class Segmenter:
     """Segment images with any vocabulary: `Segmenter(model).predict(images, ["cat", "dog", "grass"])`."""
 
     def __init__(self, model: CatSeg, device: Optional[str] = None, batch_size: int = 4,
-                 precision: str = "auto", class_chunk_size: Optional[int] = DEFAULT_CLASS_CHUNK):
+                 precision: str = "auto", class_chunk_size: Optional[int] = DEFAULT_CLASS_CHUNK,
+                 cuda_graphs: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         if class_chunk_size is not None and self.model.config.class_chunk_size is None:
@@ -237,6 +315,7 @@ class Segmenter:
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.batch_size = batch_size
+        self.cuda_graphs = cuda_graphs  # replay each (batch shape, vocabulary) from a CUDA graph on a GPU
 
     def predict(self, images: Union[ImageLike, Iterable[ImageLike]], class_names: Sequence[str]) -> list[Prediction]:
         """Label maps and class scores for one image or a list of them (paths, PIL images, arrays, tensors)."""
@@ -252,7 +331,7 @@ class Segmenter:
             batch.append(to_image_tensor(item))
             if len(batch) == self.batch_size or k == len(items) - 1:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    labels, scores = predict_labels(self.model, batch, names)
+                    labels, scores = predict_labels(self.model, batch, names, cuda_graphs=self.cuda_graphs)
                 out += [Prediction(lab.numpy(), sc.numpy(), list(names)) for lab, sc in zip(labels, scores)]
                 batch = []
         return out
