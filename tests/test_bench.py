@@ -1,0 +1,24 @@
+"""The speed benchmark runs on CPU with the tiny preset and writes its figures as JSON."""
+import json
+
+from catseg import bench
+
+
+def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--preset", "catseg_tiny", "--device", "cpu", "--classes", "3,5", "--batches", "1,2",
+                         "--repeats", "1", "--warmup", "0", "--train-batch", "1", "--train-classes", "4",
+                         "--profile", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["preset"] == "catseg_tiny" and saved["precision"] == "fp32" and saved["class_chunk"] == 128
+    assert [(r["batch"], r["classes"]) for r in saved["inference"]] == [(1, 3), (1, 5), (2, 3), (2, 5)]
+    for r in saved["inference"]:
+        assert r["ms_per_image"] > 0 and abs(r["images_per_s"] * r["ms_per_image"] - 1000) < 1e-6 * 1000
+    assert saved["training"]["classes"] == 4 and saved["training"]["ms_per_step"] > 0
+    # one profile for the largest vocabulary at the first batch size, one for training; printed at the end
+    assert [r["profile"] is not None for r in saved["inference"]] == [False, True, False, False]
+    assert "aten::" in saved["training"]["profile"]
+    printed = capsys.readouterr().out
+    assert "== profile: catseg_tiny, inference, 5 classes, batch 1" in printed
+    assert saved["inference"] == result["inference"]
+    assert not (tmp_path / "bench.json.tmp").exists()
