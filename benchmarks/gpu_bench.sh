@@ -8,8 +8,9 @@
 # installed into a private folder first. Fetch them where pip works (the GPU machine's Python is 3.12):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
-# A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its own time limit, so one failure leaves the others' figures; results land
-# in OUT_DIR/*.json and *.log, and a summary table is printed last.
+# A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
+# own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
+# keeps a tarball of them after every run), and a summary table is printed last.
 set -u
 out=${1:?usage: gpu_bench.sh OUT_DIR [VARIANT ...]}
 shift
