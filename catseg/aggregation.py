@@ -74,11 +74,12 @@ class GuidedWindowAttention(nn.Module):
     def _qk(self, linear: nn.Linear, x: torch.Tensor, guidance: Optional[torch.Tensor], images: int):
         if guidance is None:
             return linear(x)
-        # x: windows of every class (B*n*nW, T, C); guidance: windows of each image (B*nW, T, G)
-        out = F.linear(x, linear.weight[:, :x.shape[-1]])
-        g = F.linear(guidance, linear.weight[:, x.shape[-1]:], linear.bias)
-        out = out.view(images, -1, g.shape[0] // images * g.shape[1], out.shape[-1])  # (B, n, nW*T, C)
-        return (out + g.view(images, 1, -1, g.shape[-1])).view(x.shape[0], x.shape[1], -1)
+        # x: windows of every class (B*n*nW, T, C); guidance: windows of each image (B*nW, T, G), shared by its
+        # classes: per image, (n, nW*T, C) tokens against (1, nW*T, G) guidance
+        tokens = guidance.shape[0] // images * guidance.shape[1]
+        out = split_linear(linear, x.view(images, -1, tokens, x.shape[-1]),
+                           guidance.view(images, 1, tokens, guidance.shape[-1]))
+        return out.view(x.shape[0], x.shape[1], -1)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 images: int = 1) -> torch.Tensor:

@@ -167,8 +167,12 @@ def _view_probs(model: CatSeg, images: list[torch.Tensor], class_names: Sequence
             and model.config.top_k_classes is None:
         probs = _graphed_probs(model, views, names)
     else:
-        probs = torch.sigmoid(model(views, names).float())
+        probs = _probs(model, views, names)
     return probs.unflatten(0, (len(images), views.shape[0] // len(images)))
+
+
+def _probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tensor:
+    return torch.sigmoid(model(views, names).float())
 
 
 _GRAPHS: "weakref.WeakKeyDictionary[CatSeg, OrderedDict]" = weakref.WeakKeyDictionary()
@@ -195,7 +199,7 @@ def _graphed_probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torc
             cache.popitem(last=False)
     cache.move_to_end(key)
     if entry is False:
-        return torch.sigmoid(model(views, names).float())
+        return _probs(model, views, names)
     static_views, graph, static_probs, _text = entry
     static_views.copy_(views)
     graph.replay()
@@ -206,7 +210,7 @@ def _capture(model: CatSeg, views: torch.Tensor, names: list[str], amp: bool, am
     # Autocast's weight-cast cache must stay off while capturing (cached casts would live in the graph's pool).
     def run(x):
         with torch.autocast("cuda", dtype=amp_dtype, enabled=amp, cache_enabled=False):
-            return torch.sigmoid(model(x, names).float())
+            return _probs(model, x, names)
 
     check = model.check_inputs
     model.check_inputs = False  # views are clamped to [0, 1] by make_views; the range check would sync
