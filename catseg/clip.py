@@ -173,8 +173,9 @@ class ClipEncoder(nn.Module):
         feats = torch.cat([self.model.encode_text(tokens[i:i + batch_size].to(device), normalize=True)
                            for i in range(0, len(prompts), batch_size)])
         feats = feats.view(-1, len(self.templates), feats.shape[-1])
+        # built on the host: repeat_interleave on the device would wait for it to learn the output size
         counts = torch.tensor([len(s) for s in synonyms], device=feats.device)
-        owner = torch.repeat_interleave(torch.arange(len(class_names), device=feats.device), counts)
+        owner = torch.tensor([i for i, syns in enumerate(synonyms) for _ in syns], device=feats.device)
         summed = feats.new_zeros(len(class_names), *feats.shape[1:]).index_add_(0, owner, feats)
         return F.normalize(summed / counts.view(-1, 1, 1), dim=-1)
 
