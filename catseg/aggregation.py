@@ -7,7 +7,6 @@ unchunked.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import GroupNorm, LayerNorm, resize
+from .ops import GroupNorm, LayerNorm, resize, tensor_cache
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
@@ -27,7 +26,7 @@ def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-@lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Boolean (num_windows, T, T) mask: True where two tokens of a shifted window came from the same region."""
     region = torch.zeros(1, h, w, 1, device=device)
@@ -41,7 +40,7 @@ def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -
     return ids.unsqueeze(1) == ids.unsqueeze(2)
 
 
-@lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def _shift_bias(h: int, w: int, window: int, shift: int, heads: int, device: torch.device,
                 dtype: torch.dtype) -> torch.Tensor:
     """The shift mask as an additive bias (1, nW * heads, T, T): 0 inside a region, -inf across regions."""
@@ -58,6 +57,20 @@ def split_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor) -> 
     """
     c = x.shape[-1]
     return F.linear(x, linear.weight[:, :c]) + F.linear(guidance, linear.weight[:, c:], linear.bias)
+
+
+class RecomputedMlp(Mlp):
+    """timm's Mlp (same function and parameters) that keeps only its input for the backward pass and recomputes the
+    hidden layer there: the hidden activations are `mlp_ratio` times wider than the input, and the two of them kept
+    per block (fc1's output and the activation's) were the largest share of a training step's activation memory.
+    Set `recompute = False` to keep them instead (faster backward, more memory)."""
+
+    recompute = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
 
 
 class GuidedWindowAttention(nn.Module):
@@ -109,7 +122,7 @@ class GuidedSwinBlock(nn.Module):
         self.norm1 = LayerNorm(dim)
         self.attn = GuidedWindowAttention(dim, guidance_dim, num_heads)
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.mlp = RecomputedMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], images: int = 1) -> torch.Tensor:
         """x (B*n, H, W, C) for B images of n classes each, guidance (B, H, W, G) (shared by an image's classes)
@@ -176,7 +189,7 @@ class ClassAggregation(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.ReLU)
+        self.mlp = RecomputedMlp(dim, int(dim * mlp_ratio), act_layer=nn.ReLU)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         # (B, n, C, H, W) -> (B, HW, n, C), pooled 2x2 during training as the reference release does.

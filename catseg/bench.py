@@ -8,6 +8,9 @@ batch, all classes), ms/image as the median over repeats after warm-up, timed wi
 inference as images/s. Training: batch x image_size crops, `--train-classes` classes, forward + per-pixel BCE +
 backward + AdamW step, ms/step. Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS growth on
 CPU (Linux). Needs only torch, timm, einops, open_clip (and numpy, safetensors, pillow, which they pull in).
+
+`--count-memory` runs the same steps on fake tensors (shapes only, see catseg.memcount) and reports the peak bytes
+of live tensors instead of times: the GPU's bf16 memory figures, predicted on any machine in seconds to minutes.
 """
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import create_model
 from . import inference
+from .aggregation import RecomputedMlp
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
-from .ops import resize
+from .memcount import TensorBytes, fake_tensors
+from .ops import one_hot_bce_with_logits, resize
 
 
 def _rss_status(key: str) -> int:
@@ -38,14 +42,17 @@ def _rss_status(key: str) -> int:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or peak RSS growth on Linux CPUs (None elsewhere)."""
+    """Peak memory of a block: CUDA allocator peak, or peak RSS growth on Linux CPUs (None elsewhere), or the peak of
+    a `TensorBytes` counter when one is given."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
+    def __init__(self, device: torch.device, counter: Optional[TensorBytes] = None):
+        self.device, self.counter, self.peak = device, counter, None
 
     def __enter__(self):
         gc.collect()
-        if self.device.type == "cuda":
+        if self.counter is not None:
+            self.counter.reset_peak()
+        elif self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         elif sys.platform.startswith("linux"):
@@ -57,7 +64,9 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
+        if self.counter is not None:
+            self.peak = self.counter.peak
+        elif self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
         elif sys.platform.startswith("linux"):
@@ -107,17 +116,20 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
     return events.table(row_limit=rows)
 
 
-def _finish(step, device, warmup, repeats, profile, profile_step=None) -> tuple[float, Optional[int], Optional[str]]:
+def _finish(step, device, warmup, repeats, profile, profile_step=None,
+            counter=None) -> tuple[Optional[float], Optional[int], Optional[str]]:
     # Peak memory of the first call: it runs eagerly (and, on a GPU, captures the CUDA graph that later calls
     # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report.
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, counter) as mem:
         step()
+    if counter is not None:  # fake tensors: a count, nothing to time
+        return None, mem.peak, None
     ms = time_ms(step, device, warmup, repeats)
     return ms, mem.peak, profile_table(profile_step or step, device) if profile else None
 
 
 def bench_inference(model, device, precision, num_classes, batch, warmup, repeats, profile=False,
-                    cuda_graphs=True) -> dict:
+                    cuda_graphs=True, counter=None) -> dict:
     """Patch inference of `batch` images at the preset's inference size over `num_classes` classes: the product
     path (`predict_labels`: all views in one batch, views merged, resized and arg-maxed in class chunks)."""
     size = model.config.inference_size
@@ -134,12 +146,12 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
             return predict_labels(model, images, names, cuda_graphs=graphs)
 
     # profiled eagerly: a graph replay shows no per-operator breakdown
-    ms, peak, table = _finish(step, device, warmup, repeats, profile, lambda: step(False))
-    return {"classes": num_classes, "batch": batch, "ms_per_image": ms / batch, "images_per_s": 1000 * batch / ms,
+    ms, peak, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
+    return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch), "images_per_s": _div(1000 * batch, ms),
             "peak_memory_bytes": peak, "profile": table}
 
 
-def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False) -> dict:
+def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False, counter=None) -> dict:
     """Forward + masked per-pixel BCE + backward + AdamW step on random crops and labels."""
     model.train()
     model.config.class_chunk_size = None
@@ -157,16 +169,14 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
             logits = model(images, names)
         logits = resize(logits.float(), (s, s))
         valid = labels != 255
-        target = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        loss = (loss * valid.unsqueeze(1)).sum() / (valid.sum() * num_classes)
+        loss = (one_hot_bce_with_logits(logits, labels, valid) * valid).sum() / (valid.sum() * num_classes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    ms, peak, table = _finish(step, device, warmup, repeats, profile)
+    ms, peak, table = _finish(step, device, warmup, repeats, profile, counter=counter)
     model.eval()
-    return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": 1000 * batch / ms,
+    return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
             "peak_memory_bytes": peak, "profile": table}
 
 
@@ -186,6 +196,11 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
+    p.add_argument("--no-mlp-recompute", action="store_true",
+                   help="keep the aggregation MLPs' hidden activations for backward instead of recomputing them")
+    p.add_argument("--count-memory", action="store_true",
+                   help="run on fake tensors and report the peak bytes of live tensors, no times (predicts the GPU's "
+                   "memory figures on any machine; precision defaults to bf16 as on a GPU)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -193,9 +208,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
+    if args.count_memory and (args.compile or args.profile):
+        p.error("--count-memory runs on fake tensors: it cannot be combined with --compile or --profile")
 
-    device = torch.device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    device = torch.device("cpu" if args.count_memory else args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" or args.count_memory else "fp32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -210,12 +227,27 @@ def main(argv=None) -> dict:
         model.decode = torch.compile(model.decode, dynamic=True)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    for m in model.modules():
+        if isinstance(m, RecomputedMlp):
+            m.recompute = not args.no_mlp_recompute
+    counter = None
+    with contextlib.ExitStack() as stack:
+        if args.count_memory:
+            stack.enter_context(fake_tensors(model))
+            counter = stack.enter_context(TensorBytes())
+            for t in (*model.parameters(), *model.buffers()):
+                counter.track(t)
+        return _run(args, argv, model, device, precision, counter)
 
+
+def _run(args, argv, model, device, precision, counter) -> dict:
     result = {
-        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+        "preset": args.preset, "device": "fake tensors (memory counted)" if counter is not None else
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "precision": precision, "class_chunk": args.class_chunk,
         "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": not args.no_cuda_graphs,
+        "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -224,17 +256,17 @@ def main(argv=None) -> dict:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]
             r = bench_inference(model, device, precision, n, batch, args.warmup, args.repeats, profile,
-                                not args.no_cuda_graphs)
+                                not args.no_cuda_graphs, counter)
             result["inference"].append(r)
-            print(f"inference  {n:5d} classes  batch {batch:3d}: {r['ms_per_image']:9.2f} ms/image  "
-                  f"{r['images_per_s']:8.2f} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+            print(f"inference  {n:5d} classes  batch {batch:3d}: {_ms(r['ms_per_image'])} ms/image  "
+                  f"{_ms(r['images_per_s'])} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
             _write(result, args.json)
     if not args.no_train:
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
-                           args.repeats, args.profile)
+                           args.repeats, args.profile, counter)
         result["training"] = r
-        print(f"training   {r['classes']:5d} classes  batch {r['batch']:3d}: {r['ms_per_step']:9.2f} ms/step   "
-              f"{r['images_per_s']:8.2f} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+        print(f"training   {r['classes']:5d} classes  batch {r['batch']:3d}: {_ms(r['ms_per_step'])} ms/step   "
+              f"{_ms(r['images_per_s'])} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
         _write(result, args.json)
     for r in result["inference"] + [result["training"] or {}]:
         if r.get("profile"):
@@ -252,6 +284,14 @@ def _write(result: dict, path: Optional[str]) -> None:
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, path)
+
+
+def _div(a, b) -> Optional[float]:
+    return None if a is None or b is None else a / b
+
+
+def _ms(x) -> str:
+    return "      n/a" if x is None else f"{x:9.2f}"
 
 
 def _gb(n) -> str:

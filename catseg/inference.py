@@ -15,7 +15,6 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .model import CatSeg
-from .ops import bilinear_matrix, resize
+from .ops import bilinear_matrix, resize, tensor_cache
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 DEFAULT_CLASS_CHUNK = 128
@@ -94,7 +93,7 @@ def make_views(model: CatSeg, images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(views).clamp_(0, 1)
 
 
-@lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def merge_matrices(size: int, crop: int, stride: int, h: int, out_h: int, out_w: int, device: torch.device,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Patch-inference merging as matrices: merged = sum_v A[v] @ P[v] @ B[v]^T for view probabilities P[v] (h, h).

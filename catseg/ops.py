@@ -1,4 +1,5 @@
-"""Small fast building blocks: bilinear resizing as two matrix products, and norms that keep bf16 under autocast.
+"""Small fast building blocks: bilinear resizing as two matrix products, norms that keep bf16 under autocast, and a
+one-hot binary cross-entropy that never builds the one-hot target.
 
 Why: on a GPU, `F.interpolate(..., mode="bilinear")` on NCHW tensors with many planes (classes x channels) and small
 images runs one thread per output pixel looping over every plane, which made it the largest single cost of the model
@@ -17,7 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@lru_cache(maxsize=64)
+_TENSOR_CACHES: list = []
+
+
+def tensor_cache(maxsize: int):
+    """functools.lru_cache for functions that build constant tensors, registered so that `clear_tensor_caches` can
+    empty them all (a fake-tensor run must neither reuse real cached tensors nor leave fake ones behind)."""
+    def wrap(fn):
+        cached = lru_cache(maxsize=maxsize)(fn)
+        _TENSOR_CACHES.append(cached)
+        return cached
+    return wrap
+
+
+def clear_tensor_caches() -> None:
+    for cached in _TENSOR_CACHES:
+        cached.cache_clear()
+
+
+@tensor_cache(maxsize=64)
 def bilinear_matrix(out_size: int, in_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(out_size, in_size) matrix R with R @ v == 1-D bilinear resize of v (align_corners=False, PyTorch's rule)."""
     scale = in_size / out_size
@@ -72,3 +91,15 @@ class GroupNorm(nn.GroupNorm):
 
 def _cast(p, x: torch.Tensor):
     return None if p is None else p.to(x.dtype)
+
+
+def one_hot_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the sum over classes of BCE-with-logits against the one-hot target of `labels` (all-zero target
+    where `valid` is False): logits (B, N, H, W) float, labels (B, H, W) int, valid (B, H, W) bool -> (B, H, W).
+
+    Uses BCE(x, t) = softplus(x) - x * t, so with a one-hot t the per-pixel sum is sum_n softplus(x_n) minus the
+    logit of the labelled class: no (B, N, H, W) target, loss or sigmoid tensor is built, and backward keeps only
+    the logits (F.binary_cross_entropy_with_logits on a float one-hot target keeps four such tensors).
+    """
+    picked = logits.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
+    return F.softplus(logits).sum(dim=1) - picked * valid

@@ -22,3 +22,19 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
     assert "== profile: catseg_tiny, inference, 5 classes, batch 1" in printed
     assert saved["inference"] == result["inference"]
     assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_bench_counts_memory_on_fake_tensors(tmp_path):
+    """--count-memory predicts bf16 memory figures without running arithmetic; recomputing the MLPs saves memory."""
+    peaks = {}
+    for flag in ([], ["--no-mlp-recompute"]):
+        out = tmp_path / f"count{len(flag)}.json"
+        bench.main(["--preset", "catseg_tiny", "--count-memory", "--classes", "3,40", "--train-batch", "2",
+                    "--train-classes", "40", "--json", str(out), *flag])
+        saved = json.loads(out.read_text())
+        assert saved["counted_memory"] and saved["precision"] == "bf16" and saved["mlp_recompute"] == (not flag)
+        assert all(r["ms_per_image"] is None and r["peak_memory_bytes"] > 0 for r in saved["inference"])
+        small, large = (r["peak_memory_bytes"] for r in saved["inference"])
+        assert large > small  # more classes, more memory
+        peaks[bool(flag)] = saved["training"]["peak_memory_bytes"]
+    assert peaks[False] < peaks[True]

@@ -194,3 +194,26 @@ def test_norms_keep_bf16_under_autocast():
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), nn_ref(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(mod(x), nn_ref(x))  # float32 outside autocast: the plain module
+
+
+@pytest.mark.parametrize("mask_ignore", [True, False])
+def test_one_hot_bce_equals_bce_on_a_dense_one_hot_target(mask_ignore):
+    """The trainer's loss (softplus minus the labelled logit, no one-hot tensor) equals BCE-with-logits against the
+    dense one-hot target, in value and gradient, ignored pixels masked or given an all-zero target."""
+    from training.criterion import PixelBCECriterion
+
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(2, 5, 6, 6, generator=g) * 8).requires_grad_()  # large logits exercise softplus' tails
+    labels = torch.randint(0, 5, (2, 24, 24), generator=g)
+    labels[0, :3] = 255
+    loss = PixelBCECriterion(255, mask_ignore)(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    up = F.interpolate(logits.double(), size=(24, 24), mode="bilinear", align_corners=False)
+    valid = labels != 255
+    target = F.one_hot(torch.where(valid, labels, 0), 5).permute(0, 3, 1, 2).double() * valid.unsqueeze(1)
+    dense = F.binary_cross_entropy_with_logits(up, target, reduction="none")
+    ref = (dense * valid.unsqueeze(1)).sum() / (valid.sum() * 5) if mask_ignore else dense.mean()
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-9)

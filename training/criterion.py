@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from catseg.ops import resize
+from catseg.ops import one_hot_bce_with_logits, resize
 
 
 class PixelBCECriterion:
@@ -24,10 +23,8 @@ class PixelBCECriterion:
         num_classes = logits.shape[1]
         logits = resize(logits.float(), tuple(labels.shape[-2:]))
         valid = labels != self.ignore_index
-        target = F.one_hot(torch.where(valid, labels, 0), num_classes).permute(0, 3, 1, 2).to(logits.dtype)
-        target = target * valid.unsqueeze(1)
-        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        per_pixel = one_hot_bce_with_logits(logits, labels, valid)  # summed over classes
         if not self.mask_ignore:
-            return loss.mean()
+            return per_pixel.sum() / logits.numel()
         # Normalise by the labelled pixels so that batches with much padding do not weigh less.
-        return (loss * valid.unsqueeze(1)).sum() / (valid.sum() * num_classes).clamp(min=1)
+        return (per_pixel * valid).sum() / (valid.sum() * num_classes).clamp(min=1)

@@ -1,0 +1,78 @@
+"""Peak tensor memory of a computation, counted on fake tensors: shapes and dtypes only, no arithmetic, no GPU.
+
+    with fake_tensors(model):           # the model's weights become fake (build a model for counting)
+        with TensorBytes() as counter:
+            ...run the model...
+        counter.peak                    # bytes
+
+Every operator still runs its shape logic, so the count follows the real program: the dtypes autocast picks, what
+autograd keeps for backward and frees after it, optimizer states, views sharing storage. What it leaves out: the
+CUDA allocator's rounding and fragmentation, and kernel workspaces (cuDNN, cuBLAS). For the presets' training
+step the count was 2.5-3% below the CUDA allocator's measured peak on an H200 (ViT-B 14.80 vs 15.17 GiB, ViT-L
+16.66 vs 17.2 GiB), so memory work can be done and checked on a machine without the GPU. The fake run takes the
+CPU's kernel choices (autocast on "cpu", CPU attention), which keep the same tensors as the CUDA ones for this model.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .ops import clear_tensor_caches
+
+
+class TensorBytes(TorchDispatchMode):
+    """Counts the bytes of the live tensor storages that operators run inside it create, plus any given to `track`:
+    `live` now, `peak` since entering or the last `reset_peak()`. A storage counts once, however many views share
+    it, and leaves the count when it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self._sizes = WeakIdKeyDictionary()
+        self.live = self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self._sizes:
+            return
+        n = storage.nbytes()
+        self._sizes[storage] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, n)
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+@contextmanager
+def fake_tensors(model: nn.Module):
+    """Inside: the model's parameters and buffers are fake and every tensor created is fake. The model keeps its
+    fake weights afterwards. Cached constant tensors (interpolation matrices, masks) are dropped on the way in and
+    out, so the fake run builds (and counts) its own and leaves no fake ones behind."""
+    old = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # fake copies replace the Parameters
+    clear_tensor_caches()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            model._apply(mode.from_tensor)
+            yield mode
+    finally:
+        clear_tensor_caches()
+        torch.__future__.set_overwrite_module_params_on_conversion(old)

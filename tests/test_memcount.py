@@ -1,0 +1,78 @@
+"""Counting tensor memory on fake tensors: the count follows real allocations, and memory savings show in it."""
+import contextlib
+
+import pytest
+import torch
+
+import catseg
+from catseg import bench
+from catseg.aggregation import GuidedSwinBlock, RecomputedMlp
+from catseg.memcount import TensorBytes, fake_tensors
+from catseg.ops import clear_tensor_caches
+
+
+def test_counts_live_storages_once_and_frees_them():
+    with TensorBytes() as counter:
+        a = torch.empty(1000)  # 4000 bytes
+        b = torch.empty(500, dtype=torch.bfloat16)  # 1000 bytes
+        view = a[10:20].view(2, 5)  # shares a's storage: not counted again
+        assert (counter.live, counter.peak) == (5000, 5000)
+        del a
+        assert counter.live == 5000  # the view keeps the storage alive
+        del view
+        assert (counter.live, counter.peak) == (1000, 5000)
+        counter.reset_peak()
+        c = b.float()  # 2000 bytes
+        assert (counter.live, counter.peak) == (3000, 3000)
+        del b, c
+    assert counter.live == 0
+
+
+def _tiny_peaks(fake: bool, precision: str) -> tuple[int, int]:
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", class_chunk_size=4)
+    model.check_inputs = False
+    cpu = torch.device("cpu")
+    clear_tensor_caches()  # as fake_tensors does: constant tensors cached by earlier tests would go uncounted
+    with contextlib.ExitStack() as stack:
+        if fake:
+            stack.enter_context(fake_tensors(model))
+        counter = stack.enter_context(TensorBytes())
+        for t in (*model.parameters(), *model.buffers()):
+            counter.track(t)
+        inference = bench.bench_inference(model.eval(), cpu, precision, 10, 1, 0, 1, counter=counter)
+        training = bench.bench_training(model, cpu, precision, 8, 2, 0, 1, counter=counter)
+    return inference["peak_memory_bytes"], training["peak_memory_bytes"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fake_count_equals_count_of_the_real_run(precision):
+    real = _tiny_peaks(False, precision)
+    assert min(real) > 1e6
+    assert _tiny_peaks(True, precision) == real
+    # the fake run left no fake tensor in the caches: a real run afterwards still computes numbers
+    model = catseg.create_model("catseg_tiny").eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 128, 128), ["a", "b"])
+    assert torch.isfinite(out).all()
+
+
+def test_mlp_recompute_keeps_less_for_backward_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    block = GuidedSwinBlock(dim=16, guidance_dim=0, num_heads=2, window=4, shift=2, mlp_ratio=4.0)
+    x0 = torch.randn(6, 8, 8, 16)
+    kept, grads = {}, {}
+    for recompute in (False, True):
+        block.mlp.recompute = recompute
+        block.zero_grad()
+        x = x0.clone().requires_grad_()
+        with TensorBytes() as counter:
+            y = block(x, None)
+            kept[recompute] = counter.live - y.untyped_storage().nbytes()
+        y.square().sum().backward()
+        grads[recompute] = [x.grad] + [p.grad for p in block.parameters()]
+    hidden = x0.numel() * 4 * 4  # one (tokens, 4 x 16) float32 hidden activation
+    assert kept[False] - kept[True] >= 2 * hidden  # fc1's output and the GELU's output are not kept
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b)
+    assert isinstance(block.mlp, RecomputedMlp) and RecomputedMlp.recompute
