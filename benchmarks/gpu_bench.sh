@@ -34,13 +34,17 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b l b_base l_base b_batch l_batch b_eager b_compile"}
+variants=${*:-"b l b_base l_base b_guess b_keep l_keep b_batch l_batch b_eager b_compile"}
 for v in $variants; do
     case $v in
         b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
         l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         b_batch) bench b16_batch 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;
         l_batch) bench l14_batch 120 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 --batches 8,32 --no-train ;;
+        b_keep) bench b16_keep_mlp 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20 --no-mlp-recompute ;;
+        l_keep) bench l14_keep_mlp 100 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20 --no-mlp-recompute ;;
+        b_guess) bench b16_cudnn_guess 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cudnn-benchmark ;;
+        l_profile20) bench l14_profile20 100 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20 --profile --no-train ;;
         b_eager) bench b16_eager 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cuda-graphs --no-train ;;
         b_compile) bench b16_compile 200 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train ;;
         b_base) bench b16_baseline 150 "$root/.baseline" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
@@ -52,15 +56,17 @@ for v in $variants; do
 done
 python3 - "$out" <<'PY'
 import glob, json, os, sys
+def f(v, spec):
+    return format(v, spec) if v is not None else format("n/a", spec.rstrip("f").split(".")[0] or "")
 print(f"\n{'run':22s} {'classes':>7s} {'batch':>5s} {'ms/img':>8s} {'img/s':>8s} {'peak GiB':>8s}")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     r = json.load(open(path))
     name = os.path.basename(path)[:-5]
     for x in r["inference"]:
-        print(f"{name:22s} {x['classes']:7d} {x['batch']:5d} {x['ms_per_image']:8.2f} {x['images_per_s']:8.1f} "
+        print(f"{name:22s} {x['classes']:7d} {x['batch']:5d} {f(x['ms_per_image'], '8.2f')} {f(x['images_per_s'], '8.1f')} "
               f"{(x['peak_memory_bytes'] or 0) / 2**30:8.2f}")
     t = r.get("training")
     if t:
-        print(f"{name:22s} {t['classes']:7d} {t['batch']:5d} {t['ms_per_step']:8.2f} {'train':>8s} "
+        print(f"{name:22s} {t['classes']:7d} {t['batch']:5d} {f(t['ms_per_step'], '8.2f')} {'train':>8s} "
               f"{(t['peak_memory_bytes'] or 0) / 2**30:8.2f}")
 PY

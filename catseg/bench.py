@@ -201,6 +201,8 @@ def main(argv=None) -> dict:
     p.add_argument("--count-memory", action="store_true",
                    help="run on fake tensors and report the peak bytes of live tensors, no times (predicts the GPU's "
                    "memory figures on any machine; precision defaults to bf16 as on a GPU)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="let cuDNN guess its convolution algorithms instead of timing them once per shape")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -216,6 +218,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark  # as the trainer, evaluation and CLI do
     torch.manual_seed(0)
     model = create_model(args.preset, class_chunk_size=args.class_chunk or None).to(device).eval()
     model.check_inputs = False  # the range check syncs with the host; inputs here are known to be in range
@@ -247,6 +250,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "precision": precision, "class_chunk": args.class_chunk,
         "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": not args.no_cuda_graphs,
+        "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),

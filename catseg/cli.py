@@ -117,6 +117,7 @@ def cmd_segment(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     model = resolve_model(args.model, args.checkpoint)
+    torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
                     class_chunk_size=args.class_chunk)
     model.validate_class_names(names)
