@@ -251,10 +251,9 @@ class Trainer:
         start_step, started = self.step, time.perf_counter()
         bar = progress_bar(acc.is_main_process, self.step, cfg.train.steps)
         while self.step < cfg.train.steps:
-            t0 = time.perf_counter()
             loss, norm, wait = self.train_step(batches)
             self.step += 1
-            window.add(loss, norm, wait, time.perf_counter() - t0)
+            window.add(loss, norm, wait)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 metrics = self.log_metrics(window)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
@@ -269,10 +268,17 @@ class Trainer:
         return self.finish(time.perf_counter() - started, self.step - start_step, window)
 
     def stop_requested(self) -> bool:
-        """True on every process once any process got SIGTERM/SIGUSR1 (agreed, so all save together)."""
-        flag = torch.tensor(float(self.stop.signal is not None), device=self.acc.device)
-        if self.acc.num_processes > 1:
-            flag = self.acc.reduce(flag, reduction="sum")
+        """True on every process once any process got SIGTERM/SIGUSR1 (agreed, so all save together).
+
+        With several processes they agree at log steps only: the reduction makes the host wait for the device, which
+        at every step would keep the host from queueing the next step while the device finishes this one.
+        """
+        local = self.stop.signal is not None
+        if self.acc.num_processes == 1:
+            return local
+        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.steps:
+            return False
+        flag = self.acc.reduce(torch.tensor(float(local), device=self.acc.device), reduction="sum")
         return bool(flag.item() > 0)
 
     def log_metrics(self, window: "Window") -> dict:
@@ -314,33 +320,35 @@ class Trainer:
 
 
 class Window:
-    """Running sums between two log steps (loss stays on the device until logged)."""
+    """Running sums between two log steps (loss stays on the device until logged). Throughput is wall time between
+    flushes: steps only queue work on the device, and the flush, which reads the loss, waits for it."""
 
     def __init__(self, device):
         self.device = device
         self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.wait, self.time, self.norm = 0, 0.0, 0.0, None
-        self.all_wait, self.all_time = 0.0, 0.0
+        self.steps, self.wait, self.norm = 0, 0.0, None
+        self.started = self.since = time.perf_counter()
+        self.all_wait = 0.0
 
-    def add(self, loss, norm, wait: float, seconds: float) -> None:
+    def add(self, loss, norm, wait: float) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.wait += wait
-        self.time += seconds
         self.norm = norm if norm is not None else self.norm
 
     def flush(self, batch_size: int) -> dict:
-        out = {"images_per_s": self.steps * batch_size / max(self.time, 1e-9),
-               "data_wait_fraction": self.wait / max(self.time, 1e-9)}
+        now = time.perf_counter()
+        seconds = max(now - self.since, 1e-9)
+        out = {"images_per_s": self.steps * batch_size / seconds, "data_wait_fraction": self.wait / seconds}
         if self.norm is not None:
             out["grad_norm"] = float(self.norm)
-        self.all_wait, self.all_time = self.all_wait + self.wait, self.all_time + self.time
+        self.all_wait += self.wait
         self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.wait, self.time = 0, 0.0, 0.0
+        self.steps, self.wait, self.since = 0, 0.0, now
         return out
 
     def total_wait_fraction(self) -> float:
-        return (self.all_wait + self.wait) / max(self.all_time + self.time, 1e-9)
+        return (self.all_wait + self.wait) / max(time.perf_counter() - self.started, 1e-9)
 
 
 def progress_bar(enabled: bool, start: int, total: int):
