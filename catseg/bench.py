@@ -46,12 +46,13 @@ class PeakMemory:
     a `TensorBytes` counter when one is given."""
 
     def __init__(self, device: torch.device, counter: Optional[TensorBytes] = None):
-        self.device, self.counter, self.peak = device, counter, None
+        self.device, self.counter, self.peak, self.moved = device, counter, None, None
 
     def __enter__(self):
         gc.collect()
         if self.counter is not None:
             self.counter.reset_peak()
+            self.moved = -self.counter.moved
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -66,6 +67,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.counter is not None:
             self.peak = self.counter.peak
+            self.moved += self.counter.moved
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
@@ -117,15 +119,15 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
 
 
 def _finish(step, device, warmup, repeats, profile, profile_step=None,
-            counter=None) -> tuple[Optional[float], Optional[int], Optional[str]]:
+            counter=None) -> tuple[Optional[float], PeakMemory, Optional[str]]:
     # Peak memory of the first call: it runs eagerly (and, on a GPU, captures the CUDA graph that later calls
     # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report.
     with PeakMemory(device, counter) as mem:
         step()
     if counter is not None:  # fake tensors: a count, nothing to time
-        return None, mem.peak, None
+        return None, mem, None
     ms = time_ms(step, device, warmup, repeats)
-    return ms, mem.peak, profile_table(profile_step or step, device) if profile else None
+    return ms, mem, profile_table(profile_step or step, device) if profile else None
 
 
 def bench_inference(model, device, precision, num_classes, batch, warmup, repeats, profile=False,
@@ -146,9 +148,10 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
             return predict_labels(model, images, names, cuda_graphs=graphs)
 
     # profiled eagerly: a graph replay shows no per-operator breakdown
-    ms, peak, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
-    return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch), "images_per_s": _div(1000 * batch, ms),
-            "peak_memory_bytes": peak, "profile": table}
+    ms, mem, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
+    return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
+            "images_per_s": _div(1000 * batch, ms), "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved,
+            "profile": table}
 
 
 def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False, counter=None) -> dict:
@@ -174,10 +177,10 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
         loss.backward()
         opt.step()
 
-    ms, peak, table = _finish(step, device, warmup, repeats, profile, counter=counter)
+    ms, mem, table = _finish(step, device, warmup, repeats, profile, counter=counter)
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
-            "peak_memory_bytes": peak, "profile": table}
+            "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved, "profile": table}
 
 
 def main(argv=None) -> dict:
@@ -263,14 +266,14 @@ def _run(args, argv, model, device, precision, counter) -> dict:
                                 not args.no_cuda_graphs, counter)
             result["inference"].append(r)
             print(f"inference  {n:5d} classes  batch {batch:3d}: {_ms(r['ms_per_image'])} ms/image  "
-                  f"{_ms(r['images_per_s'])} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+                  f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)
             _write(result, args.json)
     if not args.no_train:
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
                            args.repeats, args.profile, counter)
         result["training"] = r
         print(f"training   {r['classes']:5d} classes  batch {r['batch']:3d}: {_ms(r['ms_per_step'])} ms/step   "
-              f"{_ms(r['images_per_s'])} images/s  peak {_gb(r['peak_memory_bytes'])}", flush=True)
+              f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)
         _write(result, args.json)
     for r in result["inference"] + [result["training"] or {}]:
         if r.get("profile"):
@@ -296,6 +299,11 @@ def _div(a, b) -> Optional[float]:
 
 def _ms(x) -> str:
     return "      n/a" if x is None else f"{x:9.2f}"
+
+
+def _memory(r: dict) -> str:
+    moved = r.get("bytes_moved")
+    return f"peak {_gb(r['peak_memory_bytes'])}" + ("" if moved is None else f"  moved {moved / 1e9:.1f} GB")
 
 
 def _gb(n) -> str:

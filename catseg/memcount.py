@@ -30,12 +30,17 @@ from .ops import clear_tensor_caches
 class TensorBytes(TorchDispatchMode):
     """Counts the bytes of the live tensor storages that operators run inside it create, plus any given to `track`:
     `live` now, `peak` since entering or the last `reset_peak()`. A storage counts once, however many views share
-    it, and leaves the count when it is freed."""
+    it, and leaves the count when it is freed.
+
+    `moved` adds up, over every operator that is not a view, the bytes of its tensor inputs and outputs: the memory
+    traffic of the program if each operator reads its inputs and writes its outputs once (what an unfused, eager
+    run does; a broadcast input counts its storage, not its expanded size).
+    """
 
     def __init__(self):
         super().__init__()
         self._sizes = WeakIdKeyDictionary()
-        self.live = self.peak = 0
+        self.live = self.peak = self.moved = 0
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -55,10 +60,17 @@ class TensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            self.track(t)
+        if not func.is_view:
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            self.moved += sum(_span(t) for t in inputs + outputs)
         return out
+
+
+def _span(t: torch.Tensor) -> int:
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
 
 
 @contextmanager

@@ -28,6 +28,19 @@ def test_counts_live_storages_once_and_frees_them():
     assert counter.live == 0
 
 
+def test_moved_bytes_count_inputs_and_outputs_of_every_operator_but_views():
+    a = torch.ones(1000)  # 4000 bytes
+    row = torch.ones(1, 250)
+    with TensorBytes() as counter:
+        b = a + a  # reads 2 x 4000, writes 4000
+        assert counter.moved == 12000
+        v = b.view(4, 250).t()  # views move nothing
+        assert counter.moved == 12000
+        c = v.t() * row.expand(4, 250)  # the broadcast row is read as its 1000-byte storage
+        assert counter.moved == 12000 + 4000 + 1000 + 4000
+    assert c.shape == (4, 250)
+
+
 def _tiny_peaks(fake: bool, precision: str) -> tuple[int, int]:
     torch.manual_seed(0)
     model = catseg.create_model("catseg_tiny", class_chunk_size=4)
