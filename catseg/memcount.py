@@ -32,9 +32,9 @@ class TensorBytes(TorchDispatchMode):
     `live` now, `peak` since entering or the last `reset_peak()`. A storage counts once, however many views share
     it, and leaves the count when it is freed.
 
-    `moved` adds up, over every operator that is not a view, the bytes of its tensor inputs and outputs: the memory
-    traffic of the program if each operator reads its inputs and writes its outputs once (what an unfused, eager
-    run does; a broadcast input counts its storage, not its expanded size).
+    `moved` adds up, over every operator that makes tensors other than views of its inputs, the bytes of its tensor
+    inputs and outputs: the memory traffic of the program if each operator reads its inputs and writes its outputs
+    once (what an unfused, eager run does; a broadcast input counts its storage, not its expanded size).
     """
 
     def __init__(self):
@@ -63,9 +63,12 @@ class TensorBytes(TorchDispatchMode):
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         for t in outputs:
             self.track(t)
-        if not func.is_view:
+        if outputs and not func.is_view:
             inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.moved += sum(_span(t) for t in inputs + outputs)
+            read = {id(t.untyped_storage()) for t in inputs}
+            # a non-mutating operator whose outputs all alias its inputs is a view in effect (e.g. _unsafe_view)
+            if func._schema.is_mutable or any(id(t.untyped_storage()) not in read for t in outputs):
+                self.moved += sum(_span(t) for t in inputs + outputs)
         return out
 
 
