@@ -46,7 +46,8 @@ for v in $variants; do
         b_guess) bench b16_cudnn_guess 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cudnn-benchmark ;;
         l_profile20) bench l14_profile20 100 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20 --profile --no-train ;;
         b_eager) bench b16_eager 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cuda-graphs --no-train ;;
-        b_compile) bench b16_compile 200 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train ;;
+        b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile ;;
+        l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile ;;
         b_base) bench b16_baseline 150 "$root/.baseline" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
         l_base) bench l14_baseline 150 "$root/.baseline" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         *) echo "unknown variant $v" ;;

@@ -227,10 +227,8 @@ def main(argv=None) -> dict:
     model.check_inputs = False  # the range check syncs with the host; inputs here are known to be in range
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.compile:  # the aggregation layers and the decoder (fusing norms, activations and layout copies)
-        for i, layer in enumerate(model.layers):
-            model.layers[i] = torch.compile(layer, dynamic=True)
-        model.decode = torch.compile(model.decode, dynamic=True)
+    if args.compile:  # the aggregation layers and the decoder, as Segmenter(compile=True) does
+        inference.compile_aggregation(model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     for m in model.modules():

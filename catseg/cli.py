@@ -119,7 +119,7 @@ def cmd_segment(args) -> int:
     model = resolve_model(args.model, args.checkpoint)
     torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
-                    class_chunk_size=args.class_chunk)
+                    class_chunk_size=args.class_chunk, compile=args.compile)
     model.validate_class_names(names)
     out = Path(args.out)
     try:
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     s.add_argument("--class-chunk", type=int, default=128, help="classes per chunk (bounds memory)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the aggregation and decoder (pays off over many images; compiling takes minutes)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
     ls = sub.add_parser("list", help="list model presets")
