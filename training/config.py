@@ -108,6 +108,7 @@ class TrainConfig:
     mixed_precision: str = ""  # no, bf16 or fp16; empty = what the accelerate launch config says
     seed: int = 0  # seeds the model init, the data order and the augmentation
     deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible resume on CPU)
+    compile: bool = False  # torch.compile the aggregation layers and decoder (catseg.inference.compile_aggregation)
     log_every: int = 20  # steps between logged metrics
     ckpt_every: int = 1000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted

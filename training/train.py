@@ -164,6 +164,10 @@ class Trainer:
             raise ConfigError(f"data.crop_size = {cfg.data.crop_size} but preset {cfg.model.preset!r} trains on "
                               f"{model.image_size} px crops; use {model.image_size} or 0")
         model.to(acc.device).train()
+        if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
+            from catseg.inference import compile_aggregation
+
+            compile_aggregation(model)
         if acc.num_processes > 1:
             freeze_unused(model, model.image_size, self.class_names, acc.device)
         with torch.no_grad():
