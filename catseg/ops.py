@@ -11,6 +11,7 @@ do) but read and write the input's dtype.
 """
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
 
 import torch
@@ -23,11 +24,16 @@ _TENSOR_CACHES: list = []
 
 def tensor_cache(maxsize: int):
     """functools.lru_cache for functions that build constant tensors, registered so that `clear_tensor_caches` can
-    empty them all (a fake-tensor run must neither reuse real cached tensors nor leave fake ones behind)."""
+    empty them all (a fake-tensor run must neither reuse real cached tensors nor leave fake ones behind). Under
+    torch.compile the function is traced directly: its tensors become constants of the compiled graph."""
     def wrap(fn):
         cached = lru_cache(maxsize=maxsize)(fn)
         _TENSOR_CACHES.append(cached)
-        return cached
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+        return call
     return wrap
 
 
