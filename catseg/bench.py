@@ -46,13 +46,13 @@ class PeakMemory:
     a `TensorBytes` counter when one is given."""
 
     def __init__(self, device: torch.device, counter: Optional[TensorBytes] = None):
-        self.device, self.counter, self.peak, self.moved = device, counter, None, None
+        self.device, self.counter, self.peak, self.moved, self.operators = device, counter, None, None, None
 
     def __enter__(self):
         gc.collect()
         if self.counter is not None:
             self.counter.reset_peak()
-            self.moved = -self.counter.moved
+            self.moved, self.operators = -self.counter.moved, -self.counter.operators
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -68,6 +68,7 @@ class PeakMemory:
         if self.counter is not None:
             self.peak = self.counter.peak
             self.moved += self.counter.moved
+            self.operators += self.counter.operators
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
@@ -151,7 +152,7 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
     ms, mem, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
     return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
             "images_per_s": _div(1000 * batch, ms), "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved,
-            "profile": table}
+            "operators": mem.operators, "profile": table}
 
 
 def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False, counter=None) -> dict:
@@ -161,7 +162,8 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
     s = model.image_size
     names = [f"class {i}" for i in range(num_classes)]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4, fused=device.type == "cuda")
+    # fused as on a GPU (also when counting, so the count matches a GPU step)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4, fused=device.type == "cuda" or counter is not None)
     images = torch.rand(batch, 3, s, s, device=device)
     labels = torch.randint(0, num_classes, (batch, s, s), device=device)
     labels[:, :8] = 255
@@ -180,7 +182,8 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
     ms, mem, table = _finish(step, device, warmup, repeats, profile, counter=counter)
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
-            "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved, "profile": table}
+            "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved, "operators": mem.operators,
+            "profile": table}
 
 
 def main(argv=None) -> dict:
@@ -301,7 +304,8 @@ def _ms(x) -> str:
 
 def _memory(r: dict) -> str:
     moved = r.get("bytes_moved")
-    return f"peak {_gb(r['peak_memory_bytes'])}" + ("" if moved is None else f"  moved {moved / 1e9:.1f} GB")
+    return f"peak {_gb(r['peak_memory_bytes'])}" + (
+        "" if moved is None else f"  moved {moved / 1e9:.1f} GB  {r['operators']} operators")
 
 
 def _gb(n) -> str:

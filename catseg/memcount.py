@@ -34,13 +34,14 @@ class TensorBytes(TorchDispatchMode):
 
     `moved` adds up, over every operator that makes tensors other than views of its inputs, the bytes of its tensor
     inputs and outputs: the memory traffic of the program if each operator reads its inputs and writes its outputs
-    once (what an unfused, eager run does; a broadcast input counts its storage, not its expanded size).
+    once (what an unfused, eager run does; a broadcast input counts its storage, not its expanded size). `operators`
+    counts those operators: about the kernels an eager run launches, each a fixed cost for the host.
     """
 
     def __init__(self):
         super().__init__()
         self._sizes = WeakIdKeyDictionary()
-        self.live = self.peak = self.moved = 0
+        self.live = self.peak = self.moved = self.operators = 0
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -69,6 +70,7 @@ class TensorBytes(TorchDispatchMode):
             # a non-mutating operator whose outputs all alias its inputs is a view in effect (e.g. _unsafe_view)
             if func._schema.is_mutable or any(id(t.untyped_storage()) not in read for t in outputs):
                 self.moved += sum(_span(t) for t in inputs + outputs)
+                self.operators += 1
         return out
 
 

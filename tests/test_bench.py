@@ -35,6 +35,7 @@ def test_bench_counts_memory_on_fake_tensors(tmp_path):
         assert saved["counted_memory"] and saved["precision"] == "bf16" and saved["mlp_recompute"] == (not flag)
         assert all(r["ms_per_image"] is None and r["peak_memory_bytes"] > 0 for r in saved["inference"])
         assert saved["inference"][1]["bytes_moved"] > saved["inference"][0]["bytes_moved"] > 0
+        assert saved["training"]["operators"] > saved["inference"][0]["operators"] > 100
         small, large = (r["peak_memory_bytes"] for r in saved["inference"])
         assert large > small  # more classes, more memory
         peaks[bool(flag)] = saved["training"]["peak_memory_bytes"]

@@ -38,6 +38,7 @@ def test_moved_bytes_count_inputs_and_outputs_of_every_operator_but_views():
         assert counter.moved == 12000
         c = v.t() * row.expand(4, 250)  # the broadcast row is read as its 1000-byte storage
         assert counter.moved == 12000 + 4000 + 1000 + 4000
+        assert counter.operators == 2  # the add and the multiply
     assert c.shape == (4, 250)
 
 
