@@ -63,7 +63,10 @@ def _tiny_peaks(fake: bool, precision: str) -> tuple[int, int]:
 def test_fake_count_equals_count_of_the_real_run(precision):
     real = _tiny_peaks(False, precision)
     assert min(real) > 1e6
-    assert _tiny_peaks(True, precision) == real
+    fake = _tiny_peaks(True, precision)
+    assert fake[0] == real[0]  # inference: the same tensors, byte for byte
+    # training: the CPU's fused AdamW kernel keeps a few small tensors more than its shape function says
+    assert fake[1] == pytest.approx(real[1], rel=1e-3)
     # the fake run left no fake tensor in the caches: a real run afterwards still computes numbers
     model = catseg.create_model("catseg_tiny").eval()
     with torch.no_grad():
