@@ -12,7 +12,6 @@ do) but read and write the input's dtype.
 from __future__ import annotations
 
 import functools
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ def tensor_cache(maxsize: int):
     empty them all (a fake-tensor run must neither reuse real cached tensors nor leave fake ones behind). Under
     torch.compile the function is traced directly: its tensors become constants of the compiled graph."""
     def wrap(fn):
-        cached = lru_cache(maxsize=maxsize)(fn)
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
         _TENSOR_CACHES.append(cached)
 
         @functools.wraps(fn)
@@ -75,28 +74,31 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return torch.matmul(rh, x @ rw.t())
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm that returns the input's dtype under autocast (statistics still in float32)."""
+class _KeepsDtype:
+    """For a norm module: under autocast, read and write the input's dtype (statistics still in float32) instead of
+    autocast's float32 copy in and out; the plain module otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+            weight = None if self.weight is None else self.weight.to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return self._norm(x, weight, bias)
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that returns the input's dtype under autocast (statistics still in float32)."""
+class LayerNorm(_KeepsDtype, nn.LayerNorm):
+    """nn.LayerNorm that returns the input's dtype under autocast."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+    def _norm(self, x, weight, bias):
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
-def _cast(p, x: torch.Tensor):
-    return None if p is None else p.to(x.dtype)
+class GroupNorm(_KeepsDtype, nn.GroupNorm):
+    """nn.GroupNorm that returns the input's dtype under autocast."""
+
+    def _norm(self, x, weight, bias):
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
 def one_hot_bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
