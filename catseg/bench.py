@@ -32,7 +32,7 @@ from . import create_model
 from . import inference
 from .aggregation import RecomputedMlp
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
-from .memcount import TensorBytes, fake_tensors
+from .memcount import TensorBytes, counting
 from .ops import one_hot_bce_with_logits, resize
 
 
@@ -47,12 +47,13 @@ class PeakMemory:
 
     def __init__(self, device: torch.device, counter: Optional[TensorBytes] = None):
         self.device, self.counter, self.peak, self.moved, self.operators = device, counter, None, None, None
+        self._start = (0, 0)
 
     def __enter__(self):
         gc.collect()
         if self.counter is not None:
             self.counter.reset_peak()
-            self.moved, self.operators = -self.counter.moved, -self.counter.operators
+            self._start = (self.counter.moved, self.counter.operators)
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -67,8 +68,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.counter is not None:
             self.peak = self.counter.peak
-            self.moved += self.counter.moved
-            self.operators += self.counter.operators
+            self.moved = self.counter.moved - self._start[0]
+            self.operators = self.counter.operators - self._start[1]
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
@@ -237,13 +238,9 @@ def main(argv=None) -> dict:
     for m in model.modules():
         if isinstance(m, RecomputedMlp):
             m.recompute = not args.no_mlp_recompute
-    counter = None
-    with contextlib.ExitStack() as stack:
-        if args.count_memory:
-            stack.enter_context(fake_tensors(model))
-            counter = stack.enter_context(TensorBytes())
-            for t in (*model.parameters(), *model.buffers()):
-                counter.track(t)
+    if not args.count_memory:
+        return _run(args, argv, model, device, precision, None)
+    with counting(model) as counter:
         return _run(args, argv, model, device, precision, counter)
 
 

@@ -1,9 +1,8 @@
 """Peak tensor memory of a computation, counted on fake tensors: shapes and dtypes only, no arithmetic, no GPU.
 
-    with fake_tensors(model):           # the model's weights become fake (build a model for counting)
-        with TensorBytes() as counter:
-            ...run the model...
-        counter.peak                    # bytes
+    with counting(model) as counter:    # the model's weights become fake (build a model for counting)
+        ...run the model...
+    counter.peak                        # bytes
 
 Every operator still runs its shape logic, so the count follows the real program: the dtypes autocast picks, what
 autograd keeps for backward and frees after it, optimizer states, views sharing storage. What it leaves out: the
@@ -15,7 +14,7 @@ CPU's kernel choices (autocast on "cpu", CPU attention), which keep the same ten
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -93,3 +92,19 @@ def fake_tensors(model: nn.Module):
     finally:
         clear_tensor_caches()
         torch.__future__.set_overwrite_module_params_on_conversion(old)
+
+
+@contextmanager
+def counting(model: nn.Module, fake: bool = True):
+    """Count a run of `model` (its weights included) with a `TensorBytes` it yields: on fake tensors (see
+    `fake_tensors`) or, with fake=False, on real ones. Cached constant tensors are dropped first either way, so the
+    run builds and counts its own."""
+    with ExitStack() as stack:
+        if fake:
+            stack.enter_context(fake_tensors(model))
+        else:
+            clear_tensor_caches()
+        counter = stack.enter_context(TensorBytes())
+        for t in (*model.parameters(), *model.buffers()):
+            counter.track(t)
+        yield counter

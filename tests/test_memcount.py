@@ -1,14 +1,11 @@
 """Counting tensor memory on fake tensors: the count follows real allocations, and memory savings show in it."""
-import contextlib
-
 import pytest
 import torch
 
 import catseg
 from catseg import bench
 from catseg.aggregation import GuidedSwinBlock, RecomputedMlp
-from catseg.memcount import TensorBytes, fake_tensors
-from catseg.ops import clear_tensor_caches
+from catseg.memcount import TensorBytes, counting
 
 
 def test_counts_live_storages_once_and_frees_them():
@@ -47,13 +44,7 @@ def _tiny_peaks(fake: bool, precision: str) -> tuple[int, int]:
     model = catseg.create_model("catseg_tiny", class_chunk_size=4)
     model.check_inputs = False
     cpu = torch.device("cpu")
-    clear_tensor_caches()  # as fake_tensors does: constant tensors cached by earlier tests would go uncounted
-    with contextlib.ExitStack() as stack:
-        if fake:
-            stack.enter_context(fake_tensors(model))
-        counter = stack.enter_context(TensorBytes())
-        for t in (*model.parameters(), *model.buffers()):
-            counter.track(t)
+    with counting(model, fake) as counter:
         inference = bench.bench_inference(model.eval(), cpu, precision, 10, 1, 0, 1, counter=counter)
         training = bench.bench_training(model, cpu, precision, 8, 2, 0, 1, counter=counter)
     return inference["peak_memory_bytes"], training["peak_memory_bytes"]
