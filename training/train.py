@@ -258,7 +258,7 @@ class Trainer:
             loss, norm, wait = self.train_step(batches)
             self.step += 1
             window.add(loss, norm, wait)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            if self.log_step():
                 metrics = self.log_metrics(window)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
             bar.update(1)
@@ -271,6 +271,10 @@ class Trainer:
         del batches  # shut the loader workers down before the summary
         return self.finish(time.perf_counter() - started, self.step - start_step, window)
 
+    def log_step(self) -> bool:
+        """Whether the step just done logs its metrics: every train.log_every steps, and the last one."""
+        return self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.steps
+
     def stop_requested(self) -> bool:
         """True on every process once any process got SIGTERM/SIGUSR1 (agreed, so all save together).
 
@@ -280,7 +284,7 @@ class Trainer:
         local = self.stop.signal is not None
         if self.acc.num_processes == 1:
             return local
-        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.steps:
+        if not self.log_step():
             return False
         flag = self.acc.reduce(torch.tensor(float(local), device=self.acc.device), reduction="sum")
         return bool(flag.item() > 0)
