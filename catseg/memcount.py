@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import ExitStack, contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -78,16 +79,17 @@ def _span(t: torch.Tensor) -> int:
 
 
 @contextmanager
-def fake_tensors(model: nn.Module):
+def fake_tensors(model: nn.Module, device: Optional[torch.device] = None):
     """Inside: the model's parameters and buffers are fake and every tensor created is fake. The model keeps its
     fake weights afterwards. Cached constant tensors (interpolation matrices, masks) are dropped on the way in and
-    out, so the fake run builds (and counts) its own and leaves no fake ones behind."""
+    out, so the fake run builds (and counts) its own and leaves no fake ones behind. `device`: move the fake weights
+    there, e.g. "cuda" on a machine without a GPU (fake tensors only carry the device's name)."""
     old = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # fake copies replace the Parameters
     clear_tensor_caches()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            model._apply(mode.from_tensor)
+            model._apply(mode.from_tensor if device is None else lambda t: mode.from_tensor(t).to(device))
             yield mode
     finally:
         clear_tensor_caches()

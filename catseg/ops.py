@@ -44,16 +44,18 @@ def clear_tensor_caches() -> None:
 @tensor_cache(maxsize=64)
 def bilinear_matrix(out_size: int, in_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(out_size, in_size) matrix R with R @ v == 1-D bilinear resize of v (align_corners=False, PyTorch's rule)."""
+    # Built on `device`: under torch.compile this runs inside the compiled graph, where a host-built matrix would
+    # be copied to the GPU on every call (a copy that also makes CUDA-graph capture fail).
     scale = in_size / out_size
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    rows = torch.arange(out_size, device=device)
+    src = ((rows.double() + 0.5) * scale - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     lam = src - i0
-    m = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
+    m = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
     m.index_put_((rows, i0), 1 - lam, accumulate=True)
     m.index_put_((rows, i1), lam, accumulate=True)
-    return m.to(device=device, dtype=dtype)
+    return m.to(dtype)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

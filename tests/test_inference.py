@@ -178,3 +178,40 @@ def test_compiled_aggregation_segments_like_the_eager_model():
     assert list(model.state_dict()) == keys
     np.testing.assert_allclose(compiled.scores, eager.scores, rtol=1e-4, atol=1e-6)
     assert (compiled.labels == eager.labels).mean() > 0.999
+
+
+class HostTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that read or write a host tensor (0-dim scalars aside, which PyTorch passes as numbers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        if any(torch.is_tensor(t) and t.device.type == "cpu" and t.ndim > 0 for t in leaves):
+            self.ops.append(str(func))
+        return out
+
+
+def test_gpu_forward_touches_no_host_tensor_even_with_cold_caches():
+    """The forward on a GPU (fake CUDA tensors: no GPU needed) builds its constant tensors (interpolation matrices,
+    window masks) on the device. torch.compile traces those builders into the compiled graph, where a host-built
+    tensor becomes a copy to the GPU on every call, and such a copy makes CUDA-graph capture fail (seen on an H200:
+    compiled inference then fell back to eager launches)."""
+    import catseg
+    from catseg.memcount import fake_tensors
+    from catseg.ops import clear_tensor_caches
+
+    model = catseg.create_model("catseg_tiny", class_chunk_size=4).eval()
+    model.check_inputs = False
+    names = [f"thing {i}" for i in range(6)]
+    with fake_tensors(model, "cuda"), torch.no_grad():
+        model.text_embeddings(names)  # tokens come from the host: text is encoded once per vocabulary, outside
+        views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
+        clear_tensor_caches()
+        with HostTensorOps() as log:
+            out = model(views, names)
+    assert out.device.type == "cuda" and out.shape == (5, 6, model.output_size, model.output_size)
+    assert log.ops == []
