@@ -210,6 +210,8 @@ def main(argv=None) -> dict:
                    "memory figures on any machine; precision defaults to bf16 as on a GPU)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="let cuDNN guess its convolution algorithms instead of timing them once per shape")
+    p.add_argument("--no-bf16-weights", action="store_true", help="bf16 inference: keep the fp32 weights (autocast "
+                   "then casts each of them on every call) instead of storing the matmul weights in bf16")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -240,8 +242,14 @@ def main(argv=None) -> dict:
             m.recompute = not args.no_mlp_recompute
     if not args.count_memory:
         return _run(args, argv, model, device, precision, None)
-    with counting(model) as counter:
-        return _run(args, argv, model, device, precision, counter)
+    # As on a GPU, where autocast keeps nn.MultiheadAttention off its fused path (CPU autocast does not)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counting(model) as counter:
+            return _run(args, argv, model, device, precision, counter)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _run(args, argv, model, device, precision, counter) -> dict:
@@ -253,10 +261,13 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
+        "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     batches, counts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.classes.split(",")]
+    if result["bf16_weights"]:  # as Segmenter does for bf16 inference
+        inference.cast_matmul_weights(model, torch.bfloat16)
     for batch in batches:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]
@@ -267,6 +278,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
                   f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)
             _write(result, args.json)
     if not args.no_train:
+        inference.cast_matmul_weights(model, torch.float32)  # trainable weights are fp32 (autocast casts them)
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
                            args.repeats, args.profile, counter)
         result["training"] = r

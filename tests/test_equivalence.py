@@ -217,3 +217,39 @@ def test_one_hot_bce_equals_bce_on_a_dense_one_hot_target(mask_ignore):
     (ref_grad,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-9)
+
+
+def test_bf16_matmul_weights_give_bit_identical_autocast_outputs():
+    """cast_matmul_weights stores the image path's linear/conv/attention weights in bf16: under bf16 autocast the
+    outputs are bit-identical (autocast rounds each weight the same way on every call); norms and the text tower keep
+    fp32; casting back to fp32 runs plain fp32 again. nn.MultiheadAttention's fused path is off, as under CUDA autocast
+    (CPU autocast does not turn it off, and the fused kernel is another computation)."""
+    from catseg.inference import cast_matmul_weights
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False).eval()
+    names = [f"thing {i}" for i in range(6)]
+    views = torch.rand(5, 3, model.image_size, model.image_size)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            plain = model(views, names)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                before = model(views, names)
+                cast_matmul_weights(model, torch.bfloat16)
+                after = model(views, names)
+            dtypes = {n: p.dtype for n, p in model.named_parameters()}
+            cast_matmul_weights(model, torch.float32)
+            back = model(views, names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    assert torch.equal(before, after)
+    bf16 = {n for n, d in dtypes.items() if d == torch.bfloat16}
+    assert any(n.startswith("clip.model.visual.") and "attn.in_proj" in n for n in bf16)
+    assert {"cost_embed.weight", "head.weight"} <= bf16 and any(n.startswith("layers.") for n in bf16)
+    norms = {f"{m}.{p}" for m, mod in model.named_modules() for p, _ in mod.named_parameters(recurse=False)
+             if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase))}
+    assert norms and not bf16 & norms and not any(n.startswith("clip.model.transformer.") for n in bf16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(back, plain, atol=0.1, rtol=0.05)  # weights rounded to bf16 once

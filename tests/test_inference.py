@@ -215,3 +215,20 @@ def test_gpu_forward_touches_no_host_tensor_even_with_cold_caches():
             out = model(views, names)
     assert out.device.type == "cuda" and out.shape == (5, 6, model.output_size, model.output_size)
     assert log.ops == []
+
+
+def test_bf16_segmenter_stores_matmul_weights_in_bf16_and_fp32_puts_them_back():
+    import catseg
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False)
+    image = torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(3))
+    names = ["sky", "grass", "road"]
+    reference = Segmenter(model, device="cpu", precision="fp32").predict(image, names)[0]
+    fast = Segmenter(model, device="cpu", precision="bf16").predict(image, names)[0]
+    assert model.head.weight.dtype == torch.bfloat16
+    assert model.clip.model.token_embedding.weight.dtype == torch.float32  # the text tower is left as it is
+    np.testing.assert_allclose(fast.scores, reference.scores, atol=0.05)
+    again = Segmenter(model, device="cpu", precision="fp32").predict(image, names)[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    np.testing.assert_allclose(again.scores, reference.scores, atol=0.05)
