@@ -212,6 +212,8 @@ def main(argv=None) -> dict:
                    help="let cuDNN guess its convolution algorithms instead of timing them once per shape")
     p.add_argument("--no-bf16-weights", action="store_true", help="bf16 inference: keep the fp32 weights (autocast "
                    "then casts each of them on every call) instead of storing the matmul weights in bf16")
+    p.add_argument("--no-channels-last-backbone", action="store_true", help="inference: keep a convolutional "
+                   "backbone's weights NCHW instead of channels-last")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -262,12 +264,14 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
+        "channels_last_backbone": not args.no_channels_last_backbone,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     batches, counts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.classes.split(",")]
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
+    inference.backbone_channels_last(model, result["channels_last_backbone"])  # as Segmenter does
     for batch in batches:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]
@@ -278,7 +282,9 @@ def _run(args, argv, model, device, precision, counter) -> dict:
                   f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)
             _write(result, args.json)
     if not args.no_train:
-        inference.cast_matmul_weights(model, torch.float32)  # trainable weights are fp32 (autocast casts them)
+        # training as the trainer runs it: fp32 weights (autocast casts them), NCHW backbone
+        inference.cast_matmul_weights(model, torch.float32)
+        inference.backbone_channels_last(model, args.channels_last)
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
                            args.repeats, args.profile, counter)
         result["training"] = r

@@ -327,6 +327,22 @@ def cast_matmul_weights(model: CatSeg, dtype: torch.dtype = torch.bfloat16) -> C
     return model
 
 
+def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
+    """Store a convolutional guidance backbone's weights channels-last (NHWC), in place (`enable=False`: back to
+    NCHW); returns the model. cuDNN runs bf16 convolutions on tensor cores in NHWC: with NCHW tensors it transposes
+    every convolution's input and output around the kernel (an H200 profile of ViT-B patch inference showed 175 such
+    transposes, 8% of its GPU time, most of them in the ResNet-101). The backbone's feature maps come out NCHW as
+    before; a transformer backbone (Swin) has nothing to convert."""
+    body = getattr(model.backbone, "body", None) if model.backbone is not None else None
+    if body is not None and not model.backbone.nhwc:
+        fmt = torch.channels_last if enable else torch.contiguous_format
+        for p in body.parameters():
+            if p.ndim == 4:
+                p.data = p.data.contiguous(memory_format=fmt)  # the same Parameter objects, as cast_matmul_weights
+        _GRAPHS.pop(model, None)  # captured graphs read the old weight tensors
+    return model
+
+
 def compile_aggregation(model: CatSeg, **compile_kwargs) -> CatSeg:
     """torch.compile the aggregation layers and the decoder of `model` in place; returns the model.
 
@@ -359,6 +375,7 @@ class Segmenter:
         # bf16: the image path's matmul weights stored in bf16 (autocast would cast them on every call); fp32 puts
         # them back if an earlier bf16 Segmenter cast them
         cast_matmul_weights(self.model, torch.bfloat16 if self.bf16 else torch.float32)
+        backbone_channels_last(self.model)
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs  # replay each (batch shape, vocabulary) from a CUDA graph on a GPU
 

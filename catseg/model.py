@@ -45,7 +45,8 @@ class TimmBackbone(nn.Module):
         if self.out_norms is not None:  # LayerNorm over channels, taken channels-last
             feats = [n(f if self.nhwc else f.permute(0, 2, 3, 1)) for n, f in zip(self.out_norms, feats)]
             return [f.permute(0, 3, 1, 2) for f in feats]
-        return [f.permute(0, 3, 1, 2) for f in feats] if self.nhwc else list(feats)
+        # NCHW out, also from a body stored channels-last (see catseg.inference.backbone_channels_last)
+        return [f.permute(0, 3, 1, 2) for f in feats] if self.nhwc else [f.contiguous() for f in feats]
 
 
 class ReleaseClassAggregation(ClassAggregation):

@@ -253,3 +253,23 @@ def test_bf16_matmul_weights_give_bit_identical_autocast_outputs():
     assert norms and not bf16 & norms and not any(n.startswith("clip.model.transformer.") for n in bf16)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     torch.testing.assert_close(back, plain, atol=0.1, rtol=0.05)  # weights rounded to bf16 once
+
+
+def test_channels_last_backbone_equals_nchw_backbone():
+    """backbone_channels_last stores the ResNet's weights NHWC: same features (still NCHW), same logits."""
+    from catseg.inference import backbone_channels_last
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False).eval()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    ref = _logits(model, x, ["a", "b", "c"])
+    backbone_channels_last(model)
+    conv = model.backbone.body.conv1[0] if isinstance(model.backbone.body.conv1, torch.nn.Sequential) \
+        else model.backbone.body.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    with torch.no_grad():
+        feats = model.backbone(x)
+    assert all(f.is_contiguous() for f in feats)
+    torch.testing.assert_close(_logits(model, x, ["a", "b", "c"]), ref, rtol=1e-4, atol=1e-4)
+    backbone_channels_last(model, False)
+    assert conv.weight.is_contiguous()

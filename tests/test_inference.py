@@ -232,3 +232,4 @@ def test_bf16_segmenter_stores_matmul_weights_in_bf16_and_fp32_puts_them_back():
     again = Segmenter(model, device="cpu", precision="fp32").predict(image, names)[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     np.testing.assert_allclose(again.scores, reference.scores, atol=0.05)
+    assert model.backbone.body.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
