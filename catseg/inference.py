@@ -268,6 +268,13 @@ class RunningArgmax:
             self.labels = torch.where(better, idx + start, self.labels)
 
 
+def host_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices (int64, any device) -> int64 on the host, moved as int16 (int32 past 32768 classes): a quarter of
+    the bytes through a slow pageable copy (about 1 ms for a 640x640 int64 map on an H200)."""
+    narrow = torch.int16 if num_classes <= torch.iinfo(torch.int16).max + 1 else torch.int32
+    return labels.to(narrow).cpu().long()
+
+
 @torch.no_grad()
 def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int = DEFAULT_CLASS_CHUNK,
                    cuda_graphs: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -285,8 +292,9 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
         running = RunningArgmax()
         for start in range(0, n, chunk):
             running.update(merge_views(model, probs[group, :, start:start + chunk], sizes[group[0]]), start)
+        host = host_labels(running.labels, n)
         for j, i in enumerate(group):
-            labels[i] = running.labels[j].cpu()
+            labels[i] = host[j]
     return labels, view_scores(model, probs).cpu()
 
 

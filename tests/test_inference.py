@@ -233,3 +233,12 @@ def test_bf16_segmenter_stores_matmul_weights_in_bf16_and_fp32_puts_them_back():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     np.testing.assert_allclose(again.scores, reference.scores, atol=0.05)
     assert model.backbone.body.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("n", [2, 32768, 32769, 70000])
+def test_host_labels_keep_every_class_index(n):
+    from catseg.inference import host_labels
+
+    labels = torch.tensor([[0, n - 1], [n // 2, 1]])
+    out = host_labels(labels, n)
+    assert out.dtype == torch.int64 and torch.equal(out, labels)
