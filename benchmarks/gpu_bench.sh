@@ -34,7 +34,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b l b_base l_base b_guess b_keep l_keep b_batch l_batch b_eager b_compile"}
+variants=${*:-"b l b_plain b_compile l_compile b_batch l_batch b_compile_train"}
 for v in $variants; do
     case $v in
         b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
@@ -46,8 +46,12 @@ for v in $variants; do
         b_guess) bench b16_cudnn_guess 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cudnn-benchmark ;;
         l_profile20) bench l14_profile20 100 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20 --profile --no-train ;;
         b_eager) bench b16_eager 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cuda-graphs --no-train ;;
-        b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile ;;
-        l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile ;;
+        b_plain) bench b16_plain 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-train \
+            --no-bf16-weights --no-channels-last-backbone ;;
+        b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train ;;
+        l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
+        b_compile_train) bench b16_compile_train 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile --no-inference ;;
+        l_compile_train) bench l14_compile_train 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile --no-inference ;;
         b_base) bench b16_baseline 150 "$root/.baseline" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
         l_base) bench l14_baseline 150 "$root/.baseline" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         *) echo "unknown variant $v" ;;

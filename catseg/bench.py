@@ -199,7 +199,8 @@ def main(argv=None) -> dict:
                    "once); training runs all classes at once, as the trainer")
     p.add_argument("--train-classes", type=int, default=171)
     p.add_argument("--train-batch", type=int, default=4)
-    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--no-inference", action="store_true", help="the training step only")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
@@ -269,6 +270,8 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     batches, counts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.classes.split(",")]
+    if args.no_inference:
+        batches = []
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
     inference.backbone_channels_last(model, result["channels_last_backbone"])  # as Segmenter does
