@@ -124,8 +124,10 @@ def _finish(step, device, warmup, repeats, profile, profile_step=None,
             counter=None) -> tuple[Optional[float], PeakMemory, Optional[str]]:
     # Peak memory of the first call: it runs eagerly (and, on a GPU, captures the CUDA graph that later calls
     # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report.
+    start = time.perf_counter()
     with PeakMemory(device, counter) as mem:
         step()
+    mem.first_call_s = time.perf_counter() - start  # with compilation, graph capture, cuDNN's algorithm trials
     if counter is not None:  # fake tensors: a count, nothing to time
         return None, mem, None
     ms = time_ms(step, device, warmup, repeats)
@@ -152,7 +154,8 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
     # profiled eagerly: a graph replay shows no per-operator breakdown
     ms, mem, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
     return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
-            "images_per_s": _div(1000 * batch, ms), "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved,
+            "images_per_s": _div(1000 * batch, ms), "first_call_s": mem.first_call_s,
+            "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved,
             "operators": mem.operators, "profile": table}
 
 
@@ -183,8 +186,8 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
     ms, mem, table = _finish(step, device, warmup, repeats, profile, counter=counter)
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
-            "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved, "operators": mem.operators,
-            "profile": table}
+            "first_call_s": mem.first_call_s, "peak_memory_bytes": mem.peak, "bytes_moved": mem.moved,
+            "operators": mem.operators, "profile": table}
 
 
 def main(argv=None) -> dict:
@@ -323,7 +326,8 @@ def _ms(x) -> str:
 def _memory(r: dict) -> str:
     moved = r.get("bytes_moved")
     return f"peak {_gb(r['peak_memory_bytes'])}" + (
-        "" if moved is None else f"  moved {moved / 1e9:.1f} GB  {r['operators']} operators")
+        f"  first call {r['first_call_s']:.1f} s" if moved is None else
+        f"  moved {moved / 1e9:.1f} GB  {r['operators']} operators")
 
 
 def _gb(n) -> str:

@@ -14,6 +14,7 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
     assert [(r["batch"], r["classes"]) for r in saved["inference"]] == [(1, 3), (1, 5), (2, 3), (2, 5)]
     for r in saved["inference"]:
         assert r["ms_per_image"] > 0 and abs(r["images_per_s"] * r["ms_per_image"] - 1000) < 1e-6 * 1000
+        assert r["first_call_s"] > 0
     assert saved["training"]["classes"] == 4 and saved["training"]["ms_per_step"] > 0
     # one profile for the largest vocabulary at the first batch size, one for training; printed at the end
     assert [r["profile"] is not None for r in saved["inference"]] == [False, True, False, False]
@@ -40,3 +41,20 @@ def test_bench_counts_memory_on_fake_tensors(tmp_path):
         assert large > small  # more classes, more memory
         peaks[bool(flag)] = saved["training"]["peak_memory_bytes"]
     assert peaks[False] < peaks[True]
+
+
+def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_path):
+    """bf16 weights (the default of bf16 inference) leave autocast nothing to cast: fewer operators, less memory;
+    the training step that follows runs on fp32 weights either way; --no-inference benchmarks training alone."""
+    runs = {}
+    for name, flags in (("bf16", []), ("fp32", ["--no-bf16-weights"]), ("train", ["--no-inference"])):
+        out = tmp_path / f"{name}.json"
+        bench.main(["--preset", "catseg_tiny", "--count-memory", "--classes", "3", "--train-batch", "1",
+                    "--train-classes", "4", "--json", str(out), *flags])
+        runs[name] = json.loads(out.read_text())
+    fast, plain = runs["bf16"]["inference"][0], runs["fp32"]["inference"][0]
+    assert runs["bf16"]["bf16_weights"] and not runs["fp32"]["bf16_weights"]
+    assert fast["operators"] < plain["operators"] - 30 and fast["peak_memory_bytes"] < plain["peak_memory_bytes"]
+    assert runs["bf16"]["training"]["operators"] == runs["fp32"]["training"]["operators"]
+    # alone, training builds the cached constants (interpolation matrices, masks) inference had built before
+    assert runs["train"]["inference"] == [] and runs["train"]["training"]["operators"] >= fast["operators"]
