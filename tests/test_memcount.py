@@ -84,3 +84,35 @@ def test_mlp_recompute_keeps_less_for_backward_and_gives_the_same_gradients():
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b)
     assert isinstance(block.mlp, RecomputedMlp) and RecomputedMlp.recompute
+
+
+@pytest.mark.parametrize("act", [torch.nn.GELU, torch.nn.ReLU])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_mlp_recompute_function_equals_checkpoint_and_plain_mlp(act, bf16):
+    """The written-out recompute (autograd Function) gives exactly what torch.utils.checkpoint and the plain Mlp
+    give, in fp32 and under bf16 autocast with backward run outside the autocast region (as a trainer does)."""
+    torch.manual_seed(0)
+    mlp = RecomputedMlp(16, 64, act_layer=act)
+    x0 = torch.randn(3, 10, 16)
+    assert mlp._plain()
+    results = {}
+    for path in ("function", "checkpoint", "plain"):
+        mlp.zero_grad()
+        x = x0.clone().requires_grad_()
+        mlp.recompute = path != "plain"
+        mlp._plain = (lambda: False) if path == "checkpoint" else RecomputedMlp._plain.__get__(mlp)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = mlp(x)
+        (y.float() * torch.linspace(-1, 1, 16)).sum().backward()
+        results[path] = [y.detach().float(), x.grad] + [p.grad for p in mlp.parameters()]
+        assert all(g.dtype == torch.float32 for g in results[path][1:])
+    del mlp.recompute, mlp._plain
+    for other in ("checkpoint", "plain"):  # the same operators on the same values: equal, bit for bit
+        for a, b in zip(results["function"], results[other]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_mlp_recompute_falls_back_to_checkpoint_for_other_mlps():
+    assert not RecomputedMlp(8, 16, drop=0.1)._plain()
+    assert not RecomputedMlp(8, 16, act_layer=lambda: torch.nn.GELU(approximate="tanh"))._plain()
+    assert not RecomputedMlp(8, 16, bias=False)._plain()
