@@ -8,6 +8,7 @@
 # installed into a private folder first. Fetch them where pip works (the GPU machine's Python is 3.12):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
+# `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last).
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -34,9 +35,12 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b l b_plain b_compile l_compile b_batch l_batch b_compile_train"}
+variants=${*:-"tests b l b_plain b_compile l_compile b_batch l_batch b_compile_train"}
 for v in $variants; do
     case $v in
+        tests) echo "== tests: python -m pytest tests/test_gpu.py"
+            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
+            echo "   exit $?"; tail -3 "$out/tests.log" ;;
         b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
         l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         b_batch) bench b16_batch 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;

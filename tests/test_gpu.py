@@ -1,0 +1,72 @@
+"""GPU-only checks of the fast inference paths (skipped without CUDA; `bash benchmarks/gpu_bench.sh OUT tests` runs
+them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, and replays what an eager run computes; bf16
+weights are bit-identical to autocast's casts; a channels-last backbone matches the NCHW one."""
+import warnings
+
+import pytest
+import torch
+
+import catseg
+from catseg import inference
+from catseg.inference import Segmenter, backbone_channels_last, cast_matmul_weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NAMES = [f"thing {i}" for i in range(6)]
+
+
+def _model():
+    torch.manual_seed(0)
+    return catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=4)
+
+
+def _image():
+    return torch.rand(3, 200, 260, generator=torch.Generator().manual_seed(3))
+
+
+def _predict_without_capture_failure(seg: Segmenter):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = seg.predict(_image(), NAMES)[0]
+    failed = [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
+    assert not failed, failed
+    assert all(entry is not False for entry in inference._GRAPHS[seg.model].values())
+    return out
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_capture_succeeds_and_replays_the_eager_result(compile):
+    model = _model()
+    eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
+    if compile:
+        inference.compile_aggregation(model)
+    graphed = _predict_without_capture_failure(Segmenter(model, device="cuda"))
+    again = Segmenter(model, device="cuda").predict(_image(), NAMES)[0]  # a replay of the captured graph
+    torch.testing.assert_close(torch.from_numpy(again.scores), torch.from_numpy(graphed.scores), rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(graphed.scores), torch.from_numpy(eager.scores), rtol=0, atol=2e-2)
+    assert (graphed.labels == eager.labels).mean() > 0.9
+
+
+def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda():
+    model = _model().cuda().eval()
+    views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            before = model(views, NAMES)
+            cast_matmul_weights(model, torch.bfloat16)
+            after = model(views, NAMES)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    assert torch.equal(before, after)
+
+
+def test_channels_last_backbone_matches_nchw_on_cuda():
+    model = _model().cuda().eval()
+    views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        before = model(views, NAMES).float()
+        backbone_channels_last(model)
+        after = model(views, NAMES).float()
+    torch.testing.assert_close(after, before, rtol=0, atol=0.1)
