@@ -321,7 +321,8 @@ def cast_matmul_weights(model: CatSeg, dtype: torch.dtype = torch.bfloat16) -> C
     as `.to(dtype)` does, so the outputs are bit-identical; norms, embeddings and other parameters keep their dtype,
     and the text tower is left as it is (text is encoded once per vocabulary). The model then needs autocast to
     `dtype` to run its image path (or this function again with torch.float32)."""
-    text = {id(m) for m in model.clip.model.transformer.modules()} if hasattr(model.clip.model, "transformer") else set()
+    tower = getattr(model.clip.model, "transformer", None)
+    text = {id(m) for m in tower.modules()} if tower is not None else set()
     changed = False
     for m in model.modules():
         if id(m) in text or not isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention)):
@@ -338,15 +339,19 @@ def cast_matmul_weights(model: CatSeg, dtype: torch.dtype = torch.bfloat16) -> C
 def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     """Store a convolutional guidance backbone's weights channels-last (NHWC), in place (`enable=False`: back to
     NCHW); returns the model. cuDNN runs bf16 convolutions on tensor cores in NHWC: with NCHW tensors it transposes
-    every convolution's input and output around the kernel (an H200 profile of ViT-B patch inference showed 175 such
-    transposes, 8% of its GPU time, most of them in the ResNet-101). The backbone's feature maps come out NCHW as
-    before; a transformer backbone (Swin) has nothing to convert."""
+    every convolution's input and output around the kernel (an H200 profile of an 847-class ViT-B patch inference
+    showed 175 + 92 such transposes, 8% of its GPU time; 106 of its convolutions are the ResNet-101's). The
+    backbone's feature maps come out NCHW as before; a transformer backbone (Swin) has nothing to convert."""
     body = getattr(model.backbone, "body", None) if model.backbone is not None else None
-    if body is not None and not model.backbone.nhwc:
-        fmt = torch.channels_last if enable else torch.contiguous_format
-        for p in body.parameters():
-            if p.ndim == 4:
-                p.data = p.data.contiguous(memory_format=fmt)  # the same Parameter objects, as cast_matmul_weights
+    if body is None or model.backbone.nhwc:
+        return model
+    fmt = torch.channels_last if enable else torch.contiguous_format
+    changed = False
+    for p in body.parameters():
+        if p.ndim == 4 and not p.is_contiguous(memory_format=fmt):
+            p.data = p.data.contiguous(memory_format=fmt)  # the same Parameter objects, as cast_matmul_weights
+            changed = True
+    if changed:
         _GRAPHS.pop(model, None)  # captured graphs read the old weight tensors
     return model
 
