@@ -86,8 +86,7 @@ class _MlpRecomputeFn(torch.autograd.Function):
             gh = torch.ops.aten.threshold_backward(ga, h, 0) if ctx.relu else torch.ops.aten.gelu_backward(ga, h)
             gx = F.linear(gh, w1.t())
         # weight and bias gradients in the compute dtype (that of h); autograd casts each to its parameter's dtype
-        flat = [t.reshape(-1, t.shape[-1]).to(h.dtype) for t in (gy, a, gh, x)]
-        gy2, a2, gh2, x2 = flat
+        gy2, a2, gh2, x2 = (t.reshape(-1, t.shape[-1]).to(h.dtype) for t in (gy, a, gh, x))
         return gx, gh2.t() @ x2, gh2.sum(0), gy2.t() @ a2, gy2.sum(0), None
 
 

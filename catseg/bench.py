@@ -47,6 +47,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device, counter: Optional[TensorBytes] = None):
         self.device, self.counter, self.peak, self.moved, self.operators = device, counter, None, None, None
+        self.seconds = None  # wall time of the block (the device synchronised at its end)
         self._start = (0, 0)
 
     def __enter__(self):
@@ -63,6 +64,7 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self._base = _rss_status("VmRSS")
+        self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
@@ -75,6 +77,7 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated()
         elif sys.platform.startswith("linux"):
             self.peak = _rss_status("VmHWM") - self._base
+        self.seconds = time.perf_counter() - self._t0
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -121,22 +124,20 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
 
 
 def _finish(step, device, warmup, repeats, profile, profile_step=None,
-            counter=None) -> tuple[Optional[float], PeakMemory, Optional[str]]:
+            counter=None) -> tuple[Optional[float], PeakMemory, Optional[int], Optional[str]]:
+    """(median ms, the first call's PeakMemory, CUDA peak of the later calls, profile table)."""
     # Peak memory of the first call: it runs eagerly (and, on a GPU, captures the CUDA graph that later calls
-    # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report.
-    start = time.perf_counter()
+    # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report. Its time
+    # (mem.seconds) holds compilation, graph capture and cuDNN's algorithm trials.
     with PeakMemory(device, counter) as mem:
         step()
-    mem.first_call_s = time.perf_counter() - start  # with compilation, graph capture, cuDNN's algorithm trials
-    mem.steady_peak = None
     if counter is not None:  # fake tensors: a count, nothing to time
-        return None, mem, None
+        return None, mem, None, None
     if device.type == "cuda":  # the peak of the later calls: without the first call's one-off allocations
         torch.cuda.reset_peak_memory_stats()
     ms = time_ms(step, device, warmup, repeats)
-    if device.type == "cuda":
-        mem.steady_peak = torch.cuda.max_memory_allocated()
-    return ms, mem, profile_table(profile_step or step, device) if profile else None
+    steady = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return ms, mem, steady, profile_table(profile_step or step, device) if profile else None
 
 
 def bench_inference(model, device, precision, num_classes, batch, warmup, repeats, profile=False,
@@ -157,10 +158,10 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
             return predict_labels(model, images, names, cuda_graphs=graphs)
 
     # profiled eagerly: a graph replay shows no per-operator breakdown
-    ms, mem, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
+    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
     return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
-            "images_per_s": _div(1000 * batch, ms), "first_call_s": mem.first_call_s,
-            "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": mem.steady_peak, "bytes_moved": mem.moved,
+            "images_per_s": _div(1000 * batch, ms), "first_call_s": mem.seconds,
+            "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady, "bytes_moved": mem.moved,
             "operators": mem.operators, "profile": table}
 
 
@@ -188,12 +189,11 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
         loss.backward()
         opt.step()
 
-    ms, mem, table = _finish(step, device, warmup, repeats, profile, counter=counter)
+    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, counter=counter)
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
-            "first_call_s": mem.first_call_s, "peak_memory_bytes": mem.peak,
-            "steady_peak_memory_bytes": mem.steady_peak, "bytes_moved": mem.moved, "operators": mem.operators,
-            "profile": table}
+            "first_call_s": mem.seconds, "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady,
+            "bytes_moved": mem.moved, "operators": mem.operators, "profile": table}
 
 
 def main(argv=None) -> dict:

@@ -323,17 +323,10 @@ def cast_matmul_weights(model: CatSeg, dtype: torch.dtype = torch.bfloat16) -> C
     `dtype` to run its image path (or this function again with torch.float32)."""
     tower = getattr(model.clip.model, "transformer", None)
     text = {id(m) for m in tower.modules()} if tower is not None else set()
-    changed = False
-    for m in model.modules():
-        if id(m) in text or not isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention)):
-            continue
-        for p in m.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)  # the same Parameter objects: optimizers and hooks keep them
-                changed = True
-    if changed:
-        _GRAPHS.pop(model, None)  # captured graphs read the old weight tensors
-    return model
+    matmul = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.MultiheadAttention)
+    params = [p for m in model.modules() if id(m) not in text and isinstance(m, matmul)
+              for p in m.parameters(recurse=False) if p.is_floating_point()]
+    return _replace_weights(model, params, lambda p: p.dtype != dtype, lambda t: t.to(dtype))
 
 
 def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
@@ -346,13 +339,19 @@ def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     if body is None or model.backbone.nhwc:
         return model
     fmt = torch.channels_last if enable else torch.contiguous_format
-    changed = False
-    for p in body.parameters():
-        if p.ndim == 4 and not p.is_contiguous(memory_format=fmt):
-            p.data = p.data.contiguous(memory_format=fmt)  # the same Parameter objects, as cast_matmul_weights
-            changed = True
-    if changed:
-        _GRAPHS.pop(model, None)  # captured graphs read the old weight tensors
+    return _replace_weights(model, [p for p in body.parameters() if p.ndim == 4],
+                            lambda p: not p.is_contiguous(memory_format=fmt),
+                            lambda t: t.contiguous(memory_format=fmt))
+
+
+def _replace_weights(model: CatSeg, params, needs, convert) -> CatSeg:
+    """Replace the data of each parameter p of `params` for which needs(p) by convert(p.data): the same Parameter
+    objects, so optimizers and hooks keep them; captured CUDA graphs, which read the old tensors, are dropped."""
+    todo = [p for p in params if needs(p)]
+    for p in todo:
+        p.data = convert(p.data)
+    if todo:
+        _GRAPHS.pop(model, None)
     return model
 
 
