@@ -32,7 +32,7 @@ from . import create_model
 from . import inference
 from .aggregation import RecomputedMlp
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
-from .memcount import TensorBytes, counting
+from .memcount import TensorBytes, counting, mha_unfused
 from .ops import one_hot_bce_with_logits, resize
 
 
@@ -254,14 +254,8 @@ def main(argv=None) -> dict:
             m.recompute = not args.no_mlp_recompute
     if not args.count_memory:
         return _run(args, argv, model, device, precision, None)
-    # As on a GPU, where autocast keeps nn.MultiheadAttention off its fused path (CPU autocast does not)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with counting(model) as counter:
-            return _run(args, argv, model, device, precision, counter)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    with mha_unfused(), counting(model) as counter:  # attention as a GPU runs it under autocast
+        return _run(args, argv, model, device, precision, counter)
 
 
 def _run(args, argv, model, device, precision, counter) -> dict:

@@ -79,6 +79,18 @@ def _span(t: torch.Tensor) -> int:
 
 
 @contextmanager
+def mha_unfused():
+    """Inside: nn.MultiheadAttention takes its unfused path, as it does under CUDA autocast (CPU autocast leaves its
+    fused path on, another computation with other kernels), so a CPU run counts and computes what a GPU runs."""
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+
+
+@contextmanager
 def fake_tensors(model: nn.Module, device: Optional[torch.device] = None):
     """Inside: the model's parameters and buffers are fake and every tensor created is fake. The model keeps its
     fake weights afterwards. Cached constant tensors (interpolation matrices, masks) are dropped on the way in and

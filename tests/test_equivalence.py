@@ -225,25 +225,21 @@ def test_bf16_matmul_weights_give_bit_identical_autocast_outputs():
     fp32; casting back to fp32 runs plain fp32 again. nn.MultiheadAttention's fused path is off, as under CUDA autocast
     (CPU autocast does not turn it off, and the fused kernel is another computation)."""
     from catseg.inference import cast_matmul_weights
+    from catseg.memcount import mha_unfused
 
     torch.manual_seed(0)
     model = catseg.create_model("catseg_tiny", zero_init_residual=False).eval()
     names = [f"thing {i}" for i in range(6)]
     views = torch.rand(5, 3, model.image_size, model.image_size)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            plain = model(views, names)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                before = model(views, names)
-                cast_matmul_weights(model, torch.bfloat16)
-                after = model(views, names)
-            dtypes = {n: p.dtype for n, p in model.named_parameters()}
-            cast_matmul_weights(model, torch.float32)
-            back = model(views, names)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    with mha_unfused(), torch.no_grad():
+        plain = model(views, names)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before = model(views, names)
+            cast_matmul_weights(model, torch.bfloat16)
+            after = model(views, names)
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        cast_matmul_weights(model, torch.float32)
+        back = model(views, names)
     assert torch.equal(before, after)
     bf16 = {n for n, d in dtypes.items() if d == torch.bfloat16}
     assert any(n.startswith("clip.model.visual.") and "attn.in_proj" in n for n in bf16)
