@@ -118,6 +118,34 @@ def test_optimizer_groups_separate_learning_rates_and_no_decay_for_vectors():
     assert "backbone" not in {g["name"] for g in optimizer.param_groups}  # lr 0 = not optimised at all
 
 
+def test_fused_optimizer_steps_equal_the_per_parameter_adamw():
+    import catseg
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny")
+    model.set_clip_trainable("attention")
+    cfg = OptimConfig(lr=1e-3, clip_lr=1e-4, backbone_lr=1e-4, weight_decay=0.05)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fused = build_optimizer(model.parameter_groups(), cfg)
+    assert all(g["fused"] for g in fused.param_groups)
+    named = model.parameter_groups()
+    plain_params = {n: p.detach().clone().requires_grad_(True) for group in named.values() for n, p in group}
+    plain = torch.optim.AdamW(param_groups({k: [(n, plain_params[n]) for n, _ in v] for k, v in named.items()}, cfg),
+                              betas=cfg.betas, eps=cfg.eps, foreach=False)
+    live = dict(model.named_parameters())
+    for step in range(3):
+        for n, p in plain_params.items():
+            grad = torch.randn_like(p)
+            p.grad, live[n].grad = grad, grad.clone()
+        fused.step()
+        plain.step()
+    moved = 0
+    for n, p in plain_params.items():
+        torch.testing.assert_close(live[n].detach(), p.detach(), rtol=1e-5, atol=1e-7, msg=n)
+        moved += not torch.equal(live[n].detach(), reference[n])
+    assert moved == len(plain_params)  # every trainable parameter took the steps
+
+
 def test_pixel_bce_masks_ignore_pixels_or_uses_zero_targets():
     logits = torch.tensor([[[[2.0, -1.0]]], [[[0.5, 3.0]]]]).permute(1, 0, 2, 3)  # (1, 2 classes, 1, 2)
     labels = torch.tensor([[[1, 255]]])
