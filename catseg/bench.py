@@ -185,9 +185,9 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
         logits = resize(logits.float(), (s, s))
         valid = labels != 255
         loss = (one_hot_bce_with_logits(logits, labels, valid) * valid).sum() / (valid.sum() * num_classes)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # as the training loop does: no gradients held through the next forward
 
     ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, counter=counter)
     model.eval()
