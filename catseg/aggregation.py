@@ -21,9 +21,14 @@ from .ops import GroupNorm, LayerNorm, resize, tensor_cache
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
-    """Consecutive slices covering range(n), each at most `chunk` long (one slice when chunk is None)."""
-    step = n if not chunk else chunk
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    """Consecutive slices covering range(n), as few as allow each at most `chunk` long (one slice when chunk is None),
+    their lengths as equal as can be (847 classes in chunks of 128: seven of 121, not six of 128 and one of 79).
+    Fewer distinct chunk shapes are fewer shapes to compile, and no chunk is left with a single class."""
+    if not chunk or n <= chunk:
+        return [slice(0, n)]
+    count = -(-n // chunk)
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 @tensor_cache(maxsize=16)
@@ -249,34 +254,34 @@ class ClassAggregation(nn.Module):
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
         """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
-        b, n, c, h, w = x.shape
         g = None
         if guidance is not None and self.guidance_norm is not None:
             g = self.guidance_norm(guidance)[None, None]  # (1, 1, N, G)
-        heads = self.num_heads
-        kv = x.new_zeros(0)
-        z = x.new_zeros(0)
+        kv = z = None
         for sl in chunks:  # pass 1: the key/value summary over all classes
-            t = self.norm1(self._tokens(x[:, sl]))
-            gi = None if g is None else g[:, :, sl]
-            k = _elu_feature_map(rearrange(self._qk(self.k, t, gi), "b p n (h d) -> b p n h d", h=heads))
-            v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=heads)
-            kv_i = torch.einsum("bpnhd,bpnhe->bphde", k, v)
-            z_i = k.sum(dim=2)
-            kv, z = (kv_i, z_i) if kv.numel() == 0 else (kv + kv_i, z + z_i)
-        outs = []
-        for sl in chunks:  # pass 2: queries of each chunk read the summary
-            xs = x[:, sl]
-            t0 = self._tokens(xs)
-            t = self.norm1(t0)
-            gi = None if g is None else g[:, :, sl]
-            q = _elu_feature_map(rearrange(self._qk(self.q, t, gi), "b p n (h d) -> b p n h d", h=heads))
-            num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
-            den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
-            y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
-            y = y + self.mlp(self.norm2(y))
-            outs.append(self._residual(xs, y - t0))
-        return torch.cat(outs, dim=1)
+            kv_i, z_i = self.summary(x[:, sl], None if g is None else g[:, :, sl])
+            kv, z = (kv_i, z_i) if kv is None else (kv + kv_i, z + z_i)
+        # pass 2: the queries of each chunk read the summary
+        return torch.cat([self.update(x[:, sl], None if g is None else g[:, :, sl], kv, z) for sl in chunks], dim=1)
+
+    def summary(self, xs: torch.Tensor, g: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk's share of the summary: xs (B, n, C, H, W), g (1, 1, n, G) or None -> S (B, P, heads, d, d)
+        and z (B, P, heads, d), P pixels."""
+        t = self.norm1(self._tokens(xs))
+        k = _elu_feature_map(rearrange(self._qk(self.k, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
+        v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=self.num_heads)
+        return torch.einsum("bpnhd,bpnhe->bphde", k, v), k.sum(dim=2)
+
+    def update(self, xs: torch.Tensor, g: Optional[torch.Tensor], kv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The block's output for one chunk xs (B, n, C, H, W), its queries reading the summary (kv, z)."""
+        t0 = self._tokens(xs)
+        t = self.norm1(t0)
+        q = _elu_feature_map(rearrange(self._qk(self.q, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
+        num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
+        den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
+        y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
+        y = y + self.mlp(self.norm2(y))
+        return self._residual(xs, y - t0)
 
     def _residual(self, xs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         b, n, c, h, w = xs.shape

@@ -360,12 +360,23 @@ def compile_aggregation(model: CatSeg, **compile_kwargs) -> CatSeg:
 
     Their parameters and state_dict keys stay as they are. Inductor fuses the norms, activations, residual adds and
     layout copies that an eager run does one by one (an eager 847-class ViT-B patch inference moves about 340 GB
-    through memory: `python -m catseg.bench --count-memory`). Each new shape (views, class chunk) compiles on its first
-    call, which takes seconds to minutes; CLIP and the backbone stay eager. `compile_kwargs` go to torch.compile.
+    through memory: `python -m catseg.bench --count-memory`). What is compiled is the work on one class chunk (the
+    spatial aggregation, the class aggregation's two passes, the decoder), not the loops over chunks, so the compiled
+    code is the same size for 20 classes as for 847. Each chunk shape compiles on its first call (seconds to a
+    minute or two); after a second size of a dimension torch.compile makes that dimension dynamic, so later
+    vocabulary sizes reuse the compiled code. CLIP and the backbone stay eager. `compile_kwargs` go to
+    torch.compile. Calling it again on a compiled model does nothing.
     """
+    if getattr(model, "_aggregation_compiled", False):
+        return model
     for layer in model.layers:
-        layer.compile(**compile_kwargs)
+        if layer.spatial is not None:
+            layer.spatial.compile(**compile_kwargs)
+        if layer.klass is not None:
+            layer.klass.summary = torch.compile(layer.klass.summary, **compile_kwargs)
+            layer.klass.update = torch.compile(layer.klass.update, **compile_kwargs)
     model.decode = torch.compile(model.decode, **compile_kwargs)
+    model._aggregation_compiled = True
     return model
 
 

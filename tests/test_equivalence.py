@@ -64,6 +64,14 @@ def naive_class_aggregation(mod: ClassAggregation, x, guidance):
     return y.view(b, h, w, n, c).permute(0, 3, 4, 1, 2)
 
 
+@pytest.mark.parametrize("n, chunk, sizes", [(847, 128, [121] * 7), (150, 128, [75, 75]), (129, 128, [64, 65]),
+                                              (13, 4, [3, 3, 3, 4]), (128, 128, [128]), (5, None, [5]), (1, 4, [1])])
+def test_class_chunks_are_as_few_and_as_even_as_the_chunk_size_allows(n, chunk, sizes):
+    slices = chunk_slices(n, chunk)
+    assert [s.stop - s.start for s in slices] == sizes
+    assert slices[0].start == 0 and slices[-1].stop == n and all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+
+
 @pytest.mark.parametrize("chunk", [None, 1, 3, 5])
 def test_chunked_linear_class_attention_equals_explicit(chunk):
     torch.manual_seed(1)

@@ -161,7 +161,9 @@ def test_peak_memory_sublinear_when_chunked():
 
 def test_compiled_aggregation_segments_like_the_eager_model():
     """Segmenter(compile=True) compiles the aggregation layers and decoder in place: same scores and labels, same
-    state_dict keys; two class-chunk shapes (4 and 2 classes) each get their compiled code."""
+    state_dict keys. What is compiled is the work on one class chunk, not the loop over chunks, and the class
+    dimension turns dynamic after its second size: once a vocabulary in chunks of new sizes has compiled again,
+    vocabularies of other sizes in more chunks reuse the compiled code."""
     import catseg
 
     torch.manual_seed(0)
@@ -171,13 +173,22 @@ def test_compiled_aggregation_segments_like_the_eager_model():
     image = torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(3))
     from torch._dynamo.utils import counters
 
-    eager = Segmenter(model, device="cpu", class_chunk_size=4).predict(image, names)[0]
+    more = [f"more {i}" for i in range(14)]
+    eager, eager_more = (Segmenter(model, device="cpu", class_chunk_size=4).predict(image, v)[0] for v in (names, more))
     graphs = counters["stats"]["unique_graphs"]
     compiled = Segmenter(model, device="cpu", class_chunk_size=4, compile=True).predict(image, names)[0]
     assert counters["stats"]["unique_graphs"] > graphs  # compiled code ran
     assert list(model.state_dict()) == keys
     np.testing.assert_allclose(compiled.scores, eager.scores, rtol=1e-4, atol=1e-6)
     assert (compiled.labels == eager.labels).mean() > 0.999
+
+    segmenter = Segmenter(model, device="cpu", class_chunk_size=4, compile=True)  # compiling again does nothing
+    segmenter.predict(image, [f"other {i}" for i in range(11)])  # chunks of 3, 4, 4: the class dimension turns dynamic
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = segmenter.predict(image, more)[0]  # chunks of 3, 3, 4, 4
+    segmenter.predict(image, names[:5] + more[:4])  # chunks of 3, 3, 3
+    assert counters["stats"]["unique_graphs"] == graphs
+    np.testing.assert_allclose(compiled.scores, eager_more.scores, rtol=1e-4, atol=1e-6)
 
 
 class HostTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
