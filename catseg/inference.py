@@ -380,6 +380,16 @@ def compile_aggregation(model: CatSeg, **compile_kwargs) -> CatSeg:
     return model
 
 
+def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False) -> CatSeg:
+    """Ready `model` for inference in place, as `Segmenter` does; returns it. bf16 (to run under bf16 autocast):
+    the image path's matmul weights stored in bf16 (`cast_matmul_weights`); otherwise they are put back to fp32 if an
+    earlier call cast them. A convolutional guidance backbone goes channels-last (`backbone_channels_last`), and
+    `compile` compiles the aggregation and decoder (`compile_aggregation`)."""
+    cast_matmul_weights(model, torch.bfloat16 if bf16 else torch.float32)
+    backbone_channels_last(model)
+    return compile_aggregation(model) if compile else model
+
+
 class Segmenter:
     """Segment images with any vocabulary: `Segmenter(model).predict(images, ["cat", "dog", "grass"])`."""
 
@@ -387,18 +397,12 @@ class Segmenter:
                  precision: str = "auto", class_chunk_size: Optional[int] = DEFAULT_CLASS_CHUNK,
                  cuda_graphs: bool = True, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
-        if compile:  # the aggregation layers and decoder, in place (see compile_aggregation)
-            compile_aggregation(self.model)
-        if class_chunk_size is not None and self.model.config.class_chunk_size is None:
-            self.model.config.class_chunk_size = class_chunk_size
+        if class_chunk_size is not None and model.config.class_chunk_size is None:
+            model.config.class_chunk_size = class_chunk_size
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        # bf16: the image path's matmul weights stored in bf16 (autocast would cast them on every call); fp32 puts
-        # them back if an earlier bf16 Segmenter cast them
-        cast_matmul_weights(self.model, torch.bfloat16 if self.bf16 else torch.float32)
-        backbone_channels_last(self.model)
+        self.model = prepare_inference(model.to(self.device).eval(), self.bf16, compile)
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs  # replay each (batch shape, vocabulary) from a CUDA graph on a GPU
 

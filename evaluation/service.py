@@ -34,6 +34,7 @@ from pathlib import Path
 
 from evaluation.benchmarks import BENCHMARKS, parse_benchmarks
 from evaluation.evaluate import (
+    PRECISIONS,
     EvalConfig,
     EvaluationInterrupted,
     parse_shard_dirs,
@@ -77,6 +78,8 @@ class ServiceConfig:
     limit: int | None = None  # evaluate only the first N images of each benchmark
     rule: str = DEFAULT_RULE  # metric rule, named in every report
     cpu: bool = False  # evaluate on CPU even when a GPU is present
+    precision: str = "fp32"  # fp32 or bf16 (bf16 autocast and weights: the fast path on a GPU)
+    compile: bool = False  # torch.compile the aggregation and decoder
     once: bool = False  # evaluate what is there (with retries), then exit instead of watching
     retries: int = 1  # further attempts after a failed evaluation
     out: Path | None = None  # report folders go to <out>/<checkpoint>; None: RUN_DIR/eval
@@ -107,6 +110,8 @@ class ServiceConfig:
             rule=self.rule,
             cpu=self.cpu,
             progress=False,
+            precision=self.precision,
+            compile=self.compile,
         )
 
 
@@ -383,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule", default=DEFAULT_RULE, choices=list(RULES), help="rule for classes absent from the ground truth"
     )
     p.add_argument("--cpu", action="store_true", help="evaluate on CPU even when a GPU is present")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default) or bf16: bf16 autocast and weights, the fast path on a GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the aggregation and decoder")
     p.add_argument("--once", action="store_true", help="evaluate the checkpoints present, then exit")
     p.add_argument("--retries", type=int, default=1, help="further attempts after a failure (default 1)")
     p.add_argument("--out", type=Path, help="report folders root (default RUN_DIR/eval)")
@@ -407,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             rule=args.rule,
             cpu=args.cpu,
+            precision=args.precision,
+            compile=args.compile,
             once=args.once,
             retries=args.retries,
             out=args.out,

@@ -94,6 +94,25 @@ def test_evaluate_end_to_end_on_synthetic_shards(synthetic_root, run_dir, tmp_pa
     assert report2["benchmarks"]["synthetic"]["miou"] == pytest.approx(summarize(conf, "absent_as_zero")["miou"])
 
 
+def test_bf16_and_compiled_evaluations_score_like_fp32(synthetic_root, run_dir, tmp_path):
+    """--precision bf16 runs the fast path (bf16 autocast and weights), --compile the compiled aggregation and
+    decoder; each names itself in the report and counts nearly the pixels the fp32 evaluation counts."""
+    args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "synthetic", "--shards", str(synthetic_root),
+            "--limit", "2", "--no-progress"]
+    conf, reports = {}, {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16"]), ("compiled", ["--compile"])):
+        assert main(args + ["--out", str(tmp_path / name)] + extra) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+        conf[name] = np.load(tmp_path / name / "synthetic_confusion.npy")
+    assert [(r["precision"], r["compile"]) for r in reports.values()] == [("fp32", False), ("bf16", False),
+                                                                          ("fp32", True)]
+    total = conf["fp32"].sum()
+    for name in ("bf16", "compiled"):
+        assert conf[name].sum() == total
+        # the same pixels predicted as the same class, up to a few that bf16 rounding or fused kernels tip over
+        assert np.abs(conf[name] - conf["fp32"]).sum() / 2 <= (0.02 if name == "bf16" else 0.002) * total, name
+
+
 def _write_voc20b_shards(folder: Path, count: int = 2, size: int = 48) -> Path:
     """A small PAS-20b validation folder written through data_prep's shard format, labels 0..20 and ignore."""
     from data_prep.sources import Voc20Background
@@ -183,6 +202,8 @@ def test_bad_input_is_reported_clearly(synthetic_root, run_dir, tmp_path, capsys
         EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, limit=0)
     with pytest.raises(ValueError, match="EvalConfig.rule must be one of: present, absent_as_zero"):
         EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, rule="mmseg")
+    with pytest.raises(ValueError, match="EvalConfig.precision must be one of: fp32, bf16; got 'fp16'"):
+        EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, precision="fp16")
 
 
 def test_coco_stuff_val_converted_by_data_prep_is_found_by_name(run_dir, tmp_path):
