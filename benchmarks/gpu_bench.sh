@@ -35,7 +35,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"tests b l b_plain b_compile l_compile b_batch l_batch b_compile_train"}
+variants=${*:-"tests b_compile l_compile b_compile_train l_compile_train b l b_batch"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -52,7 +52,8 @@ for v in $variants; do
         b_eager) bench b16_eager 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cuda-graphs --no-train ;;
         b_plain) bench b16_plain 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-train \
             --no-bf16-weights --no-channels-last-backbone ;;
-        b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train ;;
+        b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train \
+            --profile ;;
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
         b_compile_train) bench b16_compile_train 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile --no-inference ;;
         l_compile_train) bench l14_compile_train 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile --no-inference ;;
