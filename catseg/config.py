@@ -41,6 +41,10 @@ class CatSegConfig:
     backbone_model: str = "resnet101.tv_in1k"  # timm model name (with pretrained tag)
     backbone_indices: tuple = (1, 2, 3)  # timm feature stages at strides 4, 8, 16
     backbone_frozen: bool = False  # Swin-B is frozen in the paper's ViT-L/H/G models
+    # BatchNorm of the backbone frozen in training: its statistics and affine weights stay as loaded and it normalises
+    # with the running statistics, as the reference's ResNet (detectron2's FrozenBN); off for a backbone trained from
+    # scratch
+    backbone_frozen_bn: bool = True
     backbone_out_norm: bool = False  # LayerNorm on each backbone output (the release's detectron2 Swin wrapper)
     # aggregation
     embed_dim: int = 128  # d_F, the cost embedding width

@@ -383,7 +383,21 @@ class CatSeg(nn.Module):
                 p.requires_grad_(False)
         if self.backbone is not None:
             self.backbone.requires_grad_(not self.config.backbone_frozen)
+            for bn in self._frozen_batch_norms():
+                bn.requires_grad_(False)
         self.finetune_mode = mode
+
+    def _frozen_batch_norms(self) -> list[nn.Module]:
+        if self.backbone is None or not self.config.backbone_frozen_bn:
+            return []
+        return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> "CatSeg":
+        """As nn.Module.train; a frozen-BatchNorm backbone's norms stay in eval mode (see `backbone_frozen_bn`)."""
+        super().train(mode)
+        for bn in self._frozen_batch_norms():
+            bn.eval()
+        return self
 
     def trainable_parameter_names(self) -> list[str]:
         """Names of the parameters that receive gradients."""

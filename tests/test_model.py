@@ -121,6 +121,31 @@ def test_frozen_backbone_preset_field():
     assert model.parameter_groups()["backbone"] == []
 
 
+@pytest.mark.parametrize("frozen_bn", [True, False])
+def test_backbone_batch_norm_frozen_in_training_as_the_reference(frozen_bn):
+    """backbone_frozen_bn (the default; off in the tiny preset, whose backbone trains from scratch): in training the
+    ResNet's BatchNorms normalise with their running statistics and neither those nor their affine weights change,
+    while its convolutions train."""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", backbone_frozen_bn=frozen_bn, zero_init_residual=False).train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(bn.training != frozen_bn for bn in bns)
+    names = {n for n, _ in model.parameter_groups()["backbone"]}
+    assert any(n.endswith("conv1.weight") for n in names)
+    assert any(".bn" in n for n in names) != frozen_bn
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.rand(2, 3, 128, 128), ["cat", "dog", "grass"]).square().mean().backward()
+    opt.step()
+    after = model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "body.conv1.0.weight" in changed  # the stem (timm zero-initialises each block's last norm)
+    bn_state = {k for k in before if ".bn" in k and not k.endswith("num_batches_tracked")}
+    assert (changed & bn_state == set()) == frozen_bn
+    model.eval().train()  # switching modes keeps the norms frozen
+    assert all(bn.training != frozen_bn for bn in bns)
+
+
 # -- presets on the meta device ----------------------------------------------------------------------------------
 def _block(w, m):
     # ln_1, attn in-proj (qkv) + out-proj, ln_2, mlp fc + proj
