@@ -24,10 +24,10 @@ def _image():
     return torch.rand(3, 200, 260, generator=torch.Generator().manual_seed(3))
 
 
-def _predict_without_capture_failure(seg: Segmenter):
+def _predict_without_capture_failure(seg: Segmenter, names=NAMES):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = seg.predict(_image(), NAMES)[0]
+        out = seg.predict(_image(), names)[0]
     failed = [str(w.message) for w in caught if "CUDA graph capture failed" in str(w.message)]
     assert not failed, failed
     assert all(entry is not False for entry in inference._GRAPHS[seg.model].values())
@@ -45,6 +45,21 @@ def test_graph_capture_succeeds_and_replays_the_eager_result(compile):
     torch.testing.assert_close(torch.from_numpy(again.scores), torch.from_numpy(graphed.scores), rtol=0, atol=0)
     torch.testing.assert_close(torch.from_numpy(graphed.scores), torch.from_numpy(eager.scores), rtol=0, atol=2e-2)
     assert (graphed.labels == eager.labels).mean() > 0.9
+
+
+def test_compiled_code_with_a_dynamic_class_dimension_captures_and_matches_eager():
+    """Vocabularies in chunks of new sizes make the compiled class dimension dynamic; the dynamic code captures too
+    and computes what the eager model does."""
+    model = _model()
+    vocabularies = [NAMES, [f"other {i}" for i in range(11)], [f"more {i}" for i in range(14)]]  # chunks 3,3 / 3,4,4
+    eager = [Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), v)[0] for v in vocabularies]
+    inference.compile_aggregation(model)
+    seg = Segmenter(model, device="cuda")
+    for names, reference in zip(vocabularies, eager):
+        out = _predict_without_capture_failure(seg, names)
+        torch.testing.assert_close(torch.from_numpy(out.scores), torch.from_numpy(reference.scores), rtol=0,
+                                   atol=2e-2)
+        assert (out.labels == reference.labels).mean() > 0.9
 
 
 def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda():
