@@ -213,6 +213,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
+    p.add_argument("--compile-encoders", action="store_true",
+                   help="torch.compile CLIP's image blocks and the guidance backbone (catseg.inference.compile_encoders)")
     p.add_argument("--no-mlp-recompute", action="store_true",
                    help="keep the aggregation MLPs' hidden activations for backward instead of recomputing them")
     p.add_argument("--count-memory", action="store_true",
@@ -231,8 +233,9 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
-    if args.count_memory and (args.compile or args.profile):
-        p.error("--count-memory runs on fake tensors: it cannot be combined with --compile or --profile")
+    if args.count_memory and (args.compile or args.compile_encoders or args.profile):
+        p.error("--count-memory runs on fake tensors: it cannot be combined with --compile, --compile-encoders or "
+                "--profile")
 
     device = torch.device("cpu" if args.count_memory else args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" or args.count_memory else "fp32")
@@ -247,6 +250,8 @@ def main(argv=None) -> dict:
         model.to(memory_format=torch.channels_last)
     if args.compile:  # the aggregation layers and the decoder, as Segmenter(compile=True) does
         inference.compile_aggregation(model)
+    if args.compile_encoders:
+        inference.compile_encoders(model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     for m in model.modules():
@@ -264,7 +269,8 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "precision": precision, "class_chunk": args.class_chunk,
-        "compile": args.compile, "channels_last": args.channels_last, "cuda_graphs": not args.no_cuda_graphs,
+        "compile": args.compile, "compile_encoders": args.compile_encoders, "channels_last": args.channels_last,
+        "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,

@@ -380,6 +380,25 @@ def compile_aggregation(model: CatSeg, **compile_kwargs) -> CatSeg:
     return model
 
 
+def compile_encoders(model: CatSeg, **compile_kwargs) -> CatSeg:
+    """torch.compile CLIP's image blocks and a timm guidance backbone of `model` in place; returns the model.
+
+    The blocks before CLIP's last one (the last runs its value path only, see `ClipEncoder.encode_dense`) share one
+    compiled code; the backbone is compiled whole. What it fuses: norms, activations, residual adds and autocast's
+    casts between the matrix products. Parameters and state_dict keys stay as they are; the text tower (run once
+    per vocabulary) stays eager. An experiment next to `compile_aggregation` (`python -m catseg.bench --compile
+    --compile-encoders`); calling it again does nothing.
+    """
+    if getattr(model, "_encoders_compiled", False):
+        return model
+    for block in model.clip.model.visual.transformer.resblocks[:-1]:
+        block.compile(**compile_kwargs)
+    if model.backbone is not None:
+        model.backbone.body.compile(**compile_kwargs)
+    model._encoders_compiled = True
+    return model
+
+
 def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False) -> CatSeg:
     """Ready `model` for inference in place, as `Segmenter` does; returns it. bf16 (to run under bf16 autocast):
     the image path's matmul weights stored in bf16 (`cast_matmul_weights`); otherwise they are put back to fp32 if an
