@@ -297,6 +297,11 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         # training as the trainer runs it: fp32 weights (autocast casts them), NCHW backbone
         inference.cast_matmul_weights(model, torch.float32)
         inference.backbone_channels_last(model, args.channels_last)
+        if batches and (args.compile or args.compile_encoders):
+            # A trainer compiles for its one class count; after inference at other counts torch.compile would
+            # compile the training step with a dynamic class dimension (and its backward), which takes many times
+            # longer (minutes on a GPU) and is not what training runs.
+            torch._dynamo.reset()
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
                            args.repeats, args.profile, counter)
         result["training"] = r
