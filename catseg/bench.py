@@ -213,8 +213,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
-    p.add_argument("--compile-encoders", action="store_true",
-                   help="torch.compile CLIP's image blocks and the guidance backbone (catseg.inference.compile_encoders)")
+    p.add_argument("--compile-encoders", action="store_true", help="torch.compile CLIP's image blocks and the "
+                   "guidance backbone (catseg.inference.compile_encoders)")
     p.add_argument("--no-mlp-recompute", action="store_true",
                    help="keep the aggregation MLPs' hidden activations for backward instead of recomputing them")
     p.add_argument("--count-memory", action="store_true",

@@ -187,6 +187,7 @@ class CatSeg(nn.Module):
         self._text_version = 0
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_text_cache())
         self.set_clip_trainable(cfg.finetune)
+        self.train()  # training mode as any new module, with a frozen-BatchNorm backbone's norms in eval mode
 
     def _zero_init_residual_branches(self) -> None:
         # Random aggregation blocks add large class-agnostic outputs to the small cosine-similarity signal and stall

@@ -26,9 +26,9 @@ def _tiny_clip(vision_layers: int) -> dict:
 _TINY = dict(
     image_size=128, clip_image_size=128, clip_model="tiny", clip_pretrained="none", clip_quick_gelu=False,
     clip_cfg=_tiny_clip(vision_layers=2), clip_context_length=16, prompt_templates="simple4",
-    backbone_model="resnet10t", backbone_frozen_bn=False, embed_dim=32, num_heads=2, window_size=4, appearance_guidance_dim=32,
-    text_guidance_dim=32, decoder_dims=(16, 8), decoder_guidance_dims=(8, 4), inference_size=192,
-    inference_stride=64)
+    backbone_model="resnet10t", backbone_frozen_bn=False, embed_dim=32, num_heads=2, window_size=4,
+    appearance_guidance_dim=32, text_guidance_dim=32, decoder_dims=(16, 8), decoder_guidance_dims=(8, 4),
+    inference_size=192, inference_stride=64)
 
 PRESETS: dict[str, dict] = {
     # CLIP ViT-B/16 (OpenAI) at 384 (positional embedding resized 14 -> 24), ResNet-101 guidance, lr x0.01

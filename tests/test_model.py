@@ -127,7 +127,7 @@ def test_backbone_batch_norm_frozen_in_training_as_the_reference(frozen_bn):
     ResNet's BatchNorms normalise with their running statistics and neither those nor their affine weights change,
     while its convolutions train."""
     torch.manual_seed(0)
-    model = catseg.create_model("catseg_tiny", backbone_frozen_bn=frozen_bn, zero_init_residual=False).train()
+    model = catseg.create_model("catseg_tiny", backbone_frozen_bn=frozen_bn, zero_init_residual=False)  # training mode
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(bn.training != frozen_bn for bn in bns)
     names = {n for n, _ in model.parameter_groups()["backbone"]}
