@@ -72,15 +72,18 @@ python3 - "$out" <<'PY'
 import glob, json, os, sys
 def f(v, spec):
     return format(v, spec) if v is not None else format("n/a", spec.rstrip("f").split(".")[0] or "")
-print(f"\n{'run':22s} {'classes':>7s} {'batch':>5s} {'ms/img':>8s} {'img/s':>8s} {'peak GiB':>8s} {'later':>6s}")
+print(f"\n{'run':22s} {'classes':>7s} {'batch':>5s} {'ms/img':>8s} {'img/s':>8s} {'peak GiB':>8s} {'later':>6s} "
+      f"{'first s':>7s}")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     r = json.load(open(path))
     name = os.path.basename(path)[:-5]
     for x in r["inference"]:
         print(f"{name:22s} {x['classes']:7d} {x['batch']:5d} {f(x['ms_per_image'], '8.2f')} {f(x['images_per_s'], '8.1f')} "
-              f"{(x['peak_memory_bytes'] or 0) / 2**30:8.2f} {(x.get('steady_peak_memory_bytes') or 0) / 2**30:6.2f}")
+              f"{(x['peak_memory_bytes'] or 0) / 2**30:8.2f} {(x.get('steady_peak_memory_bytes') or 0) / 2**30:6.2f} "
+              f"{f(x.get('first_call_s'), '7.1f')}")
     t = r.get("training")
     if t:
         print(f"{name:22s} {t['classes']:7d} {t['batch']:5d} {f(t['ms_per_step'], '8.2f')} {'train':>8s} "
-              f"{(t['peak_memory_bytes'] or 0) / 2**30:8.2f} {(t.get('steady_peak_memory_bytes') or 0) / 2**30:6.2f}")
+              f"{(t['peak_memory_bytes'] or 0) / 2**30:8.2f} {(t.get('steady_peak_memory_bytes') or 0) / 2**30:6.2f} "
+              f"{f(t.get('first_call_s'), '7.1f')}")
 PY
