@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Optional
 
 import open_clip
@@ -116,6 +117,7 @@ class ClipEncoder(nn.Module):
         for _, attn in attention_modules(self.model):
             attn.register_load_state_dict_pre_hook(_match_qkv_layout)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=cfg.clip_context_length)
+        self._prompt_cache: OrderedDict = OrderedDict()
         self.width = visual.conv1.out_channels
         self.embed_dim = model_cfg["embed_dim"]
         self.grad_checkpointing = False
@@ -164,20 +166,35 @@ class ClipEncoder(nn.Module):
         A name with comma-separated synonyms averages their embeddings (synonyms="mean") or uses the first
         (synonyms="first", as the later release does).
         """
-        synonyms = [split_synonyms(n) for n in class_names]
-        if self.synonyms == "first":
-            synonyms = [s[:1] for s in synonyms]
-        prompts = [t.format(s) for syns in synonyms for s in syns for t in self.templates]
-        device = self.model.token_embedding.weight.device
-        tokens = self.tokenizer(prompts)
-        feats = torch.cat([self.model.encode_text(tokens[i:i + batch_size].to(device), normalize=True)
-                           for i in range(0, len(prompts), batch_size)])
+        tokens, owner, counts = self.prompt_tokens(class_names)
+        feats = torch.cat([self.model.encode_text(tokens[i:i + batch_size], normalize=True)
+                           for i in range(0, tokens.shape[0], batch_size)])
         feats = feats.view(-1, len(self.templates), feats.shape[-1])
-        # built on the host: repeat_interleave on the device would wait for it to learn the output size
-        counts = torch.tensor([len(s) for s in synonyms], device=feats.device)
-        owner = torch.tensor([i for i, syns in enumerate(synonyms) for _ in syns], device=feats.device)
         summed = feats.new_zeros(len(class_names), *feats.shape[1:]).index_add_(0, owner, feats)
         return F.normalize(summed / counts.view(-1, 1, 1), dim=-1)
+
+    def prompt_tokens(self, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens of every synonym x template prompt, the class of each synonym, synonyms per class), on the
+        model's device; cached for the last two vocabularies. Tokenizing is host work: a training step whose text
+        tower trains encodes its vocabulary every step and would otherwise repeat it, and torch.compile cannot
+        trace the tokenizer."""
+        device = self.model.token_embedding.weight.device
+        key = (tuple(class_names), str(device))
+        hit = self._prompt_cache.get(key)
+        if hit is None:
+            synonyms = [split_synonyms(n) for n in class_names]
+            if self.synonyms == "first":
+                synonyms = [s[:1] for s in synonyms]
+            prompts = [t.format(s) for syns in synonyms for s in syns for t in self.templates]
+            # owner and counts built on the host: repeat_interleave on the device would wait for it to learn the
+            # output size
+            hit = (self.tokenizer(prompts).to(device),
+                   torch.tensor([i for i, syns in enumerate(synonyms) for _ in syns], device=device),
+                   torch.tensor([len(s) for s in synonyms], device=device))
+            self._prompt_cache[key] = hit
+            while len(self._prompt_cache) > 2:
+                self._prompt_cache.popitem(last=False)
+        return hit
 
     # -- parameters -------------------------------------------------------------------------------------------
     def attention_parameter_names(self, tower: str = "visual") -> list[str]:

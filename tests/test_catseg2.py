@@ -103,6 +103,25 @@ def test_text_tower_trains_without_cached_embeddings():
     assert model.text_embeddings(["cat"]) is model.text_embeddings(["cat"])  # cached again in evaluation
 
 
+def test_trained_text_tower_tokenizes_each_vocabulary_once():
+    """With the text tower training, every step encodes the vocabulary again but reuses its prompt tokens (host
+    work); the embeddings are those of a fresh tokenization, and the cache keeps the last two vocabularies."""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg2_tiny").train()
+    calls = []
+    tokenize = model.clip.tokenizer
+    model.clip.tokenizer = lambda texts: calls.append(list(texts)) or tokenize(texts)
+    vocab = ["cat", "dog, puppy", "grass"]
+    first, again = model.text_embeddings(vocab), model.text_embeddings(vocab)
+    assert len(calls) == 1 and first is not again and again.requires_grad
+    fresh = catseg.create_model("catseg2_tiny").train()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again, fresh.text_embeddings(vocab), rtol=0, atol=0)
+    for other in (["sky"], ["road"], vocab):  # the cache holds two vocabularies: vocab has gone by the third
+        model.text_embeddings(other)
+    assert len(calls) == 4
+
+
 def test_class_pooling_in_training_and_optionally_in_evaluation(model2):
     pooled = catseg.create_model("catseg2_tiny", class_pool_eval=True)
     pooled.load_state_dict(model2.state_dict())
