@@ -15,6 +15,7 @@ import yaml
 FINETUNE_MODES = ("", "attention", "qv", "frozen", "full")
 SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+COMPILE_SCOPES = ("model", "aggregation")
 
 
 class ConfigError(ValueError):
@@ -108,7 +109,8 @@ class TrainConfig:
     mixed_precision: str = ""  # no, bf16 or fp16; empty = what the accelerate launch config says
     seed: int = 0  # seeds the model init, the data order and the augmentation
     deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible resume on CPU)
-    compile: bool = False  # torch.compile the aggregation layers and decoder (catseg.inference.compile_aggregation)
+    compile: bool = False  # torch.compile the model for training (forward and backward); what: compile_scope
+    compile_scope: str = "model"  # model: the whole forward as one graph; aggregation: the aggregation and decoder
     log_every: int = 20  # steps between logged metrics
     ckpt_every: int = 1000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
@@ -119,6 +121,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name} = {getattr(self, name)}; must be >= 1")
         _check(self.mixed_precision in ("",) + PRECISIONS,
                f"train.mixed_precision = {self.mixed_precision!r}; choose one of: '' (launcher's), no, bf16, fp16")
+        _choice("train.compile_scope", self.compile_scope, COMPILE_SCOPES)
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size = {self.batch_size} is not divisible by train.grad_accum = {self.grad_accum}")
 
