@@ -58,3 +58,25 @@ def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_pa
     assert runs["bf16"]["training"]["operators"] == runs["fp32"]["training"]["operators"]
     # alone, training builds the cached constants (interpolation matrices, masks) inference had built before
     assert runs["train"]["inference"] == [] and runs["train"]["training"]["operators"] >= fast["operators"]
+
+
+def test_compiled_launch_count_reads_the_generated_code():
+    """benchmarks/count_compiled_launches.py counts fused kernels and library calls in the code torch.compile
+    generates: a matrix product followed by elementwise work is one library call and fused kernels, and its backward
+    has the two matrix products of the gradients."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from benchmarks.count_compiled_launches import count_calls
+
+    w = torch.randn(8, 8, requires_grad=True)
+
+    @torch.compile
+    def f(x):
+        return (torch.relu(x @ w) * 2 + 1).sum()
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(lambda: f(torch.randn(4, 8, requires_grad=True)).backward())
+    forward, backward = (count_calls(code) for code in codes)
+    assert forward["library"] == {"extern_kernels.mm": 1} and forward["fused_kernels"] >= 1
+    assert backward["library"] == {"extern_kernels.mm": 2} and backward["fused_kernels"] >= 1
