@@ -35,7 +35,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"tests b_compile l_compile b_compile_train l_compile_train b l b_batch"}
+variants=${*:-"tests b_model b_model_ro l_model l_model_ro b_compile l_compile b l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -63,6 +63,13 @@ for v in $variants; do
             --compile-encoders ;;
         b_compile_train) bench b16_compile_train 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile --no-inference ;;
         l_compile_train) bench l14_compile_train 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile --no-inference ;;
+        b_model) bench b16_compile_model 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model --no-inference \
+            --profile ;;
+        l_model) bench l14_compile_model 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model --no-inference ;;
+        b_model_ro) bench b16_compile_model_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
+            --compile-mode reduce-overhead --no-inference ;;
+        l_model_ro) bench l14_compile_model_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
+            --compile-mode reduce-overhead --no-inference ;;
         b_base) bench b16_baseline 150 "$root/.baseline" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 ;;
         l_base) bench l14_baseline 150 "$root/.baseline" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         *) echo "unknown variant $v" ;;

@@ -213,6 +213,10 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
+    p.add_argument("--compile-model", action="store_true", help="training: torch.compile the whole model, its "
+                   "forward and backward one graph each (as the trainer's train.compile: true)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for every --compile* option, e.g. "
+                   "reduce-overhead (CUDA graphs of the compiled code, also in training) or max-autotune-no-cudagraphs")
     p.add_argument("--compile-encoders", action="store_true", help="torch.compile CLIP's image blocks and the "
                    "guidance backbone (catseg.inference.compile_encoders)")
     p.add_argument("--no-mlp-recompute", action="store_true",
@@ -233,9 +237,13 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here as JSON")
     args = p.parse_args(argv)
-    if args.count_memory and (args.compile or args.compile_encoders or args.profile):
-        p.error("--count-memory runs on fake tensors: it cannot be combined with --compile, --compile-encoders or "
-                "--profile")
+    if args.count_memory and (args.compile or args.compile_encoders or args.compile_model or args.profile):
+        p.error("--count-memory runs on fake tensors: it cannot be combined with --compile, --compile-encoders, "
+                "--compile-model or --profile")
+    if args.compile_mode and "reduce-overhead" in args.compile_mode and (args.compile or args.compile_encoders) \
+            and not (args.no_inference or args.no_cuda_graphs):
+        p.error("--compile-mode reduce-overhead makes torch.compile replay its own CUDA graphs, which the inference "
+                "path cannot capture into its graphs: add --no-cuda-graphs (or --no-inference)")
 
     device = torch.device("cpu" if args.count_memory else args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" or args.count_memory else "fp32")
@@ -248,10 +256,11 @@ def main(argv=None) -> dict:
     model.check_inputs = False  # the range check syncs with the host; inputs here are known to be in range
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    compile_kwargs = _compile_kwargs(args)
     if args.compile:  # the aggregation layers and the decoder, as Segmenter(compile=True) does
-        inference.compile_aggregation(model)
+        inference.compile_aggregation(model, **compile_kwargs)
     if args.compile_encoders:
-        inference.compile_encoders(model)
+        inference.compile_encoders(model, **compile_kwargs)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     for m in model.modules():
@@ -269,7 +278,8 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "precision": precision, "class_chunk": args.class_chunk,
-        "compile": args.compile, "compile_encoders": args.compile_encoders, "channels_last": args.channels_last,
+        "compile": args.compile, "compile_encoders": args.compile_encoders, "compile_model": args.compile_model,
+        "compile_mode": args.compile_mode, "channels_last": args.channels_last,
         "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
@@ -297,11 +307,13 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         # training as the trainer runs it: fp32 weights (autocast casts them), NCHW backbone
         inference.cast_matmul_weights(model, torch.float32)
         inference.backbone_channels_last(model, args.channels_last)
-        if batches and (args.compile or args.compile_encoders):
+        if batches and (args.compile or args.compile_encoders or args.compile_model):
             # A trainer compiles for its one class count; after inference at other counts torch.compile would
             # compile the training step with a dynamic class dimension (and its backward), which takes many times
             # longer (minutes on a GPU) and is not what training runs.
             torch._dynamo.reset()
+        if args.compile_model:  # as the trainer does; inference (predict_labels) does not go through forward
+            model.compile(**_compile_kwargs(args))
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
                            args.repeats, args.profile, counter)
         result["training"] = r
@@ -314,6 +326,10 @@ def _run(args, argv, model, device, precision, counter) -> dict:
                 f"inference, {r['classes']} classes, batch {r['batch']}"
             print(f"\n== profile: {args.preset}, {what}\n{r['profile']}", flush=True)
     return result
+
+
+def _compile_kwargs(args) -> dict:
+    return {"mode": args.compile_mode} if args.compile_mode else {}
 
 
 def _write(result: dict, path: Optional[str]) -> None:

@@ -1,6 +1,7 @@
 """GPU-only checks of the fast inference paths (skipped without CUDA; `bash benchmarks/gpu_bench.sh OUT tests` runs
 them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, and replays what an eager run computes; bf16
-weights are bit-identical to autocast's casts; a channels-last backbone matches the NCHW one."""
+weights are bit-identical to autocast's casts; a channels-last backbone matches the NCHW one; the whole-model compiled
+training step (also with torch.compile's own CUDA graphs) follows the eager one."""
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import catseg
 from catseg import inference
 from catseg.inference import Segmenter, backbone_channels_last, cast_matmul_weights
+from catseg.ops import one_hot_bce_with_logits, resize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -85,3 +87,39 @@ def test_channels_last_backbone_matches_nchw_on_cuda():
         backbone_channels_last(model)
         after = model(views, NAMES).float()
     torch.testing.assert_close(after, before, rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_whole_model_compiled_training_follows_the_eager_steps(mode):
+    """As the trainer's train.compile: true (and the bench's --compile-model [--compile-mode reduce-overhead]):
+    forward and backward compiled as one graph each, bf16 autocast, fused AdamW; losses step by step as eager."""
+    from torch._dynamo.utils import counters
+
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = _model().cuda().train()
+        model.config.class_chunk_size = None
+        model.check_inputs = False
+        model.text_embeddings(NAMES)  # the vocabulary encoded (and its prompts tokenized) first, as the trainer does
+        if compiled:
+            model.compile(**({"mode": mode} if mode else {}))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        s = model.image_size
+        losses[compiled] = []
+        for _ in range(4):
+            images = torch.rand(2, 3, s, s, device="cuda", generator=gen)
+            labels = torch.randint(0, len(NAMES), (2, s, s), device="cuda", generator=gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(images, NAMES)
+            valid = torch.ones_like(labels, dtype=torch.bool)
+            loss = one_hot_bce_with_logits(resize(logits.float(), (s, s)), labels, valid).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[compiled].append(loss.item())
+        if compiled:
+            assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=1e-3)
