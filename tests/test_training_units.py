@@ -60,6 +60,8 @@ def test_every_run_config_loads_with_a_known_preset_and_the_paper_recipe():
     (["train.batch_size=6", "train.grad_accum=4"], "train.batch_size = 6 is not divisible by train.grad_accum = 4"),
     (["data.scale_range=[2.0]"], "data.scale_range = [2.0]; expected a list of 2 values"),
     (["steps"], "expected KEY=VALUE"),
+    (["train.compile_scope=clip"], "train.compile_scope = 'clip'; choose one of: model, aggregation"),
+    (["train.compile_mode=fast"], "train.compile_mode = 'fast'; choose one of: '', default, reduce-overhead"),
 ])
 def test_bad_config_values_are_errors_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as err:

@@ -16,6 +16,7 @@ FINETUNE_MODES = ("", "attention", "qv", "frozen", "full")
 SCHEDULES = ("cosine", "poly", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 COMPILE_SCOPES = ("model", "aggregation")
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
-    _check(value in allowed, f"{name} = {value!r}; choose one of: {', '.join(map(str, allowed))}")
+    _check(value in allowed, f"{name} = {value!r}; choose one of: {', '.join(str(a) or repr(a) for a in allowed)}")
 
 
 @dataclass
@@ -111,6 +112,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible resume on CPU)
     compile: bool = False  # torch.compile the model for training (forward and backward); what: compile_scope
     compile_scope: str = "model"  # model: the whole forward as one graph; aggregation: the aggregation and decoder
+    compile_mode: str = ""  # torch.compile mode; empty = its default; reduce-overhead adds its CUDA graphs
     log_every: int = 20  # steps between logged metrics
     ckpt_every: int = 1000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
@@ -122,6 +124,7 @@ class TrainConfig:
         _check(self.mixed_precision in ("",) + PRECISIONS,
                f"train.mixed_precision = {self.mixed_precision!r}; choose one of: '' (launcher's), no, bf16, fp16")
         _choice("train.compile_scope", self.compile_scope, COMPILE_SCOPES)
+        _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size = {self.batch_size} is not divisible by train.grad_accum = {self.grad_accum}")
 

@@ -178,15 +178,16 @@ class Trainer:
         if acc.num_processes > 1:
             freeze_unused(model, model.image_size, self.class_names, acc.device)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
+            kwargs = {"mode": cfg.train.compile_mode} if cfg.train.compile_mode else {}
             if cfg.train.compile_scope == "model":
                 # One graph for the whole forward (CLIP, backbone, aggregation, decoder) and one for its backward:
-                # the step's ~2600 eager operators become far fewer fused kernels, with autocast's weight casts
-                # folded into them.
-                model.compile()
+                # the ViT-B step's ~2550 eager operators become ~1000 kernel launches (counted by
+                # benchmarks/count_compiled_launches.py), autocast's weight casts folded into them.
+                model.compile(**kwargs)
             else:
                 from catseg.inference import compile_aggregation
 
-                compile_aggregation(model)
+                compile_aggregation(model, **kwargs)
         with torch.no_grad():
             model.text_embeddings(self.class_names)  # the training vocabulary, encoded once and cached in the model
         optimizer = build_optimizer(model.parameter_groups(), cfg.optim)
