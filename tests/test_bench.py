@@ -60,6 +60,25 @@ def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_pa
     assert runs["train"]["inference"] == [] and runs["train"]["training"]["operators"] >= fast["operators"]
 
 
+def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
+    """--compile-model: the training step's forward runs as one compiled graph, no graph break; --compile-mode
+    reduce-overhead cannot go with the inference path's own CUDA graphs."""
+    import pytest
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "compiled.json"
+    bench.main(["--preset", "catseg_tiny", "--device", "cpu", "--no-inference", "--compile-model", "--repeats", "1",
+                "--warmup", "0", "--train-batch", "1", "--train-classes", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["compile_model"] and saved["compile_mode"] is None and saved["training"]["ms_per_step"] > 0
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "catseg_tiny", "--compile", "--compile-mode", "reduce-overhead"])
+
+
 def test_compiled_launch_count_reads_the_generated_code():
     """benchmarks/count_compiled_launches.py counts fused kernels and library calls in the code torch.compile
     generates: a matrix product followed by elementwise work is one library call and fused kernels, and its backward
