@@ -312,7 +312,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
             # compile the training step with a dynamic class dimension (and its backward), which takes many times
             # longer (minutes on a GPU) and is not what training runs.
             torch._dynamo.reset()
-        if args.compile_model:  # as the trainer does; inference (predict_labels) does not go through forward
+        if args.compile_model:  # as the trainer does, after inference: only the training step runs compiled
             model.compile(**_compile_kwargs(args))
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
                            args.repeats, args.profile, counter)
