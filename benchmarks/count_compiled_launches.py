@@ -1,4 +1,5 @@
-"""Kernel launches of a whole-model compiled training step, counted on the CPU from the code torch.compile generates.
+"""Kernel launches of a whole-model compiled training step, counted on the CPU from the code torch.compile generates,
+and the activations its forward keeps for the backward.
 
     python benchmarks/count_compiled_launches.py --preset catseg_vitb16_r101 --batch 1 --json launches.json
 
@@ -8,7 +9,11 @@ fused kernels (inductor's own) and library kernels (matrix products, convolution
 GPU differ in their fused kernels (Triton instead of C++) but not in what is fused or in the library calls, so the
 count predicts the launches of a compiled GPU step. Set against them: the operators the same eager forward and
 backward launch one by one, counted on fake tensors (`catseg.memcount`, as `python -m catseg.bench --count-memory`).
-The loss, its resize and the optimizer step stay eager, as in training. Slow on a small CPU: encoding the 171-class
+The loss, its resize and the optimizer step stay eager, as in training.
+
+Memory: the bytes of the tensors the compiled backward takes from the forward (`catseg.memcount.SavedForBackward`),
+against what the eager forward leaves alive for its backward, counted on fake tensors (all tensors the forward
+made that outlive it, less the logits). Both include the bf16 copies of weights that autocast makes. Slow on a small CPU: encoding the 171-class
 vocabulary with 80 templates takes minutes for the presets, and the compiled step runs for real.
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model  # noqa: E402
-from catseg.memcount import counting, mha_unfused  # noqa: E402
+from catseg.memcount import SavedForBackward, counting, mha_unfused  # noqa: E402
 from catseg.ops import one_hot_bce_with_logits, resize  # noqa: E402
 
 FUSED = re.compile(r"^\s+(?:\w+\.)?(cpp_fused_\w+|triton_\w+)(?:\.run)?\(", re.M)
@@ -72,18 +77,18 @@ def _step(model, batch: int, classes: int):
 
 
 def eager_operators(preset: str, batch: int, classes: int) -> dict:
-    """Operators of an eager forward and of the loss + backward, counted on fake tensors (the second step, after
-    the one-off constant tensors of the first)."""
+    """Operators of an eager forward and of the loss + backward, and the bytes the forward leaves for the backward,
+    counted on fake tensors (the second step, after the one-off constant tensors of the first)."""
     model = _build(preset)
     with mha_unfused(), counting(model) as counter:
         forward, backward = _step(model, batch, classes)
         for _ in range(2):
-            start = counter.operators
+            start, live = counter.operators, counter.live
             logits = forward()
-            middle = counter.operators
+            middle, kept = counter.operators, counter.live - live - logits.untyped_storage().nbytes()
             backward(logits)
             model.zero_grad(set_to_none=True)
-    return {"forward": middle - start, "backward": counter.operators - middle}
+    return {"forward": middle - start, "backward": counter.operators - middle, "kept_for_backward_bytes": kept}
 
 
 def main(argv=None) -> dict:
@@ -98,7 +103,8 @@ def main(argv=None) -> dict:
     print(f"eager operators: forward {eager['forward']}, loss + backward {eager['backward']}")
     model = _build(args.preset)
     forward, backward = _step(model, args.batch, args.classes)
-    model.compile()
+    recorder = SavedForBackward()
+    model.compile(backend=recorder)
 
     t = time.perf_counter()
     _, codes = run_and_get_code(lambda: backward(forward()))
@@ -106,12 +112,17 @@ def main(argv=None) -> dict:
     result = {"preset": args.preset, "batch": args.batch, "classes": args.classes, "torch": torch.__version__,
               "compile_and_run_s": round(time.perf_counter() - t, 1), "eager_operators": eager, "graphs": graphs,
               "launches": sum(g["fused_kernels"] + g["library_calls"] for g in graphs),
+              "compiled_saved_for_backward_bytes": recorder.bytes,
+              "largest_saved": [(n, list(shape), str(dtype), b) for n, shape, dtype, b in
+                                sorted((x for g in recorder.saved for x in g), key=lambda x: -x[3])[:20]],
               "command": "python benchmarks/count_compiled_launches.py " + " ".join(argv or sys.argv[1:])}
     for i, g in enumerate(graphs):
         print(f"graph {i}: {g['fused_kernels']} fused kernels, {g['library_calls']} library calls "
               f"({', '.join(f'{k} {v}' for k, v in list(g['library'].items())[:6])})")
     print(f"compiled launches per step (forward + backward): {result['launches']}, eager operators "
           f"{eager['forward'] + eager['backward']}")
+    print(f"kept for the backward: eager {eager['kept_for_backward_bytes'] / 2**30:.3f} GiB, compiled "
+          f"{recorder.bytes / 2**30:.3f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

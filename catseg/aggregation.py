@@ -99,13 +99,17 @@ class RecomputedMlp(Mlp):
     """timm's Mlp (same function and parameters) that keeps only its input for the backward pass and recomputes the
     hidden layer there: the hidden activations are `mlp_ratio` times wider than the input, and the two of them kept
     per block (fc1's output and the activation's) were the largest share of a training step's activation memory.
-    Set `recompute = False` to keep them instead (faster backward, more memory)."""
+    Set `recompute = False` to keep them instead (faster backward, more memory).
+
+    Under torch.compile the recompute goes through torch.utils.checkpoint, which the compiler honours: it traces a
+    custom autograd Function's forward and backward into one graph, where its backward's recomputation merges with
+    the forward's and the hidden layer is kept after all (the ViT-B training step peaked 2.6 GiB higher)."""
 
     recompute = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
-            if self._plain():
+            if self._plain() and not torch.compiler.is_compiling():
                 return _MlpRecomputeFn.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                              isinstance(self.act, nn.ReLU))
             return checkpoint(super().forward, x, use_reentrant=False)

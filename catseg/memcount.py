@@ -122,3 +122,41 @@ def counting(model: nn.Module, fake: bool = True):
         for t in (*model.parameters(), *model.buffers()):
             counter.track(t)
         yield counter
+
+
+class SavedForBackward:
+    """A torch.compile backend (inductor, unchanged) that records what each compiled forward keeps for its backward:
+    the tensors its backward graph takes besides the incoming gradients (`tangents_*`) and the forward's own inputs
+    (`primals_*`: parameters, the images), i.e. the activations the forward made and saved. `saved` holds one list
+    of (name, shape, dtype, bytes) per compiled backward; `bytes` is their total. Used as
+    `model.compile(backend=recorder)`; the graphs' shapes come from the compiler's own tensor metadata.
+
+    It shows what torch.compile's rematerialisation makes of a memory saving written for eager (a recompute in a
+    custom backward, say), which a peak measured on a GPU only shows as a total."""
+
+    def __init__(self):
+        self.saved: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+        def inner(graph: torch.fx.GraphModule, inputs, **kwargs):
+            if kwargs.get("is_backward"):
+                self.saved.append(self._saved(graph))
+            return compile_fx_inner(graph, inputs, **kwargs)
+
+        with torch._functorch.config.patch(enable_autograd_cache=False):  # a cache hit would skip `inner`
+            return compile_fx(gm, example_inputs, inner_compile=inner)
+
+    @staticmethod
+    def _saved(graph: torch.fx.GraphModule) -> list:
+        out = []
+        for node in graph.graph.find_nodes(op="placeholder"):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and not node.name.startswith(("tangents_", "primals_")):
+                out.append((node.name, tuple(val.shape), val.dtype, val.numel() * val.element_size()))
+        return out
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for graph in self.saved for *_, b in graph)

@@ -5,7 +5,7 @@ import torch
 import catseg
 from catseg import bench
 from catseg.aggregation import GuidedSwinBlock, RecomputedMlp
-from catseg.memcount import TensorBytes, counting
+from catseg.memcount import SavedForBackward, TensorBytes, counting
 
 
 def test_counts_live_storages_once_and_frees_them():
@@ -116,3 +116,29 @@ def test_mlp_recompute_falls_back_to_checkpoint_for_other_mlps():
     assert not RecomputedMlp(8, 16, drop=0.1)._plain()
     assert not RecomputedMlp(8, 16, act_layer=lambda: torch.nn.GELU(approximate="tanh"))._plain()
     assert not RecomputedMlp(8, 16, bias=False)._plain()
+
+
+@pytest.mark.parametrize("act", [torch.nn.GELU, torch.nn.ReLU])
+def test_compiled_mlp_recompute_keeps_no_hidden_layer(act):
+    """torch.compile keeps the recompute: the compiled backward gets no (tokens, hidden) tensor from the forward, where
+    the compiled Mlp without recompute gets fc1's output; both give the eager gradients."""
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 10, 16)
+    hidden = {}
+    for recompute in (True, False):
+        torch._dynamo.reset()
+        mlp = RecomputedMlp(16, 64, act_layer=act)
+        mlp.recompute = recompute
+        recorder = SavedForBackward()
+        compiled = torch.compile(mlp, backend=recorder)
+        grads = []
+        for fn in (compiled, mlp):
+            mlp.zero_grad()
+            x = x0.clone().requires_grad_()
+            (fn(x) * torch.linspace(-1, 1, 16)).sum().backward()
+            grads.append([x.grad] + [p.grad for p in mlp.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+        (saved,) = recorder.saved
+        hidden[recompute] = [s for s in saved if s[1][-1] == 64]
+    assert hidden[True] == [] and hidden[False]
