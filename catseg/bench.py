@@ -104,8 +104,10 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def profile_table(step: Callable[[], object], device: torch.device, rows: int = 30) -> str:
-    """torch.profiler table of one call of step, the operators sorted by their own device (or CPU) time."""
+def profile_table(step: Callable[[], object], device: torch.device, rows: int = 30, trace: Optional[str] = None) -> str:
+    """torch.profiler table of one call of step, the operators sorted by their own device (or CPU) time, under a
+    line from `timeline_summary`; `trace`: also write the call's Chrome trace (chrome://tracing, Perfetto) there."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -113,18 +115,47 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    summary = timeline_summary([(e.device_type == DeviceType.CUDA, e.name, e.time_range.start, e.time_range.end)
+                                for e in prof.events()])
     events = prof.key_averages()
     for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + (
             "self_cpu_time_total",):
         try:
-            return events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+            return summary + events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
         except (AttributeError, KeyError, ValueError):
             continue
-    return events.table(row_limit=rows)
+    return summary + events.table(row_limit=rows)
+
+
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def timeline_summary(events: list[tuple[bool, str, float, float]]) -> str:
+    """A profiled call's time line from (on the device?, name, start us, end us) events: the span from the first
+    event to the last, the time the GPU ran at least one kernel (overlapping kernels counted once), and the host
+    calls that wait for the GPU. The table's "Self CUDA" totals count each kernel twice (under the operator that
+    launched it and as a row of its own), so the busy time is the figure to set against the step's time."""
+    if not events:
+        return ""
+    span = max(e for *_, e in events) - min(s for _, _, s, _ in events)
+    kernels = sorted((s, e) for device, _, s, e in events if device)
+    busy, end = 0.0, float("-inf")
+    for s, e in kernels:  # union of the kernel intervals
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    syncs = sum(1 for device, name, *_ in events if not device and name.startswith(SYNCS)
+                and not name.startswith("cudaMemcpyAsync"))
+    text = f"time line: {span / 1e3:.2f} ms from first to last event"
+    if kernels:
+        text += (f"; GPU busy {busy / 1e3:.2f} ms ({100 * busy / span:.0f}%) in {len(kernels)} kernels and copies; "
+                 f"{syncs} host call(s) waiting for the GPU (synchronize, blocking copy)")
+    return text + "\n"
 
 
 def _finish(step, device, warmup, repeats, profile, profile_step=None,
-            counter=None) -> tuple[Optional[float], PeakMemory, Optional[int], Optional[str]]:
+            counter=None, trace=None) -> tuple[Optional[float], PeakMemory, Optional[int], Optional[str]]:
     """(median ms, the first call's PeakMemory, CUDA peak of the later calls, profile table)."""
     # Peak memory of the first call: it runs eagerly (and, on a GPU, captures the CUDA graph that later calls
     # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report. Its time
@@ -137,11 +168,11 @@ def _finish(step, device, warmup, repeats, profile, profile_step=None,
         torch.cuda.reset_peak_memory_stats()
     ms = time_ms(step, device, warmup, repeats)
     steady = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return ms, mem, steady, profile_table(profile_step or step, device) if profile else None
+    return ms, mem, steady, profile_table(profile_step or step, device, trace=trace) if profile else None
 
 
 def bench_inference(model, device, precision, num_classes, batch, warmup, repeats, profile=False,
-                    cuda_graphs=True, counter=None) -> dict:
+                    cuda_graphs=True, counter=None, trace=None) -> dict:
     """Patch inference of `batch` images at the preset's inference size over `num_classes` classes: the product
     path (`predict_labels`: all views in one batch, views merged, resized and arg-maxed in class chunks)."""
     size = model.config.inference_size
@@ -158,14 +189,15 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
             return predict_labels(model, images, names, cuda_graphs=graphs)
 
     # profiled eagerly: a graph replay shows no per-operator breakdown
-    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter)
+    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter, trace)
     return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
             "images_per_s": _div(1000 * batch, ms), "first_call_s": mem.seconds,
             "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady, "bytes_moved": mem.moved,
             "operators": mem.operators, "profile": table}
 
 
-def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False, counter=None) -> dict:
+def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False, counter=None,
+                   trace=None) -> dict:
     """Forward + masked per-pixel BCE + backward + AdamW step on random crops and labels."""
     model.train()
     model.config.class_chunk_size = None
@@ -189,11 +221,18 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
         opt.step()
         opt.zero_grad(set_to_none=True)  # as the training loop does: no gradients held through the next forward
 
-    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, counter=counter)
+    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, counter=counter, trace=trace)
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
             "first_call_s": mem.seconds, "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady,
             "bytes_moved": mem.moved, "operators": mem.operators, "profile": table}
+
+
+def _trace(args, what: str) -> Optional[str]:
+    if not args.trace:
+        return None
+    os.makedirs(args.trace, exist_ok=True)
+    return os.path.join(args.trace, f"{what}.json")
 
 
 def main(argv=None) -> dict:
@@ -233,6 +272,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
+    p.add_argument("--trace", metavar="DIR", help="with --profile: write the profiled calls' Chrome traces to DIR "
+                   "(inference.json, training.json)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here as JSON")
@@ -240,6 +281,8 @@ def main(argv=None) -> dict:
     if args.count_memory and (args.compile or args.compile_encoders or args.compile_model or args.profile):
         p.error("--count-memory runs on fake tensors: it cannot be combined with --compile, --compile-encoders, "
                 "--compile-model or --profile")
+    if args.trace and not args.profile:
+        p.error("--trace writes the traces of the profiled calls: add --profile")
     if args.compile_mode and "reduce-overhead" in args.compile_mode and (args.compile or args.compile_encoders) \
             and not (args.no_inference or args.no_cuda_graphs):
         p.error("--compile-mode reduce-overhead makes torch.compile replay its own CUDA graphs, which the inference "
@@ -298,7 +341,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]
             r = bench_inference(model, device, precision, n, batch, args.warmup, args.repeats, profile,
-                                not args.no_cuda_graphs, counter)
+                                not args.no_cuda_graphs, counter, _trace(args, "inference"))
             result["inference"].append(r)
             print(f"inference  {n:5d} classes  batch {batch:3d}: {_ms(r['ms_per_image'])} ms/image  "
                   f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)
@@ -315,7 +358,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         if args.compile_model:  # as the trainer does, after inference: only the training step runs compiled
             model.compile(**_compile_kwargs(args))
         r = bench_training(model, device, precision, args.train_classes, args.train_batch, args.warmup,
-                           args.repeats, args.profile, counter)
+                           args.repeats, args.profile, counter, _trace(args, "training"))
         result["training"] = r
         print(f"training   {r['classes']:5d} classes  batch {r['batch']:3d}: {_ms(r['ms_per_step'])} ms/step   "
               f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)

@@ -1,6 +1,8 @@
 """The speed benchmark runs on CPU with the tiny preset and writes its figures as JSON."""
 import json
 
+import pytest
+
 from catseg import bench
 
 
@@ -8,7 +10,7 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench.main(["--preset", "catseg_tiny", "--device", "cpu", "--classes", "3,5", "--batches", "1,2",
                          "--repeats", "1", "--warmup", "0", "--train-batch", "1", "--train-classes", "4",
-                         "--profile", "--json", str(out)])
+                         "--profile", "--trace", str(tmp_path / "traces"), "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["preset"] == "catseg_tiny" and saved["precision"] == "fp32" and saved["class_chunk"] == 128
     assert [(r["batch"], r["classes"]) for r in saved["inference"]] == [(1, 3), (1, 5), (2, 3), (2, 5)]
@@ -19,10 +21,16 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
     # one profile for the largest vocabulary at the first batch size, one for training; printed at the end
     assert [r["profile"] is not None for r in saved["inference"]] == [False, True, False, False]
     assert "aten::" in saved["training"]["profile"]
+    assert saved["training"]["profile"].startswith("time line: ")
+    for what in ("inference", "training"):  # Chrome traces of the profiled calls
+        assert '"traceEvents"' in (tmp_path / "traces" / f"{what}.json").read_text()
     printed = capsys.readouterr().out
     assert "== profile: catseg_tiny, inference, 5 classes, batch 1" in printed
     assert saved["inference"] == result["inference"]
     assert not (tmp_path / "bench.json.tmp").exists()
+    with pytest.raises(SystemExit):  # traces come from profiled calls
+        bench.main(["--preset", "catseg_tiny", "--trace", str(tmp_path / "t")])
+    assert "--trace writes the traces of the profiled calls: add --profile" in capsys.readouterr().err
 
 
 def test_bench_counts_memory_on_fake_tensors(tmp_path):
@@ -63,7 +71,6 @@ def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_pa
 def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
     """--compile-model: the training step's forward runs as one compiled graph, no graph break; --compile-mode
     reduce-overhead cannot go with the inference path's own CUDA graphs."""
-    import pytest
     import torch
     from torch._dynamo.utils import counters
 
@@ -99,3 +106,15 @@ def test_compiled_launch_count_reads_the_generated_code():
     forward, backward = (count_calls(code) for code in codes)
     assert forward["library"] == {"extern_kernels.mm": 1} and forward["fused_kernels"] >= 1
     assert backward["library"] == {"extern_kernels.mm": 2} and backward["fused_kernels"] >= 1
+
+
+def test_timeline_summary_counts_overlapping_kernels_once_and_the_waits():
+    events = [(False, "aten::mm", 0.0, 50.0), (False, "cudaLaunchKernel", 10.0, 12.0),
+              (True, "gemm", 20.0, 1020.0), (True, "copy", 500.0, 1500.0),  # overlapping: 1480 us busy
+              (True, "add", 3000.0, 3520.0),  # idle gap before it: 520 us more
+              (False, "cudaStreamSynchronize", 1600.0, 3600.0), (False, "cudaMemcpyAsync", 3700.0, 3710.0),
+              (False, "cudaMemcpy", 3800.0, 4000.0)]
+    line = bench.timeline_summary(events)
+    assert line == ("time line: 4.00 ms from first to last event; GPU busy 2.00 ms (50%) in 3 kernels and copies; "
+                    "2 host call(s) waiting for the GPU (synchronize, blocking copy)\n")
+    assert bench.timeline_summary([(False, "aten::mm", 0.0, 1500.0)]) == "time line: 1.50 ms from first to last event\n"
