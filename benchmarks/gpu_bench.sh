@@ -8,6 +8,7 @@
 # installed into a private folder first. Fetch them where pip works (the GPU machine's Python is 3.12):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
+# Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last).
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
@@ -35,13 +36,13 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"tests b_model b_model_ro l_model l_model_ro b_compile l_compile b l"}
+variants=${*:-"b_model b_model_cl l_model tests b_model_ro l_model_ro b_compile l_compile b l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;
-        b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile ;;
+        b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile --trace "$out/b16_trace" ;;
         l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         b_batch) bench b16_batch 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;
         l_batch) bench l14_batch 120 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 --batches 8,32 --no-train ;;
@@ -64,7 +65,9 @@ for v in $variants; do
         b_compile_train) bench b16_compile_train 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile --no-inference ;;
         l_compile_train) bench l14_compile_train 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile --no-inference ;;
         b_model) bench b16_compile_model 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model --no-inference \
-            --profile ;;
+            --profile --trace "$out/b16_compile_model_trace" ;;
+        b_model_cl) bench b16_compile_model_cl 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
+            --channels-last --no-inference --profile ;;
         l_model) bench l14_compile_model 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model --no-inference ;;
         b_model_ro) bench b16_compile_model_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --compile-mode reduce-overhead --no-inference ;;
