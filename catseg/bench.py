@@ -135,8 +135,9 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 def timeline_summary(events: list[tuple[bool, str, float, float]]) -> str:
     """A profiled call's time line from (on the device?, name, start us, end us) events: the span from the first
     event to the last, the time the GPU ran at least one kernel (overlapping kernels counted once), and the host
-    calls that wait for the GPU. The table's "Self CUDA" totals count each kernel twice (under the operator that
-    launched it and as a row of its own), so the busy time is the figure to set against the step's time."""
+    calls that wait for the GPU. Busy time well below the span: the host (launches, Python, waits) holds the GPU
+    back; close to it: the kernels themselves are the cost. The table's "Self CUDA time total" adds up the kernels'
+    times, which overlap when streams run side by side."""
     if not events:
         return ""
     span = max(e for *_, e in events) - min(s for _, _, s, _ in events)
