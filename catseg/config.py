@@ -46,6 +46,9 @@ class CatSegConfig:
     # scratch
     backbone_frozen_bn: bool = True
     backbone_out_norm: bool = False  # LayerNorm on each backbone output (the release's detectron2 Swin wrapper)
+    # timm's drop_path_rate for the backbone (stochastic depth, active in training mode also when frozen); None: the
+    # timm model's default
+    backbone_drop_path_rate: Optional[float] = None
     # aggregation
     embed_dim: int = 128  # d_F, the cost embedding width
     num_layers: int = 2  # N_B aggregation layers
@@ -101,6 +104,9 @@ class CatSegConfig:
                      "inference_stride", "class_pool_train"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        rate = self.backbone_drop_path_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1):
+            raise ValueError(f"backbone_drop_path_rate={rate!r} must be a number in [0, 1) or None (timm's default)")
         if self.num_layers < 0:
             raise ValueError(f"num_layers={self.num_layers} must be >= 0")
         if self.embed_dim % self.num_heads:

@@ -32,6 +32,8 @@ class TimmBackbone(nn.Module):
         kwargs = {}
         if weights not in (None, "download"):
             kwargs["pretrained_cfg_overlay"] = {"file": weights}
+        if cfg.backbone_drop_path_rate is not None:
+            kwargs["drop_path_rate"] = cfg.backbone_drop_path_rate
         self.body = timm.create_model(cfg.backbone_model, pretrained=weights is not None, features_only=True,
                                       out_indices=cfg.backbone_indices, **kwargs)
         self.channels = list(self.body.feature_info.channels())

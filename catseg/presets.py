@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from .config import CatSegConfig
 
+# The release's Swin-B is built with the first three stages only (2 + 2 + 18 blocks) and stochastic depth rising
+# linearly from 0 to 0.3 over those 22 blocks, active in training although its weights do not learn. timm spreads its
+# rate over all 24 blocks of Swin-B, so 0.3 * 23 / 21 gives each of the 22 used blocks the release's rate.
 _SWIN = dict(backbone="swin", backbone_model="swin_base_patch4_window12_384.ms_in22k", backbone_indices=(0, 1, 2),
-             backbone_frozen=True, clip_image_size=336)
+             backbone_frozen=True, clip_image_size=336, backbone_drop_path_rate=0.3 * 23 / 21)
 
 # The later (CVPR 2024) design: no extra backbone; CLIP's own intermediate blocks, upsampled by transposed
 # convolutions, guide the decoder; one prompt template; q/v fine-tuning of both towers; CLS residual in the last

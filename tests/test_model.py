@@ -146,6 +146,32 @@ def test_backbone_batch_norm_frozen_in_training_as_the_reference(frozen_bn):
     assert all(bn.training != frozen_bn for bn in bns)
 
 
+def test_swin_guidance_backbone_has_the_release_stochastic_depth():
+    """The release's frozen Swin-B (3 stages, 22 blocks) drops residual branches in training with rates rising
+    linearly from 0 to 0.3; the ViT-L/H/G presets' timm Swin-B gives each used block the same rate, and drops nothing
+    in evaluation."""
+    from catseg.model import TimmBackbone
+    from catseg.presets import get_config
+
+    for name in ("catseg_vitl14_swinb", "catseg_vith14_swinb", "catseg_vitg14_swinb_release"):
+        cfg = get_config(name)
+        with torch.device("meta"):
+            body = TimmBackbone(cfg).body
+        blocks = [m for m in body.modules() if hasattr(m, "drop_path1")]
+        rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]
+        assert rates == [getattr(b.drop_path2, "drop_prob", 0.0) for b in blocks]
+        used = rates[:22]  # stages 1-3: 2 + 2 + 18 blocks; the last stage is not used for guidance
+        torch.testing.assert_close(torch.tensor(used), torch.linspace(0, 0.3, 22), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"backbone_drop_path_rate=1.5 must be a number in \[0, 1\)"):
+        get_config("catseg_tiny", backbone_drop_path_rate=1.5)
+    def drop_rates(model):
+        return [m.drop_prob for m in model.backbone.modules() if type(m).__name__ == "DropPath"]
+
+    assert drop_rates(catseg.create_model("catseg_tiny")) == []  # timm's ResNet default: none
+    rates = drop_rates(catseg.create_model("catseg_tiny", backbone_drop_path_rate=0.2))
+    assert rates and 0 < max(rates) <= 0.2
+
+
 # -- presets on the meta device ----------------------------------------------------------------------------------
 def _block(w, m):
     # ln_1, attn in-proj (qkv) + out-proj, ln_2, mlp fc + proj
