@@ -330,14 +330,19 @@ def cast_matmul_weights(model: CatSeg, dtype: torch.dtype = torch.bfloat16) -> C
 
 
 def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
-    """Store a convolutional guidance backbone's weights channels-last (NHWC), in place (`enable=False`: back to
-    NCHW); returns the model. cuDNN runs bf16 convolutions on tensor cores in NHWC: with NCHW tensors it transposes
-    every convolution's input and output around the kernel (an H200 profile of an 847-class ViT-B patch inference
-    showed 175 + 92 such transposes, 8% of its GPU time; 106 of its convolutions are the ResNet-101's). The
-    backbone's feature maps come out NCHW as before; a transformer backbone (Swin) has nothing to convert."""
+    """Run a convolutional guidance backbone channels-last (NHWC), in place (`enable=False`: back to NCHW); returns
+    the model. Its input is converted to NHWC, so every convolution after it runs NHWC whatever the weights' layout
+    (also weights that DeepSpeed re-packs contiguous), and its weights are stored NHWC. cuDNN runs bf16 convolutions
+    on tensor cores in NHWC: with NCHW tensors it transposes every convolution's input and output around the kernel
+    (an H200 profile of an 847-class ViT-B patch inference showed 175 + 92 such transposes, 8% of its GPU time; 106
+    of its convolutions are the ResNet-101's; in the H100 profile of a compiled ViT-B training step, the ResNet's
+    convolutions took 30 of 93 ms, the transposes 12 ms of it). Segmenter does this for bf16 inference,
+    `train.channels_last` for training. The backbone's feature maps come out NCHW as before; a transformer backbone
+    (Swin) has nothing to convert."""
     body = getattr(model.backbone, "body", None) if model.backbone is not None else None
     if body is None or model.backbone.nhwc:
         return model
+    model.backbone.channels_last = enable
     fmt = torch.channels_last if enable else torch.contiguous_format
     return _replace_weights(model, [p for p in body.parameters() if p.ndim == 4],
                             lambda p: not p.is_contiguous(memory_format=fmt),

@@ -38,12 +38,16 @@ class TimmBackbone(nn.Module):
                                       out_indices=cfg.backbone_indices, **kwargs)
         self.channels = list(self.body.feature_info.channels())
         self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
+        self.channels_last = False  # convert the input to NHWC (see catseg.inference.backbone_channels_last)
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if cfg.backbone_out_norm else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.body((images - self.mean) / self.std)
+        x = (images - self.mean) / self.std
+        if self.channels_last:  # a convolutional body then runs NHWC throughout (cuDNN's bf16 layout)
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.body(x)
         if self.out_norms is not None:  # LayerNorm over channels, taken channels-last
             feats = [n(f if self.nhwc else f.permute(0, 2, 3, 1)) for n, f in zip(self.out_norms, feats)]
             return [f.permute(0, 3, 1, 2) for f in feats]

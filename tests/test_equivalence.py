@@ -277,3 +277,33 @@ def test_channels_last_backbone_equals_nchw_backbone():
     torch.testing.assert_close(_logits(model, x, ["a", "b", "c"]), ref, rtol=1e-4, atol=1e-4)
     backbone_channels_last(model, False)
     assert conv.weight.is_contiguous()
+
+
+def test_channels_last_backbone_trains_as_the_nchw_backbone():
+    """In training (train.channels_last): the backbone's input goes NHWC, so its convolutions run NHWC even with NCHW
+    weights (as DeepSpeed re-packs them); the loss and every gradient equal the NCHW run's."""
+    from catseg.inference import backbone_channels_last
+
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    names = ["a", "b", "c"]
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = catseg.create_model("catseg_tiny", zero_init_residual=False)  # training mode
+        if channels_last:
+            backbone_channels_last(model)
+            for p in model.backbone.parameters():  # weights re-packed contiguous, the input conversion stays
+                p.data = p.data.contiguous()
+        layouts = []
+        hook = model.backbone.body.layer2.register_forward_hook(
+            lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()))
+        loss = model(x, names).sigmoid().square().mean()
+        loss.backward()
+        hook.remove()
+        assert layouts == [channels_last]
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert grads0.keys() == grads1.keys() and any(n.startswith("backbone.") for n in grads0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-3, atol=1e-5, msg=n)

@@ -114,24 +114,28 @@ def test_tiny_preset_learns_the_synthetic_task(shards, tmp_path):
     assert miou > 0.3, f"mIoU {miou:.3f} on held-out synthetic images (chance is about 0.07)"
 
 
-def test_compiled_training_follows_the_eager_loss_curve(shards, tmp_path):
+def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards, tmp_path):
     """train.compile=true compiles the whole model: its forward is one graph with no break (the vocabulary's prompt
     tokens are cached, so the text tower, which trains in the tiny preset, runs inside the graph), and the compiled
-    forward and backward give the same losses step by step and the same weight names in the checkpoint."""
-    weights = {}
-    for compiled in (False, True):
-        run_dir = tmp_path / f"compile_{compiled}"
+    forward and backward give the same losses step by step and the same weight names in the checkpoint.
+    train.channels_last=true (the ResNet runs NHWC) gives the same losses too, and its checkpoint is written."""
+    runs = {"eager": "train.compile=false", "compiled": "train.compile=true", "channels_last": "train.channels_last=true"}
+    results = {}
+    for name, setting in runs.items():
+        run_dir = tmp_path / name
         out = run([PYTHON, "training/train.py", "--config", QUICKSTART, "--run-dir", str(run_dir), "--set",
                    f"data.root={shards / 'train'}", "train.steps=3", "train.log_every=1", "data.workers=1",
-                   "train.deterministic=true", "schedule.warmup_steps=1", f"train.compile={str(compiled).lower()}"],
-                  tmp_path / f"compile_{compiled}.txt", env=dict(base_env(), OMP_NUM_THREADS="2"))
+                   "train.deterministic=true", "schedule.warmup_steps=1", setting],
+                  tmp_path / f"{name}.txt", env=dict(base_env(), OMP_NUM_THREADS="2"))
         assert "catseg train: finished step 3/3" in out
-        assert ("torch.compile made 1 graph(s) with 0 graph break(s)" in out) == compiled, out[-2000:]
-        weights[compiled] = (_losses(run_dir), load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
-    (eager, a), (compiled, b) = weights[False], weights[True]
-    assert sorted(compiled) == [1, 2, 3]
-    assert all(abs(compiled[s] - eager[s]) <= 1e-4 * abs(eager[s]) for s in eager), (eager, compiled)
-    assert a.keys() == b.keys()
+        assert ("torch.compile made 1 graph(s) with 0 graph break(s)" in out) == (name == "compiled"), out[-2000:]
+        results[name] = (_losses(run_dir), load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
+    eager, a = results["eager"]
+    for name in ("compiled", "channels_last"):
+        losses, b = results[name]
+        assert sorted(losses) == [1, 2, 3]
+        assert all(abs(losses[s] - eager[s]) <= 1e-4 * abs(eager[s]) for s in eager), (name, eager, losses)
+        assert a.keys() == b.keys()  # the channels-last weights were saved (safetensors takes contiguous only)
 
 
 def test_sigterm_then_resume_continues_the_uninterrupted_loss_curve(shards, tmp_path):
