@@ -36,7 +36,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_model b_model_cl l_model tests b_model_ro l_model_ro b_compile l_compile b l"}
+variants=${*:-"b_model b_model_cl l_model b_compile tests b_model_ro l_model_ro l_compile b l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
