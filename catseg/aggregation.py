@@ -341,12 +341,18 @@ class UpStage(nn.Module):
             self.up = None
             self.conv = DoubleConv(cin + guidance_dim, cout)
 
+    channels_last = False  # NHWC convolutions (see catseg.inference.decoder_channels_last)
+
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """x (B*n, C, H, W); guidance (B, G, 2H, 2W), shared by the n classes of each image."""
+        nhwc = torch.channels_last
         if self.up is not None:
-            x = self.up(x)
+            x = self.up(x.contiguous(memory_format=nhwc) if self.channels_last else x)
         else:
             x = resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+        if self.channels_last:
+            x = x.contiguous(memory_format=nhwc)
+            guidance = None if guidance is None else guidance.contiguous(memory_format=nhwc)
         if guidance is None:
             return self.conv(x)
         # conv(cat([x, guidance])) == conv_x(x) + conv_g(guidance): the guidance half runs once per image

@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-inference", action="store_true", help="the training step only")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="inference: every convolution weight channels-last; "
-                   "training: the guidance backbone channels-last as train.channels_last runs it")
+                   "training: the guidance backbone and the decoder channels-last as train.channels_last runs them")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
     p.add_argument("--compile-model", action="store_true", help="training: torch.compile the whole model, its "
                    "forward and backward one graph each (as the trainer's train.compile: true)")
@@ -355,7 +355,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         inference.backbone_channels_last(model, False)
         if args.channels_last:
             model.to(memory_format=torch.contiguous_format)
-            inference.backbone_channels_last(model)
+            inference.decoder_channels_last(inference.backbone_channels_last(model))
         if batches and (args.compile or args.compile_encoders or args.compile_model):
             # A trainer compiles for its one class count; after inference at other counts torch.compile would
             # compile the training step with a dynamic class dimension (and its backward), which takes many times

@@ -349,6 +349,17 @@ def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
                             lambda t: t.contiguous(memory_format=fmt))
 
 
+def decoder_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
+    """Run the upsampling decoder's convolutions channels-last (NHWC), in place (`enable=False`: back to NCHW); returns
+    the model. Each decoder stage converts its input and its guidance map to NHWC, so its convolutions (and the
+    per-class head after them) run in cuDNN's bf16 layout whatever the weights' layout: the decoder runs once per class
+    on the largest maps of the model (a ViT-B training step: 684 class maps of 32-64 x 96 x 96), and with NCHW tensors
+    cuDNN transposes each convolution's input and output. Used with `backbone_channels_last` by `train.channels_last`."""
+    for stage in model.decoder:
+        stage.channels_last = enable
+    return model
+
+
 def _replace_weights(model: CatSeg, params, needs, convert) -> CatSeg:
     """Replace the data of each parameter p of `params` for which needs(p) by convert(p.data): the same Parameter
     objects, so optimizers and hooks keep them; captured CUDA graphs, which read the old tensors, are dropped."""

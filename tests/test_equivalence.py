@@ -279,28 +279,33 @@ def test_channels_last_backbone_equals_nchw_backbone():
     assert conv.weight.is_contiguous()
 
 
-def test_channels_last_backbone_trains_as_the_nchw_backbone():
-    """In training (train.channels_last): the backbone's input goes NHWC, so its convolutions run NHWC even with NCHW
-    weights (as DeepSpeed re-packs them); the loss and every gradient equal the NCHW run's."""
-    from catseg.inference import backbone_channels_last
+@pytest.mark.parametrize("upsample", ["bilinear", "transposed"])
+def test_channels_last_backbone_and_decoder_train_as_nchw(upsample):
+    """In training (train.channels_last): the backbone's and each decoder stage's inputs go NHWC, so their convolutions
+    run NHWC even with NCHW weights (as DeepSpeed re-packs them); the loss and every gradient equal the NCHW run's."""
+    from catseg.inference import backbone_channels_last, decoder_channels_last
 
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
     names = ["a", "b", "c"]
     results = []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        model = catseg.create_model("catseg_tiny", zero_init_residual=False)  # training mode
+        model = catseg.create_model("catseg_tiny", zero_init_residual=False, decoder_upsample=upsample)  # training
         if channels_last:
-            backbone_channels_last(model)
+            decoder_channels_last(backbone_channels_last(model))
             for p in model.backbone.parameters():  # weights re-packed contiguous, the input conversion stays
                 p.data = p.data.contiguous()
         layouts = []
-        hook = model.backbone.body.layer2.register_forward_hook(
-            lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()))
+
+        def nhwc(module, inputs, out):
+            layouts.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+
+        hooks = [m.register_forward_hook(nhwc) for m in (model.backbone.body.layer2, *model.decoder)]
         loss = model(x, names).sigmoid().square().mean()
         loss.backward()
-        hook.remove()
-        assert layouts == [channels_last]
+        for h in hooks:
+            h.remove()
+        assert layouts == [channels_last] * (1 + len(model.decoder))
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss0, grads0), (loss1, grads1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
