@@ -68,7 +68,8 @@ for v in $variants; do
             --profile --trace "$out/b16_compile_model_trace" ;;
         b_model_cl) bench b16_compile_model_cl 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --channels-last --no-inference --profile ;;
-        l_model) bench l14_compile_model 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model --no-inference ;;
+        l_model) bench l14_compile_model 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model --no-inference \
+            --profile ;;
         b_model_ro) bench b16_compile_model_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --compile-mode reduce-overhead --no-inference ;;
         l_model_ro) bench l14_compile_model_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
