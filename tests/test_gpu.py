@@ -1,7 +1,8 @@
 """GPU-only checks of the fast inference paths (skipped without CUDA; `bash benchmarks/gpu_bench.sh OUT tests` runs
 them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, and replays what an eager run computes; bf16
 weights are bit-identical to autocast's casts; a channels-last backbone matches the NCHW one; the whole-model compiled
-training step (also with torch.compile's own CUDA graphs) follows the eager one."""
+training step (also with torch.compile's own CUDA graphs) follows the eager one; the training step never waits for
+the GPU."""
 import warnings
 
 import pytest
@@ -123,3 +124,48 @@ def test_whole_model_compiled_training_follows_the_eager_steps(mode):
         if compiled:
             assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_step_never_waits_for_the_gpu(channels_last):
+    """The trainer's step (forward under bf16 autocast, PixelBCECriterion, backward, global gradient clipping, fused
+    AdamW, the learning-rate schedule) makes no host-device synchronisation: CUDA's sync debug mode raises on any
+    (an item(), a blocking copy, a data-dependent shape). Also with train.channels_last."""
+    from catseg.inference import decoder_channels_last
+    from training.config import OptimConfig, ScheduleConfig
+    from training.criterion import PixelBCECriterion
+    from training.optim import LRSchedule, build_optimizer
+
+    model = _model().cuda().train()
+    model.config.class_chunk_size = None
+    model.check_inputs = False  # as the trainer: the input range check is the one sync the forward can make
+    if channels_last:
+        decoder_channels_last(backbone_channels_last(model))
+    model.text_embeddings(NAMES)
+    opt = build_optimizer(model.parameter_groups(), OptimConfig())
+    schedule = LRSchedule(opt, 10, ScheduleConfig())
+    criterion = PixelBCECriterion(255, mask_ignore=True)
+    s = model.image_size
+    images = torch.rand(2, 3, s, s, device="cuda")
+    labels = torch.randint(0, len(NAMES), (2, s, s), device="cuda")
+    labels[:, :4] = 255
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = criterion(model(images, NAMES), labels)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.01)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+        return loss.detach(), norm
+
+    step()  # the first step makes the optimizer state and lets cuDNN pick its algorithms
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [step() for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(torch.stack(r)).all() for r in results)
