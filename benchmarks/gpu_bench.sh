@@ -56,6 +56,8 @@ for v in $variants; do
         b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train \
             --profile ;;
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
+        b_compile_ma) bench b16_compile_max_autotune 400 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
+            --compile --compile-mode max-autotune-no-cudagraphs --no-train ;;
         b_compile_c256) bench b16_compile_chunk256 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --compile \
             --no-train --class-chunk 256 ;;
         b_compile_enc) bench b16_compile_enc 400 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile \

@@ -285,10 +285,11 @@ def main(argv=None) -> dict:
                 "--compile-model or --profile")
     if args.trace and not args.profile:
         p.error("--trace writes the traces of the profiled calls: add --profile")
-    if args.compile_mode and "reduce-overhead" in args.compile_mode and (args.compile or args.compile_encoders) \
+    if args.compile_mode in ("reduce-overhead", "max-autotune") and (args.compile or args.compile_encoders) \
             and not (args.no_inference or args.no_cuda_graphs):
-        p.error("--compile-mode reduce-overhead makes torch.compile replay its own CUDA graphs, which the inference "
-                "path cannot capture into its graphs: add --no-cuda-graphs (or --no-inference)")
+        p.error(f"--compile-mode {args.compile_mode} makes torch.compile replay its own CUDA graphs, which the "
+                "inference path cannot capture into its graphs: add --no-cuda-graphs (or --no-inference), or use "
+                "max-autotune-no-cudagraphs")
 
     device = torch.device("cpu" if args.count_memory else args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" or args.count_memory else "fp32")

@@ -82,8 +82,9 @@ def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["compile_model"] and saved["compile_mode"] is None and saved["training"]["ms_per_step"] > 0
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
-    with pytest.raises(SystemExit):
-        bench.main(["--preset", "catseg_tiny", "--compile", "--compile-mode", "reduce-overhead"])
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(SystemExit):
+            bench.main(["--preset", "catseg_tiny", "--compile", "--compile-mode", mode])
 
 
 def test_compiled_launch_count_reads_the_generated_code():
