@@ -13,8 +13,10 @@ The loss, its resize and the optimizer step stay eager, as in training.
 
 Memory: the bytes of the tensors the compiled backward takes from the forward (`catseg.memcount.SavedForBackward`),
 against what the eager forward leaves alive for its backward, counted on fake tensors (all tensors the forward
-made that outlive it, less the logits). Both include the bf16 copies of weights that autocast makes. Slow on a small CPU: encoding the 171-class
-vocabulary with 80 templates takes minutes for the presets, and the compiled step runs for real.
+made that outlive it, less the logits). Both include the bf16 copies of weights that autocast makes.
+
+Slow on a small CPU: encoding the 171-class vocabulary with 80 templates takes minutes for the presets, and the
+compiled step runs for real.
 """
 from __future__ import annotations
 

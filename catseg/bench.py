@@ -350,13 +350,14 @@ def _run(args, argv, model, device, precision, counter) -> dict:
                   f"{_ms(r['images_per_s'])} images/s  {_memory(r)}", flush=True)
             _write(result, args.json)
     if not args.no_train:
-        # training as the trainer runs it: fp32 weights (autocast casts them), NCHW weights, the backbone
-        # channels-last with --channels-last (train.channels_last)
+        # training as the trainer runs it: fp32 weights (autocast casts them), NCHW, or with --channels-last the
+        # backbone and decoder channels-last as train.channels_last makes them
         inference.cast_matmul_weights(model, torch.float32)
-        inference.backbone_channels_last(model, False)
         if args.channels_last:
             model.to(memory_format=torch.contiguous_format)
             inference.decoder_channels_last(inference.backbone_channels_last(model))
+        else:
+            inference.backbone_channels_last(model, False)
         if batches and (args.compile or args.compile_encoders or args.compile_model):
             # A trainer compiles for its one class count; after inference at other counts torch.compile would
             # compile the training step with a dynamic class dimension (and its backward), which takes many times
