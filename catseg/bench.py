@@ -147,7 +147,7 @@ def timeline_summary(events: list[tuple[bool, str, float, float]]) -> str:
         busy += max(0.0, e - max(s, end))
         end = max(end, e)
     syncs = sum(1 for device, name, *_ in events if not device and name.startswith(SYNCS)
-                and not name.startswith("cudaMemcpyAsync"))
+                and not name.endswith("Async"))  # cudaMemcpy, cudaMemcpy2D wait; their Async forms do not
     text = f"time line: {span / 1e3:.2f} ms from first to last event"
     if kernels:
         text += (f"; GPU busy {busy / 1e3:.2f} ms ({100 * busy / span:.0f}%) in {len(kernels)} kernels and copies; "

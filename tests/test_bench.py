@@ -114,7 +114,7 @@ def test_timeline_summary_counts_overlapping_kernels_once_and_the_waits():
               (True, "gemm", 20.0, 1020.0), (True, "copy", 500.0, 1500.0),  # overlapping: 1480 us busy
               (True, "add", 3000.0, 3520.0),  # idle gap before it: 520 us more
               (False, "cudaStreamSynchronize", 1600.0, 3600.0), (False, "cudaMemcpyAsync", 3700.0, 3710.0),
-              (False, "cudaMemcpy", 3800.0, 4000.0)]
+              (False, "cudaMemcpy2DAsync", 3710.0, 3720.0), (False, "cudaMemcpy", 3800.0, 4000.0)]
     line = bench.timeline_summary(events)
     assert line == ("time line: 4.00 ms from first to last event; GPU busy 2.00 ms (50%) in 3 kernels and copies; "
                     "2 host call(s) waiting for the GPU (synchronize, blocking copy)\n")
