@@ -47,8 +47,10 @@ def test_every_run_config_loads_with_a_known_preset_and_the_paper_recipe():
             assert (cfg.train.steps, cfg.train.batch_size, cfg.data.crop_size) == (80000, 4, 384), path
             assert (cfg.optim.lr, cfg.optim.clip_lr, cfg.optim.weight_decay) == (2e-4, 2e-6, 1e-4), path
             assert cfg.schedule.name == "cosine" and cfg.schedule.warmup_steps == 0, path
-        # the measured GPU configs train compiled (benchmarks/results/h100_2026-11-26b)
-        assert cfg.train.compile == (path.stem in {"catseg_vitb16_r101", "catseg_vitl14_swinb"}), path
+        # the measured GPU configs train compiled and channels-last (benchmarks/results/h100_2026-11-26b,
+        # h200_2026-11-26c)
+        measured = path.stem in {"catseg_vitb16_r101", "catseg_vitl14_swinb"}
+        assert cfg.train.compile == measured and cfg.train.channels_last == measured, path
 
 
 @pytest.mark.parametrize("override, needle", [
