@@ -36,7 +36,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_model b_model_cl l_model b_compile tests b_model_ro l_model_ro l_compile b l"}
+variants=${*:-"b_compile b_model_cl_ro l_model_cl_ro tests b_model_cl l_model_cl l_compile b_compile_ma b l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -52,7 +52,7 @@ for v in $variants; do
         l_profile20) bench l14_profile20 100 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20 --profile --no-train ;;
         b_eager) bench b16_eager 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cuda-graphs --no-train ;;
         b_plain) bench b16_plain 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-train \
-            --no-bf16-weights --no-channels-last-backbone ;;
+            --no-bf16-weights --no-channels-last ;;
         b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train \
             --profile ;;
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
@@ -72,6 +72,12 @@ for v in $variants; do
             --channels-last --no-inference --profile ;;
         l_model) bench l14_compile_model 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model --no-inference \
             --profile ;;
+        l_model_cl) bench l14_compile_model_cl 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
+            --channels-last --no-inference --profile ;;
+        b_model_cl_ro) bench b16_compile_model_cl_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
+            --channels-last --compile-mode reduce-overhead --no-inference ;;
+        l_model_cl_ro) bench l14_compile_model_cl_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
+            --channels-last --compile-mode reduce-overhead --no-inference ;;
         b_model_ro) bench b16_compile_model_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --compile-mode reduce-overhead --no-inference ;;
         l_model_ro) bench l14_compile_model_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \

@@ -31,6 +31,12 @@ def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def cat_chunks(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The class chunks' results joined along the class axis (dim 1); one chunk as it is, in its own memory layout
+    (torch.cat would copy it into a contiguous one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 @tensor_cache(maxsize=16)
 def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Boolean (num_windows, T, T) mask: True where two tokens of a shifted window came from the same region."""
@@ -266,7 +272,7 @@ class ClassAggregation(nn.Module):
             kv_i, z_i = self.summary(x[:, sl], None if g is None else g[:, :, sl])
             kv, z = (kv_i, z_i) if kv is None else (kv + kv_i, z + z_i)
         # pass 2: the queries of each chunk read the summary
-        return torch.cat([self.update(x[:, sl], None if g is None else g[:, :, sl], kv, z) for sl in chunks], dim=1)
+        return cat_chunks([self.update(x[:, sl], None if g is None else g[:, :, sl], kv, z) for sl in chunks])
 
     def summary(self, xs: torch.Tensor, g: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk's share of the summary: xs (B, n, C, H, W), g (1, 1, n, G) or None -> S (B, P, heads, d, d)
@@ -309,9 +315,9 @@ class AggregationLayer(nn.Module):
         if self.spatial is not None:
             run = self.spatial
             if self.grad_checkpointing and self.training:
-                x = torch.cat([checkpoint(run, x[:, sl], appearance, use_reentrant=False) for sl in chunks], 1)
+                x = cat_chunks([checkpoint(run, x[:, sl], appearance, use_reentrant=False) for sl in chunks])
             else:
-                x = torch.cat([run(x[:, sl], appearance) for sl in chunks], dim=1)
+                x = cat_chunks([run(x[:, sl], appearance) for sl in chunks])
         if self.klass is not None:
             x = self.klass(x, text, chunks)
         return x

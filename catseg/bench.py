@@ -21,12 +21,14 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import create_model
 from . import inference
@@ -41,20 +43,41 @@ def _rss_status(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
 
 
+# the model's parts, as torch.utils.flop_counter names the modules that ran (their FLOPs include their children's)
+_PARTS = [("guidance backbone", r"CatSeg\.(backbone|appearance_proj|decoder_proj\.\d+)"),
+          ("cost embedding", r"CatSeg\.cost_embed"), ("spatial aggregation", r"CatSeg\.layers\.\d+\.spatial"),
+          ("class aggregation", r"CatSeg\.layers\.\d+\.klass"), ("decoder", r"CatSeg\.(decoder\.\d+|head)")]
+
+
+def flops_by_part(counts: dict, total: int) -> dict[str, int]:
+    """FLOPs of the model's parts from FlopCounterMode.get_flop_counts(); what no part holds (CLIP's encoders, the
+    text projection, merging the views, the loss, the optimizer) is "CLIP and the rest"."""
+    parts = {name: 0 for name, _ in _PARTS}
+    for module, ops in counts.items():
+        for name, pattern in _PARTS:
+            if re.fullmatch(pattern, module):
+                parts[name] += sum(ops.values())
+    parts["CLIP and the rest"] = total - sum(parts.values())
+    return parts
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA allocator peak, or peak RSS growth on Linux CPUs (None elsewhere), or the peak of
     a `TensorBytes` counter when one is given."""
 
     def __init__(self, device: torch.device, counter: Optional[TensorBytes] = None):
         self.device, self.counter, self.peak, self.moved, self.operators = device, counter, None, None, None
+        self.flops, self.flops_by_part = None, None  # counted with the memory: matrix-product FLOPs
         self.seconds = None  # wall time of the block (the device synchronised at its end)
         self._start = (0, 0)
+        self._flop_mode = FlopCounterMode(display=False) if counter is not None else None
 
     def __enter__(self):
         gc.collect()
         if self.counter is not None:
             self.counter.reset_peak()
             self._start = (self.counter.moved, self.counter.operators)
+            self._flop_mode.__enter__()
         elif self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -69,6 +92,9 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.counter is not None:
+            self._flop_mode.__exit__(*exc)
+            self.flops = self._flop_mode.get_total_flops()
+            self.flops_by_part = flops_by_part(self._flop_mode.get_flop_counts(), self.flops)
             self.peak = self.counter.peak
             self.moved = self.counter.moved - self._start[0]
             self.operators = self.counter.operators - self._start[1]
@@ -194,7 +220,7 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
     return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
             "images_per_s": _div(1000 * batch, ms), "first_call_s": mem.seconds,
             "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady, "bytes_moved": mem.moved,
-            "operators": mem.operators, "profile": table}
+            "operators": mem.operators, "flops": mem.flops, "flops_by_part": mem.flops_by_part, "profile": table}
 
 
 def bench_training(model, device, precision, num_classes, batch, warmup, repeats, profile=False, counter=None,
@@ -226,7 +252,8 @@ def bench_training(model, device, precision, num_classes, batch, warmup, repeats
     model.eval()
     return {"classes": num_classes, "batch": batch, "ms_per_step": ms, "images_per_s": _div(1000 * batch, ms),
             "first_call_s": mem.seconds, "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady,
-            "bytes_moved": mem.moved, "operators": mem.operators, "profile": table}
+            "bytes_moved": mem.moved, "operators": mem.operators, "flops": mem.flops,
+            "profile": table}  # no FLOPs by part: flop_counter attributes backward FLOPs to modules unreliably
 
 
 def _trace(args, what: str) -> Optional[str]:
@@ -236,7 +263,8 @@ def _trace(args, what: str) -> Optional[str]:
     return os.path.join(args.trace, f"{what}.json")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The bench's command line, checked (argparse exits with a message on a bad one)."""
     p = argparse.ArgumentParser(description="CAT-Seg speed/memory benchmark (random weights)")
     p.add_argument("--preset", default="catseg_tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -251,8 +279,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--no-inference", action="store_true", help="the training step only")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--channels-last", action="store_true", help="inference: every convolution weight channels-last; "
-                   "training: the guidance backbone and the decoder channels-last as train.channels_last runs them")
+    p.add_argument("--channels-last", action="store_true", help="training: the convolutions channels-last as "
+                   "train.channels_last runs them (inference runs them so unless --no-channels-last)")
     p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
     p.add_argument("--compile-model", action="store_true", help="training: torch.compile the whole model, its "
                    "forward and backward one graph each (as the trainer's train.compile: true)")
@@ -269,8 +297,8 @@ def main(argv=None) -> dict:
                    help="let cuDNN guess its convolution algorithms instead of timing them once per shape")
     p.add_argument("--no-bf16-weights", action="store_true", help="bf16 inference: keep the fp32 weights (autocast "
                    "then casts each of them on every call) instead of storing the matmul weights in bf16")
-    p.add_argument("--no-channels-last-backbone", action="store_true", help="inference: keep a convolutional "
-                   "backbone's weights NCHW instead of channels-last")
+    p.add_argument("--no-channels-last", action="store_true", help="inference: run the convolutions NCHW instead of "
+                   "channels-last as Segmenter does (guidance backbone, cost embedding, decoder)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -290,7 +318,11 @@ def main(argv=None) -> dict:
         p.error(f"--compile-mode {args.compile_mode} makes torch.compile replay its own CUDA graphs, which the "
                 "inference path cannot capture into its graphs: add --no-cuda-graphs (or --no-inference), or use "
                 "max-autotune-no-cudagraphs")
+    return args
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     device = torch.device("cpu" if args.count_memory else args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" or args.count_memory else "fp32")
     if device.type == "cuda":
@@ -300,8 +332,6 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = create_model(args.preset, class_chunk_size=args.class_chunk or None).to(device).eval()
     model.check_inputs = False  # the range check syncs with the host; inputs here are known to be in range
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
     compile_kwargs = _compile_kwargs(args)
     if args.compile:  # the aggregation layers and the decoder, as Segmenter(compile=True) does
         inference.compile_aggregation(model, **compile_kwargs)
@@ -330,7 +360,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
-        "channels_last_backbone": not args.no_channels_last_backbone,
+        "channels_last_inference": not args.no_channels_last,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -339,7 +369,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         batches = []
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
-    inference.backbone_channels_last(model, result["channels_last_backbone"])  # as Segmenter does
+    inference.channels_last(model, result["channels_last_inference"])  # as Segmenter does
     for batch in batches:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]
@@ -351,13 +381,9 @@ def _run(args, argv, model, device, precision, counter) -> dict:
             _write(result, args.json)
     if not args.no_train:
         # training as the trainer runs it: fp32 weights (autocast casts them), NCHW, or with --channels-last the
-        # backbone and decoder channels-last as train.channels_last makes them
+        # convolutions channels-last as train.channels_last makes them
         inference.cast_matmul_weights(model, torch.float32)
-        if args.channels_last:
-            model.to(memory_format=torch.contiguous_format)
-            inference.decoder_channels_last(inference.backbone_channels_last(model))
-        else:
-            inference.backbone_channels_last(model, False)
+        inference.channels_last(model, args.channels_last)
         if batches and (args.compile or args.compile_encoders or args.compile_model):
             # A trainer compiles for its one class count; after inference at other counts torch.compile would
             # compile the training step with a dynamic class dimension (and its backward), which takes many times
@@ -406,7 +432,13 @@ def _memory(r: dict) -> str:
     steady = r.get("steady_peak_memory_bytes")
     return f"peak {_gb(r['peak_memory_bytes'])}" + ("" if steady is None else f" (later calls {_gb(steady)})") + (
         f"  first call {r['first_call_s']:.1f} s" if moved is None else
-        f"  moved {moved / 1e9:.1f} GB  {r['operators']} operators")
+        f"  moved {moved / 1e9:.1f} GB  {r['operators']} operators  {_tflop(r['flops'])} TFLOP" + (
+            "" if not r.get("flops_by_part") else
+            " (" + ", ".join(f"{k} {_tflop(v)}" for k, v in r["flops_by_part"].items()) + ")"))
+
+
+def _tflop(n: int) -> str:
+    return f"{n / 1e12:.3g}"
 
 
 def _gb(n) -> str:

@@ -350,14 +350,27 @@ def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
 
 
 def decoder_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
-    """Run the upsampling decoder's convolutions channels-last (NHWC), in place (`enable=False`: back to NCHW); returns
-    the model. Each decoder stage converts its input and its guidance map to NHWC, so its convolutions (and the
-    per-class head after them) run in cuDNN's bf16 layout whatever the weights' layout: the decoder runs once per class
-    on the largest maps of the model (a ViT-B training step: 684 class maps of 32-64 x 96 x 96), and with NCHW tensors
-    cuDNN transposes each convolution's input and output. Used with `backbone_channels_last` by `train.channels_last`."""
+    """Run the per-class convolutions channels-last (NHWC), in place (`enable=False`: back to NCHW); returns the
+    model. The cost volume is computed as NHWC maps, so the cost embedding's 7x7 convolution runs NHWC, and each
+    decoder stage converts its input and its guidance map to NHWC, so its convolutions (and the per-class head after
+    them) run in cuDNN's bf16 layout whatever the weights' layout. These run once per class on the largest maps of
+    the model (a ViT-B training step: 684 class maps of 32-64 x 96 x 96), and with NCHW tensors cuDNN transposes each
+    convolution's input and output (H200 profiles: 22 of the 180 ms of a compiled 847-class ViT-B patch inference,
+    11.5 of the 84 ms of a compiled ViT-B training step). Part of `channels_last`."""
     for stage in model.decoder:
         stage.channels_last = enable
+    model.cost_channels_last = enable
+    _GRAPHS.pop(model, None)  # graphs captured in the other layout
     return model
+
+
+def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
+    """Every convolution of the image path channels-last (NHWC), in place (`enable=False`: back to NCHW); returns the
+    model: the guidance backbone (`backbone_channels_last`), the cost embedding and the decoder
+    (`decoder_channels_last`). Segmenter runs inference so, `train.channels_last` training. On an H200 the compiled
+    ViT-B training step went from 98.4 to 93.0 ms with the backbone and decoder NHWC (benchmarks/results/
+    h200_2026-11-26c)."""
+    return decoder_channels_last(backbone_channels_last(model, enable), enable)
 
 
 def _replace_weights(model: CatSeg, params, needs, convert) -> CatSeg:
@@ -418,10 +431,10 @@ def compile_encoders(model: CatSeg, **compile_kwargs) -> CatSeg:
 def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False) -> CatSeg:
     """Ready `model` for inference in place, as `Segmenter` does; returns it. bf16 (to run under bf16 autocast):
     the image path's matmul weights stored in bf16 (`cast_matmul_weights`); otherwise they are put back to fp32 if an
-    earlier call cast them. A convolutional guidance backbone goes channels-last (`backbone_channels_last`), and
-    `compile` compiles the aggregation and decoder (`compile_aggregation`)."""
+    earlier call cast them. The convolutions go channels-last (`channels_last`), and `compile` compiles the
+    aggregation and decoder (`compile_aggregation`)."""
     cast_matmul_weights(model, torch.bfloat16 if bf16 else torch.float32)
-    backbone_channels_last(model)
+    channels_last(model)
     return compile_aggregation(model) if compile else model
 
 

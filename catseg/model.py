@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .aggregation import AggregationLayer, ClassAggregation, GuidedSwinBlock, UpStage, chunk_slices
+from .aggregation import AggregationLayer, ClassAggregation, GuidedSwinBlock, UpStage, cat_chunks, chunk_slices
 from .clip import ClipEncoder
 from .config import CatSegConfig
 from .ops import resize
@@ -189,6 +189,7 @@ class CatSeg(nn.Module):
         self.head = nn.Conv2d(cin, 1, 3, padding=1)
 
         self.check_inputs = True  # validate image range (one host sync); the trainer may switch it off
+        self.cost_channels_last = False  # the cost volume NHWC (see catseg.inference.channels_last)
         self._text_cache: OrderedDict = OrderedDict()
         self._text_version = 0
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_text_cache())
@@ -311,10 +312,10 @@ class CatSeg(nn.Module):
         if self.text_proj is not None:
             mean = text.mean(dim=1)
             text_guidance = self.text_proj(F.normalize(mean, dim=-1) if self.config.text_guidance_renormalize else mean)
-        x = torch.cat([self.embed(dense, text[sl]) for sl in chunks], dim=1)
+        x = cat_chunks([self.embed(dense, text[sl]) for sl in chunks])
         for layer in self.layers:
             x = layer(x, appearance, text_guidance, chunks)
-        return torch.cat([self.decode(x[:, sl], decoder_feats) for sl in chunks], dim=1)
+        return cat_chunks([self.decode(x[:, sl], decoder_feats) for sl in chunks])
 
     def _segment_top_k(self, dense, text, appearance, decoder_feats, k):
         # Per image, keep the k classes with the highest maximum cosine similarity over templates and pixels
@@ -338,8 +339,12 @@ class CatSeg(nn.Module):
         n = text.shape[0]
         if self.config.aggregation == "cost":
             with torch.autocast(dense.device.type, enabled=False):
-                cost = torch.einsum("bchw,npc->bnphw", dense.float(), text.float())
-            x = self.cost_embed(cost.to(self.cost_embed.weight.dtype).flatten(0, 1))
+                if self.cost_channels_last:  # (b n, P, h, w) views of NHWC maps: the 7x7 convolution runs NHWC
+                    cost = torch.einsum("bchw,npc->bnhwp", dense.float(), text.float()).flatten(0, 1)
+                    cost = cost.permute(0, 3, 1, 2)
+                else:
+                    cost = torch.einsum("bchw,npc->bnphw", dense.float(), text.float()).flatten(0, 1)
+            x = self.cost_embed(cost.to(self.cost_embed.weight.dtype))
         else:
             t = text.mean(dim=1).to(dense.dtype)
             feats = torch.cat([dense.unsqueeze(1).expand(b, n, -1, h, w),

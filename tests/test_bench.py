@@ -1,5 +1,6 @@
 """The speed benchmark runs on CPU with the tiny preset and writes its figures as JSON."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,8 +35,9 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
 
 
 def test_bench_counts_memory_on_fake_tensors(tmp_path):
-    """--count-memory predicts bf16 memory figures without running arithmetic; recomputing the MLPs saves memory."""
-    peaks = {}
+    """--count-memory predicts bf16 memory figures without running arithmetic, and counts the FLOPs of the matrix
+    products by part of the model; recomputing the MLPs saves memory and costs FLOPs."""
+    peaks, flops = {}, {}
     for flag in ([], ["--no-mlp-recompute"]):
         out = tmp_path / f"count{len(flag)}.json"
         bench.main(["--preset", "catseg_tiny", "--count-memory", "--classes", "3,40", "--train-batch", "2",
@@ -48,7 +50,23 @@ def test_bench_counts_memory_on_fake_tensors(tmp_path):
         small, large = (r["peak_memory_bytes"] for r in saved["inference"])
         assert large > small  # more classes, more memory
         peaks[bool(flag)] = saved["training"]["peak_memory_bytes"]
+        flops[bool(flag)] = saved["training"]["flops"]
+        few, many = (r["flops_by_part"] for r in saved["inference"])
     assert peaks[False] < peaks[True]
+    # recomputing the MLPs' hidden layers in backward adds their first matrix products again
+    assert flops[False] > flops[True] > 0
+    # FLOPs by part: the whole is counted once; per-class parts grow with the classes, the image-only ones do not
+    counted = [r["flops"] for r in saved["inference"]]
+    assert [sum(p.values()) for p in (few, many)] == counted
+    assert few["guidance backbone"] == many["guidance backbone"] > 0
+    for part in ("cost embedding", "spatial aggregation", "class aggregation", "decoder"):
+        assert 0 < few[part] < many[part], part
+    # the 7x7 cost embedding, by its own formula: 2 x (views x classes x grid^2 outputs) x templates x 49 x embed dim
+    import catseg
+    model = catseg.create_model("catseg_tiny")
+    views = 5  # 4 crops + the global view
+    assert many["cost embedding"] == 2 * views * 40 * model.grid ** 2 * len(model.clip.templates) * 49 \
+        * model.config.embed_dim
 
 
 def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_path):
@@ -119,3 +137,20 @@ def test_timeline_summary_counts_overlapping_kernels_once_and_the_waits():
     assert line == ("time line: 4.00 ms from first to last event; GPU busy 2.00 ms (50%) in 3 kernels and copies; "
                     "2 host call(s) waiting for the GPU (synchronize, blocking copy)\n")
     assert bench.timeline_summary([(False, "aten::mm", 0.0, 1500.0)]) == "time line: 1.50 ms from first to last event\n"
+
+
+def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
+    """benchmarks/gpu_bench.sh runs on a rented GPU machine: each of its variants' bench arguments must be ones
+    catseg.bench accepts (a renamed flag would cost a device call), and each default variant must exist."""
+    import re
+    import shlex
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.sh").read_text().replace("\\\n", " ")
+    defined = dict(re.findall(r"^\s+(\w+)\) bench (.*?) ;;", script, flags=re.M))
+    default = re.search(r'variants=\$\{\*:-"([^"]+)"\}', script).group(1).split()
+    assert {"b_compile", "b_model_cl", "l_model_cl_ro"} <= defined.keys()
+    assert set(default) <= defined.keys() | {"tests"}, set(default) - defined.keys()
+    for name, line in defined.items():
+        line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")
+        args = shlex.split(line)[3:]  # json name, time limit, working folder
+        bench.parse_args(args)  # argparse exits (SystemExit) on a flag or combination it refuses

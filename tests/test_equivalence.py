@@ -279,33 +279,61 @@ def test_channels_last_backbone_equals_nchw_backbone():
     assert conv.weight.is_contiguous()
 
 
+def _nhwc(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("n, chunk", [(3, None), (40, 16), (847, 128)])
+def test_channels_last_inference_equals_nchw(n, chunk):
+    """Inference as Segmenter runs it (catseg.inference.channels_last): the cost embedding and every decoder stage
+    run NHWC, one class chunk or several, and the logits equal the NCHW run's."""
+    from catseg.inference import channels_last
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=chunk).eval()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    names = [f"c{i}" for i in range(n)]
+    ref = _logits(model, x, names)
+    layouts = []
+    hooks = [m.register_forward_hook(lambda module, inputs, out: layouts.append(_nhwc(out)))
+             for m in (model.cost_embed, *model.decoder)]
+    channels_last(model)
+    out = _logits(model, x, names)
+    channels_last(model, False)
+    back = _logits(model, x, names)
+    for h in hooks:
+        h.remove()
+    calls = len(chunk_slices(n, chunk)) * (1 + len(model.decoder))
+    assert layouts == [True] * calls + [False] * calls
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(back, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("upsample", ["bilinear", "transposed"])
 def test_channels_last_backbone_and_decoder_train_as_nchw(upsample):
-    """In training (train.channels_last): the backbone's and each decoder stage's inputs go NHWC, so their convolutions
-    run NHWC even with NCHW weights (as DeepSpeed re-packs them); the loss and every gradient equal the NCHW run's."""
-    from catseg.inference import backbone_channels_last, decoder_channels_last
+    """In training (train.channels_last): the inputs of the backbone, the cost embedding and each decoder stage go
+    NHWC, so their convolutions run NHWC even with NCHW weights (as DeepSpeed re-packs them); the loss and every
+    gradient equal the NCHW run's."""
+    from catseg.inference import channels_last
 
     x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
     names = ["a", "b", "c"]
     results = []
-    for channels_last in (False, True):
+    for nhwc in (False, True):
         torch.manual_seed(0)
         model = catseg.create_model("catseg_tiny", zero_init_residual=False, decoder_upsample=upsample)  # training
-        if channels_last:
-            decoder_channels_last(backbone_channels_last(model))
+        if nhwc:
+            channels_last(model)
             for p in model.backbone.parameters():  # weights re-packed contiguous, the input conversion stays
                 p.data = p.data.contiguous()
         layouts = []
-
-        def nhwc(module, inputs, out):
-            layouts.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
-
-        hooks = [m.register_forward_hook(nhwc) for m in (model.backbone.body.layer2, *model.decoder)]
+        hooks = [m.register_forward_hook(lambda module, inputs, out: layouts.append(_nhwc(out)))
+                 for m in (model.backbone.body.layer2, model.cost_embed, *model.decoder)]
         loss = model(x, names).sigmoid().square().mean()
         loss.backward()
         for h in hooks:
             h.remove()
-        assert layouts == [channels_last] * (1 + len(model.decoder))
+        assert layouts == [nhwc] * (2 + len(model.decoder))
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss0, grads0), (loss1, grads1) = results
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)

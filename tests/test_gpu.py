@@ -1,6 +1,6 @@
 """GPU-only checks of the fast inference paths (skipped without CUDA; `bash benchmarks/gpu_bench.sh OUT tests` runs
 them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, and replays what an eager run computes; bf16
-weights are bit-identical to autocast's casts; a channels-last backbone matches the NCHW one; the whole-model compiled
+weights are bit-identical to autocast's casts; channels-last convolutions match the NCHW ones; the whole-model compiled
 training step (also with torch.compile's own CUDA graphs) follows the eager one; the training step never waits for
 the GPU."""
 import warnings
@@ -10,7 +10,7 @@ import torch
 
 import catseg
 from catseg import inference
-from catseg.inference import Segmenter, backbone_channels_last, cast_matmul_weights
+from catseg.inference import Segmenter, cast_matmul_weights, channels_last
 from catseg.ops import one_hot_bce_with_logits, resize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,12 +80,14 @@ def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda():
     assert torch.equal(before, after)
 
 
-def test_channels_last_backbone_matches_nchw_on_cuda():
+def test_channels_last_matches_nchw_on_cuda():
+    """cuDNN's NHWC bf16 convolutions (backbone, cost embedding, decoder: catseg.inference.channels_last) give the
+    NCHW logits within bf16 rounding."""
     model = _model().cuda().eval()
     views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         before = model(views, NAMES).float()
-        backbone_channels_last(model)
+        channels_last(model)
         after = model(views, NAMES).float()
     torch.testing.assert_close(after, before, rtol=0, atol=0.1)
 
@@ -126,12 +128,11 @@ def test_whole_model_compiled_training_follows_the_eager_steps(mode):
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_training_step_never_waits_for_the_gpu(channels_last):
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_training_step_never_waits_for_the_gpu(nhwc):
     """The trainer's step (forward under bf16 autocast, PixelBCECriterion, backward, global gradient clipping, fused
     AdamW, the learning-rate schedule) makes no host-device synchronisation: CUDA's sync debug mode raises on any
     (an item(), a blocking copy, a data-dependent shape). Also with train.channels_last."""
-    from catseg.inference import decoder_channels_last
     from training.config import OptimConfig, ScheduleConfig
     from training.criterion import PixelBCECriterion
     from training.optim import LRSchedule, build_optimizer
@@ -139,8 +140,8 @@ def test_training_step_never_waits_for_the_gpu(channels_last):
     model = _model().cuda().train()
     model.config.class_chunk_size = None
     model.check_inputs = False  # as the trainer: the input range check is the one sync the forward can make
-    if channels_last:
-        decoder_channels_last(backbone_channels_last(model))
+    if nhwc:
+        channels_last(model)
     model.text_embeddings(NAMES)
     opt = build_optimizer(model.parameter_groups(), OptimConfig())
     schedule = LRSchedule(opt, 10, ScheduleConfig())

@@ -113,7 +113,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training (forward and backward); what: compile_scope
     compile_scope: str = "model"  # model: the whole forward as one graph; aggregation: the aggregation and decoder
     compile_mode: str = ""  # torch.compile mode; empty = its default; reduce-overhead adds its CUDA graphs
-    channels_last: bool = False  # the ResNet guidance backbone and the decoder run NHWC, cuDNN's bf16 layout
+    channels_last: bool = False  # the convolutions (ResNet, cost embedding, decoder) run NHWC, cuDNN's bf16 layout
     log_every: int = 20  # steps between logged metrics
     ckpt_every: int = 1000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted

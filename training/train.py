@@ -178,9 +178,9 @@ class Trainer:
         if acc.num_processes > 1:
             freeze_unused(model, model.image_size, self.class_names, acc.device)
         if cfg.train.channels_last:
-            from catseg.inference import backbone_channels_last, decoder_channels_last
+            from catseg.inference import channels_last
 
-            decoder_channels_last(backbone_channels_last(model))
+            channels_last(model)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
             kwargs = {"mode": cfg.train.compile_mode} if cfg.train.compile_mode else {}
             if cfg.train.compile_scope == "model":
