@@ -264,15 +264,21 @@ class ClassAggregation(nn.Module):
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
         """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
+        return cat_chunks(self.forward_chunks([x[:, sl] for sl in chunks], guidance, chunks))
+
+    def forward_chunks(self, xs: Sequence[torch.Tensor], guidance: Optional[torch.Tensor],
+                       chunks: Sequence[slice]) -> list[torch.Tensor]:
+        """The block on classes held as chunks: xs[i] (B, n_i, C, H, W) holds the classes chunks[i] of guidance
+        (N, G) or None; returns the chunks' outputs, never joined into one tensor."""
         g = None
         if guidance is not None and self.guidance_norm is not None:
             g = self.guidance_norm(guidance)[None, None]  # (1, 1, N, G)
         kv = z = None
-        for sl in chunks:  # pass 1: the key/value summary over all classes
-            kv_i, z_i = self.summary(x[:, sl], None if g is None else g[:, :, sl])
+        for x, sl in zip(xs, chunks):  # pass 1: the key/value summary over all classes
+            kv_i, z_i = self.summary(x, None if g is None else g[:, :, sl])
             kv, z = (kv_i, z_i) if kv is None else (kv + kv_i, z + z_i)
         # pass 2: the queries of each chunk read the summary
-        return cat_chunks([self.update(x[:, sl], None if g is None else g[:, :, sl], kv, z) for sl in chunks])
+        return [self.update(x, None if g is None else g[:, :, sl], kv, z) for x, sl in zip(xs, chunks)]
 
     def summary(self, xs: torch.Tensor, g: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk's share of the summary: xs (B, n, C, H, W), g (1, 1, n, G) or None -> S (B, P, heads, d, d)
@@ -312,15 +318,21 @@ class AggregationLayer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x, appearance, text, chunks):
+        """x (B, N, C, H, W), appearance guidance (B, G, H, W) or None, text guidance (N, G') or None."""
+        return cat_chunks(self.forward_chunks([x[:, sl] for sl in chunks], appearance, text, chunks))
+
+    def forward_chunks(self, xs, appearance, text, chunks) -> list[torch.Tensor]:
+        """The layer on classes held as chunks (xs[i] holds the classes chunks[i]); the chunks are never joined, so
+        no copy of the whole cost volume embedding is made between the stages (847 classes: 0.6 GB per copy)."""
         if self.spatial is not None:
             run = self.spatial
             if self.grad_checkpointing and self.training:
-                x = cat_chunks([checkpoint(run, x[:, sl], appearance, use_reentrant=False) for sl in chunks])
+                xs = [checkpoint(run, x, appearance, use_reentrant=False) for x in xs]
             else:
-                x = cat_chunks([run(x[:, sl], appearance) for sl in chunks])
+                xs = [run(x, appearance) for x in xs]
         if self.klass is not None:
-            x = self.klass(x, text, chunks)
-        return x
+            xs = self.klass.forward_chunks(xs, text, chunks)
+        return xs
 
 
 class DoubleConv(nn.Sequential):

@@ -98,17 +98,18 @@ class ReleaseClassAggregation(ClassAggregation):
             update = F.interpolate(update, size=(h, w), mode="bilinear", align_corners=align_corners)
         return xs + update.unflatten(0, (b, n))
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
-        """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
-        b, n, c, h, w = x.shape
+    def forward_chunks(self, xs, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> list[torch.Tensor]:
+        """As ClassAggregation's: xs[i] (B, n_i, C, H, W) holds the classes chunks[i] of guidance (N, G) or None."""
+        n = chunks[-1].stop
         if self.padding_tokens is None or n >= self.pad_to:
-            return super().forward(x, guidance, chunks)
+            return super().forward_chunks(xs, guidance, chunks)
         # The padding classes join the key/value summary as one more chunk; their own outputs are dropped.
+        b, _, c, h, w = xs[0].shape
         pad = self.pad_to - n
-        x = torch.cat([x, self.padding_tokens.to(x.dtype).view(1, 1, c, 1, 1).expand(b, pad, c, h, w)], dim=1)
+        padding = self.padding_tokens.to(xs[0].dtype).view(1, 1, c, 1, 1).expand(b, pad, c, h, w)
         if guidance is not None and self.padding_guidance is not None:
             guidance = torch.cat([guidance, self.padding_guidance[0].to(guidance.dtype).expand(pad, -1)], dim=0)
-        return super().forward(x, guidance, [*chunks, slice(n, self.pad_to)])[:, :n]
+        return super().forward_chunks([*xs, padding], guidance, [*chunks, slice(n, self.pad_to)])[:-1]
 
 
 def _uses_release_class_aggregation(cfg: CatSegConfig) -> bool:
@@ -312,10 +313,10 @@ class CatSeg(nn.Module):
         if self.text_proj is not None:
             mean = text.mean(dim=1)
             text_guidance = self.text_proj(F.normalize(mean, dim=-1) if self.config.text_guidance_renormalize else mean)
-        x = cat_chunks([self.embed(dense, text[sl]) for sl in chunks])
+        xs = [self.embed(dense, text[sl]) for sl in chunks]  # the classes stay in their chunks until the logits
         for layer in self.layers:
-            x = layer(x, appearance, text_guidance, chunks)
-        return cat_chunks([self.decode(x[:, sl], decoder_feats) for sl in chunks])
+            xs = layer.forward_chunks(xs, appearance, text_guidance, chunks)
+        return cat_chunks([self.decode(x, decoder_feats) for x in xs])
 
     def _segment_top_k(self, dense, text, appearance, decoder_feats, k):
         # Per image, keep the k classes with the highest maximum cosine similarity over templates and pixels
