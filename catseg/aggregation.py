@@ -232,7 +232,8 @@ def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 
 class ClassAggregation(nn.Module):
-    """T^ca: per pixel, a pre-LN linear-attention transformer over the classes (no positional embedding).
+    """T^ca: per pixel, a pre-LN linear-attention transformer over the classes (no positional embedding), on classes
+    held as chunks.
 
     Linear attention out_n = phi(q_n) S / (phi(q_n) z) with S = sum_m phi(k_m) v_m^T and z = sum_m phi(k_m); S and z
     are accumulated over class chunks, so the result does not depend on the chunking.
@@ -262,14 +263,10 @@ class ClassAggregation(nn.Module):
         # the text guidance (1, 1, n, G) is projected once per class and broadcast over images and pixels
         return linear(t) if guidance is None else split_linear(linear, t, guidance)
 
-    def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> torch.Tensor:
-        """x (B, N, C, H, W), guidance (N, G) or None -> (B, N, C, H, W)."""
-        return cat_chunks(self.forward_chunks([x[:, sl] for sl in chunks], guidance, chunks))
-
-    def forward_chunks(self, xs: Sequence[torch.Tensor], guidance: Optional[torch.Tensor],
-                       chunks: Sequence[slice]) -> list[torch.Tensor]:
+    def forward(self, xs: Sequence[torch.Tensor], guidance: Optional[torch.Tensor],
+                chunks: Sequence[slice]) -> list[torch.Tensor]:
         """The block on classes held as chunks: xs[i] (B, n_i, C, H, W) holds the classes chunks[i] of guidance
-        (N, G) or None; returns the chunks' outputs, never joined into one tensor."""
+        (N, G) or None; returns the chunks' outputs (B, n_i, C, H, W), never joined into one tensor."""
         g = None
         if guidance is not None and self.guidance_norm is not None:
             g = self.guidance_norm(guidance)[None, None]  # (1, 1, N, G)
@@ -317,13 +314,10 @@ class AggregationLayer(nn.Module):
         self.klass = ClassAggregation(dim, text_dim, num_heads, mlp_ratio, pool) if klass else None
         self.grad_checkpointing = False
 
-    def forward(self, x, appearance, text, chunks):
-        """x (B, N, C, H, W), appearance guidance (B, G, H, W) or None, text guidance (N, G') or None."""
-        return cat_chunks(self.forward_chunks([x[:, sl] for sl in chunks], appearance, text, chunks))
-
-    def forward_chunks(self, xs, appearance, text, chunks) -> list[torch.Tensor]:
-        """The layer on classes held as chunks (xs[i] holds the classes chunks[i]); the chunks are never joined, so
-        no copy of the whole cost volume embedding is made between the stages (847 classes: 0.6 GB per copy)."""
+    def forward(self, xs, appearance, text, chunks) -> list[torch.Tensor]:
+        """The layer on classes held as chunks: xs[i] (B, n_i, C, H, W) holds the classes chunks[i]; appearance
+        guidance (B, G, H, W) or None, text guidance (N, G') or None. The chunks are never joined, so no copy of the
+        whole cost volume embedding is made between the stages (847 classes: 0.6 GB per copy)."""
         if self.spatial is not None:
             run = self.spatial
             if self.grad_checkpointing and self.training:
@@ -331,7 +325,7 @@ class AggregationLayer(nn.Module):
             else:
                 xs = [run(x, appearance) for x in xs]
         if self.klass is not None:
-            xs = self.klass.forward_chunks(xs, text, chunks)
+            xs = self.klass(xs, text, chunks)
         return xs
 
 

@@ -98,18 +98,18 @@ class ReleaseClassAggregation(ClassAggregation):
             update = F.interpolate(update, size=(h, w), mode="bilinear", align_corners=align_corners)
         return xs + update.unflatten(0, (b, n))
 
-    def forward_chunks(self, xs, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> list[torch.Tensor]:
+    def forward(self, xs, guidance: Optional[torch.Tensor], chunks: Sequence[slice]) -> list[torch.Tensor]:
         """As ClassAggregation's: xs[i] (B, n_i, C, H, W) holds the classes chunks[i] of guidance (N, G) or None."""
         n = chunks[-1].stop
         if self.padding_tokens is None or n >= self.pad_to:
-            return super().forward_chunks(xs, guidance, chunks)
+            return super().forward(xs, guidance, chunks)
         # The padding classes join the key/value summary as one more chunk; their own outputs are dropped.
         b, _, c, h, w = xs[0].shape
         pad = self.pad_to - n
         padding = self.padding_tokens.to(xs[0].dtype).view(1, 1, c, 1, 1).expand(b, pad, c, h, w)
         if guidance is not None and self.padding_guidance is not None:
             guidance = torch.cat([guidance, self.padding_guidance[0].to(guidance.dtype).expand(pad, -1)], dim=0)
-        return super().forward_chunks([*xs, padding], guidance, [*chunks, slice(n, self.pad_to)])[:-1]
+        return super().forward([*xs, padding], guidance, [*chunks, slice(n, self.pad_to)])[:-1]
 
 
 def _uses_release_class_aggregation(cfg: CatSegConfig) -> bool:
@@ -315,7 +315,7 @@ class CatSeg(nn.Module):
             text_guidance = self.text_proj(F.normalize(mean, dim=-1) if self.config.text_guidance_renormalize else mean)
         xs = [self.embed(dense, text[sl]) for sl in chunks]  # the classes stay in their chunks until the logits
         for layer in self.layers:
-            xs = layer.forward_chunks(xs, appearance, text_guidance, chunks)
+            xs = layer(xs, appearance, text_guidance, chunks)
         return cat_chunks([self.decode(x, decoder_feats) for x in xs])
 
     def _segment_top_k(self, dense, text, appearance, decoder_feats, k):
