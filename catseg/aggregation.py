@@ -17,7 +17,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import GroupNorm, LayerNorm, resize, tensor_cache
+from .ops import GroupNorm, LayerNorm, part, resize, tensor_cache
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
@@ -320,12 +320,14 @@ class AggregationLayer(nn.Module):
         whole cost volume embedding is made between the stages (847 classes: 0.6 GB per copy)."""
         if self.spatial is not None:
             run = self.spatial
-            if self.grad_checkpointing and self.training:
-                xs = [checkpoint(run, x, appearance, use_reentrant=False) for x in xs]
-            else:
-                xs = [run(x, appearance) for x in xs]
+            with part("spatial aggregation"):
+                if self.grad_checkpointing and self.training:
+                    xs = [checkpoint(run, x, appearance, use_reentrant=False) for x in xs]
+                else:
+                    xs = [run(x, appearance) for x in xs]
         if self.klass is not None:
-            xs = self.klass(xs, text, chunks)
+            with part("class aggregation"):
+                xs = self.klass(xs, text, chunks)
         return xs
 
 

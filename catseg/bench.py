@@ -31,7 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import create_model
-from . import inference
+from . import inference, ops
 from .aggregation import RecomputedMlp
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
 from .memcount import TensorBytes, counting, mha_unfused
@@ -130,21 +130,30 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def profile_table(step: Callable[[], object], device: torch.device, rows: int = 30, trace: Optional[str] = None) -> str:
+def profile_table(step: Callable[[], object], device: torch.device, rows: int = 30, trace: Optional[str] = None,
+                  parts: bool = False) -> str:
     """torch.profiler table of one call of step, the operators sorted by their own device (or CPU) time, under a
-    line from `timeline_summary`; `trace`: also write the call's Chrome trace (chrome://tracing, Perfetto) there."""
+    line from `timeline_summary`; `trace`: also write the call's Chrome trace (chrome://tracing, Perfetto) there.
+    `parts`: the model's parts run inside named ranges (`catseg.ops.part`) and a line from `part_times` follows;
+    not for a whole-model compiled step, which the ranges would make compile again."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    ops.PART_RANGES = parts
+    try:
+        with profile(activities=activities) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        ops.PART_RANGES = False
     if trace:
         prof.export_chrome_trace(trace)
     summary = timeline_summary([(e.device_type == DeviceType.CUDA, e.name, e.time_range.start, e.time_range.end)
                                 for e in prof.events()])
+    if parts:
+        summary += part_times(prof.events(), device.type == "cuda")
     events = prof.key_averages()
     for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ()) + (
             "self_cpu_time_total",):
@@ -153,6 +162,26 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
         except (AttributeError, KeyError, ValueError):
             continue
     return summary + events.table(row_limit=rows)
+
+
+def part_times(events, on_device: bool) -> str:
+    """The time of each part of the model from the profiler's "catseg.<part>" ranges (`catseg.ops.part`): on a GPU
+    the device time of the kernels launched inside each part's ranges, on a CPU the ranges' own time; the rest of
+    the call is "other". Set against the part's FLOPs (`--count-memory`), this is each part's arithmetic rate."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.name.startswith("catseg."):
+            t = e.device_time_total if on_device else e.cpu_time_total
+            totals[e.name[len("catseg."):]] = totals.get(e.name[len("catseg."):], 0.0) + t
+    if not totals:
+        return ""
+    if on_device:  # the kernels' time, as the table's "Self CUDA time total"
+        whole = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        whole = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    text = ", ".join(f"{name} {t / 1e3:.2f}" for name, t in totals.items())
+    return (f"{'device' if on_device else 'CPU'} time by part, ms: {text}, other "
+            f"{max(0.0, whole - sum(totals.values())) / 1e3:.2f}\n")
 
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -181,8 +210,8 @@ def timeline_summary(events: list[tuple[bool, str, float, float]]) -> str:
     return text + "\n"
 
 
-def _finish(step, device, warmup, repeats, profile, profile_step=None,
-            counter=None, trace=None) -> tuple[Optional[float], PeakMemory, Optional[int], Optional[str]]:
+def _finish(step, device, warmup, repeats, profile, profile_step=None, counter=None, trace=None,
+            parts=False) -> tuple[Optional[float], PeakMemory, Optional[int], Optional[str]]:
     """(median ms, the first call's PeakMemory, CUDA peak of the later calls, profile table)."""
     # Peak memory of the first call: it runs eagerly (and, on a GPU, captures the CUDA graph that later calls
     # replay), so it sees every intermediate tensor; a replay allocates nothing and would under-report. Its time
@@ -195,7 +224,7 @@ def _finish(step, device, warmup, repeats, profile, profile_step=None,
         torch.cuda.reset_peak_memory_stats()
     ms = time_ms(step, device, warmup, repeats)
     steady = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return ms, mem, steady, profile_table(profile_step or step, device, trace=trace) if profile else None
+    return ms, mem, steady, profile_table(profile_step or step, device, trace=trace, parts=parts) if profile else None
 
 
 def bench_inference(model, device, precision, num_classes, batch, warmup, repeats, profile=False,
@@ -216,7 +245,8 @@ def bench_inference(model, device, precision, num_classes, batch, warmup, repeat
             return predict_labels(model, images, names, cuda_graphs=graphs)
 
     # profiled eagerly: a graph replay shows no per-operator breakdown
-    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter, trace)
+    ms, mem, steady, table = _finish(step, device, warmup, repeats, profile, lambda: step(False), counter, trace,
+                                     parts=True)
     return {"classes": num_classes, "batch": batch, "ms_per_image": _div(ms, batch),
             "images_per_s": _div(1000 * batch, ms), "first_call_s": mem.seconds,
             "peak_memory_bytes": mem.peak, "steady_peak_memory_bytes": steady, "bytes_moved": mem.moved,

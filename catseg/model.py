@@ -13,7 +13,7 @@ from torch import nn
 from .aggregation import AggregationLayer, ClassAggregation, GuidedSwinBlock, UpStage, cat_chunks, chunk_slices
 from .clip import ClipEncoder
 from .config import CatSegConfig
-from .ops import resize
+from .ops import part, resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -274,10 +274,12 @@ class CatSeg(nn.Module):
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         self.validate(images, class_names)
         text = self.text_embeddings(class_names)
-        raw, taps = self.clip.encode_dense(images, normalize=False)
-        dense = F.normalize(raw, dim=1)
+        with part("clip"):
+            raw, taps = self.clip.encode_dense(images, normalize=False)
+            dense = F.normalize(raw, dim=1)
         guide = dense if self.config.clip_guidance_normalized else raw
-        appearance, decoder_feats = self.guidance_features(images, guide, taps)
+        with part("guidance backbone"):
+            appearance, decoder_feats = self.guidance_features(images, guide, taps)
         return self.segment_features(dense, text, appearance, decoder_feats)
 
     def guidance_features(self, images, dense, taps) -> tuple[Optional[torch.Tensor], list]:
@@ -313,10 +315,12 @@ class CatSeg(nn.Module):
         if self.text_proj is not None:
             mean = text.mean(dim=1)
             text_guidance = self.text_proj(F.normalize(mean, dim=-1) if self.config.text_guidance_renormalize else mean)
-        xs = [self.embed(dense, text[sl]) for sl in chunks]  # the classes stay in their chunks until the logits
+        with part("cost embedding"):
+            xs = [self.embed(dense, text[sl]) for sl in chunks]  # the classes stay in their chunks until the logits
         for layer in self.layers:
             xs = layer(xs, appearance, text_guidance, chunks)
-        return cat_chunks([self.decode(x, decoder_feats) for x in xs])
+        with part("decoder"):
+            return cat_chunks([self.decode(x, decoder_feats) for x in xs])
 
     def _segment_top_k(self, dense, text, appearance, decoder_feats, k):
         # Per image, keep the k classes with the highest maximum cosine similarity over templates and pixels

@@ -11,6 +11,7 @@ do) but read and write the input's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -19,6 +20,15 @@ from torch import nn
 
 
 _TENSOR_CACHES: list = []
+
+PART_RANGES = False  # set while `python -m catseg.bench --profile` profiles an inference: see `part`
+
+
+def part(name: str):
+    """A profiler range "catseg.<name>" around one part of the model while PART_RANGES is set (the bench's inference
+    profile then reports the device time of each part); otherwise nothing."""
+    return torch.profiler.record_function(f"catseg.{name}") if PART_RANGES else contextlib.nullcontext()
+
 
 
 def tensor_cache(maxsize: int):

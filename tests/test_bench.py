@@ -23,6 +23,16 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
     assert [r["profile"] is not None for r in saved["inference"]] == [False, True, False, False]
     assert "aten::" in saved["training"]["profile"]
     assert saved["training"]["profile"].startswith("time line: ")
+    # the inference profile gives each part of the model its time; the training one has no part ranges
+    line = next(x for x in saved["inference"][1]["profile"].splitlines() if x.startswith("CPU time by part, ms: "))
+    times = dict(item.rsplit(" ", 1) for item in line[len("CPU time by part, ms: "):].split(", "))
+    assert list(times) == ["clip", "guidance backbone", "cost embedding", "spatial aggregation", "class aggregation",
+                           "decoder", "other"]
+    assert all(float(t) >= 0 for t in times.values()) and float(times["spatial aggregation"]) > 0
+    span = float(saved["inference"][1]["profile"].split(" ms from first")[0].split()[-1])
+    assert sum(float(t) for t in times.values()) <= span * 1.01
+    assert "time by part" not in saved["training"]["profile"]
+    assert bench.ops.PART_RANGES is False  # switched off again after profiling
     for what in ("inference", "training"):  # Chrome traces of the profiled calls
         assert '"traceEvents"' in (tmp_path / "traces" / f"{what}.json").read_text()
     printed = capsys.readouterr().out
