@@ -36,7 +36,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile b_model_cl_ro l_model_cl_ro tests b_model_cl l_model_cl l_compile b_compile_ma b l"}
+variants=${*:-"b_compile b_compile_sub b_model_cl b_model_cl_ro tests l_model_cl_ro b b_sub l_compile b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -56,6 +56,12 @@ for v in $variants; do
         b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train \
             --profile ;;
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
+        b_compile_sub) bench b16_compile_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
+            --compile --no-train --subpixel-decoder ;;
+        b_sub) bench b16_subpixel 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train \
+            --subpixel-decoder ;;
+        b_model_cl_sub) bench b16_compile_model_cl_subpixel 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --compile-model --channels-last --no-inference --subpixel-decoder ;;
         b_compile_ma) bench b16_compile_max_autotune 400 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
             --compile --compile-mode max-autotune-no-cudagraphs --no-train ;;
         b_compile_c256) bench b16_compile_chunk256 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --compile \

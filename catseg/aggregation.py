@@ -17,7 +17,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .ops import GroupNorm, LayerNorm, part, resize, tensor_cache
+from .ops import GroupNorm, LayerNorm, part, resize, tensor_cache, upsampled_conv3x3
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
@@ -356,24 +356,28 @@ class UpStage(nn.Module):
             self.conv = DoubleConv(cin + guidance_dim, cout)
 
     channels_last = False  # NHWC convolutions (see catseg.inference.decoder_channels_last)
+    # bilinear mode: upsampling and the first convolution as one convolution at the input's size
+    # (catseg.ops.upsampled_conv3x3); off until measured on a GPU (bench --subpixel-decoder)
+    subpixel = False
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """x (B*n, C, H, W); guidance (B, G, 2H, 2W), shared by the n classes of each image."""
-        nhwc = torch.channels_last
-        if self.up is not None:
-            x = self.up(x.contiguous(memory_format=nhwc) if self.channels_last else x)
-        else:
-            x = resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
-        if self.channels_last:
-            x = x.contiguous(memory_format=nhwc)
-            guidance = None if guidance is None else guidance.contiguous(memory_format=nhwc)
-        if guidance is None:
-            return self.conv(x)
+        def layout(t):  # NHWC input: cuDNN runs the convolution NHWC, whatever the weight's layout
+            return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t is not None else t
+
         # conv(cat([x, guidance])) == conv_x(x) + conv_g(guidance): the guidance half runs once per image
-        first, cx = self.conv[0], x.shape[1]
-        y = F.conv2d(x, first.weight[:, :cx], None, first.stride, first.padding)
-        g = F.conv2d(guidance, first.weight[:, cx:], None, first.stride, first.padding)
-        y = (y.unflatten(0, (g.shape[0], -1)) + g.unsqueeze(1)).flatten(0, 1)
+        first = self.conv[0]
+        wx = first.weight[:, :first.in_channels - (0 if guidance is None else guidance.shape[1])]
+        if self.up is None and self.subpixel:  # conv_x(upsampled x) without the upsampled map
+            y = upsampled_conv3x3(layout(x), wx)
+        else:
+            x = self.up(layout(x)) if self.up is not None else resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+            y = F.conv2d(layout(x), wx, None, first.stride, first.padding)
+        y = layout(y)
+        guidance = layout(guidance)
+        if guidance is not None:
+            g = F.conv2d(guidance, first.weight[:, wx.shape[1]:], None, first.stride, first.padding)
+            y = (y.unflatten(0, (g.shape[0], -1)) + g.unsqueeze(1)).flatten(0, 1)
         for layer in list(self.conv)[1:]:
             y = layer(y)
         return y

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import create_model
 from . import inference, ops
-from .aggregation import RecomputedMlp
+from .aggregation import RecomputedMlp, UpStage
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
 from .memcount import TensorBytes, counting, mha_unfused
 from .ops import one_hot_bce_with_logits, resize
@@ -329,6 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "then casts each of them on every call) instead of storing the matmul weights in bf16")
     p.add_argument("--no-channels-last", action="store_true", help="inference: run the convolutions NCHW instead of "
                    "channels-last as Segmenter does (guidance backbone, cost embedding, decoder)")
+    p.add_argument("--subpixel-decoder", action="store_true", help="bilinear decoder stages: upsampling and the "
+                   "first convolution as one convolution at the input's size (UpStage.subpixel) instead of convolving "
+                   "the upsampled map")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -372,6 +375,8 @@ def main(argv=None) -> dict:
     for m in model.modules():
         if isinstance(m, RecomputedMlp):
             m.recompute = not args.no_mlp_recompute
+        if isinstance(m, UpStage):
+            m.subpixel = args.subpixel_decoder
     if not args.count_memory:
         return _run(args, argv, model, device, precision, None)
     with mha_unfused(), counting(model) as counter:  # attention as a GPU runs it under autocast
@@ -388,7 +393,8 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "compile_mode": args.compile_mode, "channels_last": args.channels_last,
         "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
-        "mlp_recompute": not args.no_mlp_recompute, "counted_memory": args.count_memory,
+        "mlp_recompute": not args.no_mlp_recompute, "subpixel_decoder": args.subpixel_decoder,
+        "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last,
         "inference": [], "training": None,

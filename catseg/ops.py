@@ -86,6 +86,53 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return torch.matmul(rh, x @ rw.t())
 
 
+@tensor_cache(maxsize=16)
+def _upsample_phases(device: torch.device) -> torch.Tensor:
+    """(2, 3, 3) float64: for the even (0) and odd (1) output samples of a x2 bilinear upsampling, the weight of the
+    input samples i-1, i, i+1 (rows) in the upsampled samples at offsets -1, 0, +1 (columns) from output 2i (+1)."""
+    m = bilinear_matrix(8, 4, device, torch.float64)  # its interior rows: samples 3-5 and 4-6 over inputs 1-3
+    return torch.stack([m[3:6, 1:4].t(), m[4:7, 1:4].t()])
+
+
+def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.conv2d(resize(x, (2H, 2W)), weight, padding=1)` for a 3x3 `weight` (Cout, C, 3, 3) without the upsampled
+    map: the convolution runs at x's size with 4 x Cout output channels, one per output phase, then pixel-shuffles.
+
+    Bilinear x2 upsampling (align_corners=False) is x padded by replicating its edges, then per output phase a
+    fixed 2-tap filter; the 3x3 convolution after it is therefore, per phase (p, q), a 3x3 convolution of the
+    edge-replicated x with the kernel A_p W A_q^T (`_upsample_phases`). That is exact except on the output's border
+    rows and columns: there the zero padding of the upsampled map differs from the edge-replicated extension the
+    phase kernels assume (the upsampled map's own edge), whose contribution is subtracted. Same arithmetic as the
+    plain convolution; it reads x instead of the 4x larger upsampled map and gives cuDNN 4x wider outputs (the
+    decoder's widths are 32-64). Under autocast the phase kernels are computed in float32 from the weight as autocast
+    casts it, and rounded to autocast's dtype (so weights stored in that dtype give the same result).
+    """
+    h, w = x.shape[-2:]
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype == torch.float32:
+        weight = weight.to(torch.get_autocast_dtype(device))  # as autocast casts a convolution's weight
+    with torch.autocast(device, enabled=False):
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        a = _upsample_phases(weight.device).to(dtype)
+        k = torch.einsum("pit,octs,qjs->opqcij", a, weight.to(dtype), a).flatten(0, 2).to(weight.dtype)
+    y = F.pixel_shuffle(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k), 2)
+    # The border: subtract what the phase kernels took from outside the upsampled map, its edge rows and columns
+    # replicated. Those are x's first and last rows (columns) upsampled along the other axis; each of the four
+    # corrections is a 1-D convolution with one row (column) of the weight. Rows and columns go two at a time.
+    with torch.autocast(device, enabled=False):
+        rows = x[..., [0, h - 1], :] @ bilinear_matrix(2 * w, w, x.device, x.dtype).t()  # (B, C, 2, 2W)
+        cols = bilinear_matrix(2 * h, h, x.device, x.dtype) @ x[..., :, [0, w - 1]]  # (B, C, 2H, 2)
+    c = weight.shape[0]
+    # (the corners outside the map go with the rows: the columns' vertical padding is zero)
+    top_bottom = F.conv2d(F.pad(rows, (1, 1, 0, 0), mode="replicate"), torch.cat([weight[:, :, :1], weight[:, :, 2:]]))
+    left_right = F.conv2d(cols, torch.cat([weight[..., :1], weight[..., 2:]]), padding=(1, 0))
+    y[..., :1, :] -= top_bottom[:, :c, :1]
+    y[..., -1:, :] -= top_bottom[:, c:, 1:]
+    y[..., :, :1] -= left_right[:, :c, :, :1]
+    y[..., :, -1:] -= left_right[:, c:, :, 1:]
+    return y
+
+
 class _KeepsDtype:
     """For a norm module: under autocast, read and write the input's dtype (statistics still in float32) instead of
     autocast's float32 copy in and out; the plain module otherwise."""

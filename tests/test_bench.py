@@ -164,3 +164,19 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
         line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")
         args = shlex.split(line)[3:]  # json name, time limit, working folder
         bench.parse_args(args)  # argparse exits (SystemExit) on a flag or combination it refuses
+
+
+def test_bench_subpixel_decoder_switch(tmp_path):
+    """--subpixel-decoder runs the bilinear decoder stages as one convolution at the input's size: the decoder's
+    resizing products are gone from the count (its convolution FLOPs stay), and the JSON says which ran."""
+    parts = {}
+    for flag in ([], ["--subpixel-decoder"]):
+        out = tmp_path / f"sub{len(flag)}.json"
+        bench.main(["--preset", "catseg_tiny", "--count-memory", "--classes", "6", "--no-train", "--json", str(out),
+                    *flag])
+        saved = json.loads(out.read_text())
+        assert saved["subpixel_decoder"] == bool(flag)
+        parts[bool(flag)] = saved["inference"][0]["flops_by_part"]
+    assert parts[True]["decoder"] < parts[False]["decoder"]
+    assert {k: v for k, v in parts[True].items() if k != "decoder"} == \
+        {k: v for k, v in parts[False].items() if k != "decoder"}

@@ -341,3 +341,52 @@ def test_channels_last_backbone_and_decoder_train_as_nchw(upsample):
     assert grads0.keys() == grads1.keys() and any(n.startswith("backbone.") for n in grads0)
     for n in grads0:
         torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 2, 3), (2, 4, 7, 5), (1, 8, 24, 24)])
+def test_upsampled_conv_equals_conv_of_the_upsampled_map(shape):
+    """The decoder's x2 bilinear upsampling and 3x3 convolution as one convolution at the input's size (phase kernels,
+    pixel shuffle, border correction): the plain result to float64 rounding, gradients too, in any size."""
+    from catseg.ops import resize, upsampled_conv3x3
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, shape[1], 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    out = upsampled_conv3x3(x, w)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), w, padding=1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, F.conv2d(resize(x, (2 * shape[2], 2 * shape[3])), w, padding=1),
+                               rtol=0, atol=1e-12)
+    up = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad((out * up).sum(), (x, w))
+    ref_grads = torch.autograd.grad((ref * up).sum(), (x, w))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_decoder_equals_upsample_then_convolve(channels_last):
+    """The bilinear decoder stages with `subpixel` give the logits and gradients of upsampling first and convolving
+    the upsampled map (the default), NCHW or channels-last, with one class chunk or several."""
+    from catseg.aggregation import UpStage
+    from catseg.inference import decoder_channels_last
+
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    names = [f"c{i}" for i in range(7)]
+    results = []
+    for subpixel in (False, True):
+        torch.manual_seed(0)
+        model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=3)
+        assert model.config.decoder_upsample == "bilinear"
+        decoder_channels_last(model, channels_last)
+        for stage in model.decoder:
+            assert isinstance(stage, UpStage) and not stage.subpixel
+            stage.subpixel = subpixel
+        out = model(x, names)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out0, grads0), (out1, grads1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-5)
+    assert grads0.keys() == grads1.keys() and any(n.startswith("decoder.") for n in grads0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-3, atol=1e-6, msg=n)
