@@ -1,5 +1,6 @@
-"""Small fast building blocks: bilinear resizing as two matrix products, norms that keep bf16 under autocast, and a
-one-hot binary cross-entropy that never builds the one-hot target.
+"""Small fast building blocks: bilinear resizing as two matrix products, a x2 bilinear upsampling folded into the 3x3
+convolution after it, norms that keep bf16 under autocast, a one-hot binary cross-entropy that never builds the
+one-hot target, and named profiler ranges for the model's parts.
 
 Why: on a GPU, `F.interpolate(..., mode="bilinear")` on NCHW tensors with many planes (classes x channels) and small
 images runs one thread per output pixel looping over every plane, which made it the largest single cost of the model
@@ -28,7 +29,6 @@ def part(name: str):
     """A profiler range "catseg.<name>" around one part of the model while PART_RANGES is set (the bench's inference
     profile then reports the device time of each part); otherwise nothing."""
     return torch.profiler.record_function(f"catseg.{name}") if PART_RANGES else contextlib.nullcontext()
-
 
 
 def tensor_cache(maxsize: int):
