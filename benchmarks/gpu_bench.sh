@@ -84,6 +84,8 @@ for v in $variants; do
             --channels-last --compile-mode reduce-overhead --no-inference ;;
         l_model_cl_ro) bench l14_compile_model_cl_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
             --channels-last --compile-mode reduce-overhead --no-inference ;;
+        b_model_cl_cpp) bench b16_compile_model_cl_cpp 450 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
+            --channels-last --cpp-wrapper --no-inference --profile ;;
         b_model_ro) bench b16_compile_model_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --compile-mode reduce-overhead --no-inference ;;
         l_model_ro) bench l14_compile_model_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \

@@ -42,6 +42,10 @@ def test_bench_cpu_writes_figures_and_profile(tmp_path, capsys):
     with pytest.raises(SystemExit):  # traces come from profiled calls
         bench.main(["--preset", "catseg_tiny", "--trace", str(tmp_path / "t")])
     assert "--trace writes the traces of the profiled calls: add --profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the C++ wrapper is how compiled code runs: nothing to do without compiling
+        bench.parse_args(["--preset", "catseg_tiny", "--cpp-wrapper"])
+    assert "--cpp-wrapper changes how compiled code launches its kernels" in capsys.readouterr().err
+    assert bench.parse_args(["--compile-model", "--cpp-wrapper"]).cpp_wrapper
 
 
 def test_bench_counts_memory_on_fake_tensors(tmp_path):
