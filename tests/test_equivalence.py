@@ -228,7 +228,8 @@ def test_one_hot_bce_equals_bce_on_a_dense_one_hot_target(mask_ignore):
     torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-9)
 
 
-def test_bf16_matmul_weights_give_bit_identical_autocast_outputs():
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_bf16_matmul_weights_give_bit_identical_autocast_outputs(subpixel):
     """cast_matmul_weights stores the image path's linear/conv/attention weights in bf16: under bf16 autocast the
     outputs are bit-identical (autocast rounds each weight the same way on every call); norms and the text tower keep
     fp32; casting back to fp32 runs plain fp32 again. nn.MultiheadAttention's fused path is off, as under CUDA autocast
@@ -238,6 +239,8 @@ def test_bf16_matmul_weights_give_bit_identical_autocast_outputs():
 
     torch.manual_seed(0)
     model = catseg.create_model("catseg_tiny", zero_init_residual=False).eval()
+    for stage in model.decoder:  # its phase kernels come from the weight as autocast casts it
+        stage.subpixel = subpixel
     names = [f"thing {i}" for i in range(6)]
     views = torch.rand(5, 3, model.image_size, model.image_size)
     with mha_unfused(), torch.no_grad():

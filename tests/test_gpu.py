@@ -1,8 +1,8 @@
 """GPU-only checks of the fast inference paths (skipped without CUDA; `bash benchmarks/gpu_bench.sh OUT tests` runs
-them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, and replays what an eager run computes; bf16
-weights are bit-identical to autocast's casts; channels-last convolutions match the NCHW ones; the whole-model compiled
-training step (also with torch.compile's own CUDA graphs) follows the eager one; the training step never waits for
-the GPU."""
+them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, also with the sub-pixel decoder, and replays
+what an eager run computes; bf16 weights are bit-identical to autocast's casts (also through the sub-pixel decoder);
+channels-last convolutions match the NCHW ones; the whole-model compiled training step (also with torch.compile's
+own CUDA graphs) follows the eager one; the training step never waits for the GPU."""
 import warnings
 
 import pytest
@@ -37,10 +37,14 @@ def _predict_without_capture_failure(seg: Segmenter, names=NAMES):
     return out
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_graph_capture_succeeds_and_replays_the_eager_result(compile):
+@pytest.mark.parametrize("compile, subpixel", [(False, False), (True, False), (False, True), (True, True)])
+def test_graph_capture_succeeds_and_replays_the_eager_result(compile, subpixel):
+    """Eager or compiled, plain or sub-pixel decoder (UpStage.subpixel: replicate padding and pixel shuffle in bf16,
+    its phase matrices built on the GPU): the graph captures and replays what the plain eager model computes."""
     model = _model()
     eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
+    for stage in model.decoder:
+        stage.subpixel = subpixel
     if compile:
         inference.compile_aggregation(model)
     graphed = _predict_without_capture_failure(Segmenter(model, device="cuda"))
@@ -65,8 +69,11 @@ def test_compiled_code_with_a_dynamic_class_dimension_captures_and_matches_eager
         assert (out.labels == reference.labels).mean() > 0.9
 
 
-def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda():
+@pytest.mark.parametrize("subpixel", [False, True])
+def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda(subpixel):
     model = _model().cuda().eval()
+    for stage in model.decoder:
+        stage.subpixel = subpixel
     views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
