@@ -283,6 +283,20 @@ def test_channels_last_backbone_equals_nchw_backbone():
     assert conv.weight.is_contiguous()
 
 
+def _grads(model) -> dict:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_runs(first, second, trained: str, rtol: float, atol: float, grad_atol: float) -> None:
+    """Two (output, gradients) runs agree: the outputs within rtol/atol, the same parameters (some under `trained`)
+    got gradients, and each gradient agrees."""
+    (out0, grads0), (out1, grads1) = first, second
+    torch.testing.assert_close(out1, out0, rtol=rtol, atol=atol)
+    assert grads0.keys() == grads1.keys() and any(n.startswith(trained) for n in grads0)
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-3, atol=grad_atol, msg=n)
+
+
 def _nhwc(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
@@ -338,12 +352,8 @@ def test_channels_last_backbone_and_decoder_train_as_nchw(upsample):
         for h in hooks:
             h.remove()
         assert layouts == [nhwc] * (2 + len(model.decoder))
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (loss0, grads0), (loss1, grads1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    assert grads0.keys() == grads1.keys() and any(n.startswith("backbone.") for n in grads0)
-    for n in grads0:
-        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-3, atol=1e-5, msg=n)
+        results.append((loss.detach(), _grads(model)))
+    _assert_same_runs(*results, "backbone.", rtol=1e-5, atol=1e-6, grad_atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 2, 3), (2, 4, 7, 5), (1, 8, 24, 24)])
@@ -387,9 +397,5 @@ def test_subpixel_decoder_equals_upsample_then_convolve(channels_last):
             stage.subpixel = subpixel
         out = model(x, names)
         out.square().mean().backward()
-        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (out0, grads0), (out1, grads1) = results
-    torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-5)
-    assert grads0.keys() == grads1.keys() and any(n.startswith("decoder.") for n in grads0)
-    for n in grads0:
-        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-3, atol=1e-6, msg=n)
+        results.append((out.detach(), _grads(model)))
+    _assert_same_runs(*results, "decoder.", rtol=1e-4, atol=1e-5, grad_atol=1e-6)
