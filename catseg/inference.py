@@ -357,10 +357,11 @@ def decoder_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     the model (a ViT-B training step: 684 class maps of 32-64 x 96 x 96), and with NCHW tensors cuDNN transposes each
     convolution's input and output (H200 profiles: 22 of the 180 ms of a compiled 847-class ViT-B patch inference,
     11.5 of the 84 ms of a compiled ViT-B training step). Part of `channels_last`."""
+    if model.cost_channels_last != enable or any(stage.channels_last != enable for stage in model.decoder):
+        _GRAPHS.pop(model, None)  # graphs captured in the other layout (a replay would still compute the same)
     for stage in model.decoder:
         stage.channels_last = enable
     model.cost_channels_last = enable
-    _GRAPHS.pop(model, None)  # graphs captured in the other layout
     return model
 
 

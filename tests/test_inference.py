@@ -287,3 +287,21 @@ def test_host_labels_keep_every_class_index(n):
     labels = torch.tensor([[0, n - 1], [n // 2, 1]])
     out = host_labels(labels, n)
     assert out.dtype == torch.int64 and torch.equal(out, labels)
+
+
+def test_channels_last_keeps_captured_graphs_unless_the_layout_changes():
+    """A new Segmenter on the same model prepares it again (channels-last included): the CUDA graphs captured for it
+    stay unless the layout really changes."""
+    from collections import OrderedDict
+
+    import catseg
+    from catseg.inference import _GRAPHS, channels_last, prepare_inference
+
+    model = catseg.create_model("catseg_tiny")
+    prepare_inference(model, bf16=False)
+    _GRAPHS[model] = OrderedDict(captured=object())  # what a capture on a GPU leaves
+    prepare_inference(model, bf16=False)
+    channels_last(model)
+    assert "captured" in _GRAPHS[model]
+    channels_last(model, False)
+    assert model not in _GRAPHS
