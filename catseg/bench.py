@@ -53,10 +53,10 @@ def flops_by_part(counts: dict, total: int) -> dict[str, int]:
     """FLOPs of the model's parts from FlopCounterMode.get_flop_counts(); what no part holds (CLIP's encoders, the
     text projection, merging the views, the loss, the optimizer) is "CLIP and the rest"."""
     parts = {name: 0 for name, _ in _PARTS}
-    for module, ops in counts.items():
+    for module, per_op in counts.items():  # (not `ops`: that is the catseg.ops module here)
         for name, pattern in _PARTS:
             if re.fullmatch(pattern, module):
-                parts[name] += sum(ops.values())
+                parts[name] += sum(per_op.values())
     parts["CLIP and the rest"] = total - sum(parts.values())
     return parts
 
@@ -171,8 +171,8 @@ def part_times(events, on_device: bool) -> str:
     totals: dict[str, float] = {}
     for e in events:
         if e.name.startswith("catseg."):
-            t = e.device_time_total if on_device else e.cpu_time_total
-            totals[e.name[len("catseg."):]] = totals.get(e.name[len("catseg."):], 0.0) + t
+            name = e.name[len("catseg."):]
+            totals[name] = totals.get(name, 0.0) + (e.device_time_total if on_device else e.cpu_time_total)
     if not totals:
         return ""
     if on_device:  # the kernels' time, as the table's "Self CUDA time total"

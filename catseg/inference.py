@@ -336,9 +336,9 @@ def backbone_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     on tensor cores in NHWC: with NCHW tensors it transposes every convolution's input and output around the kernel
     (an H200 profile of an 847-class ViT-B patch inference showed 175 + 92 such transposes, 8% of its GPU time; 106
     of its convolutions are the ResNet-101's; in the H100 profile of a compiled ViT-B training step, the ResNet's
-    convolutions took 30 of 93 ms, the transposes 12 ms of it). Segmenter does this for bf16 inference,
-    `train.channels_last` for training. The backbone's feature maps come out NCHW as before; a transformer backbone
-    (Swin) has nothing to convert."""
+    convolutions took 30 of 93 ms, the transposes 12 ms of it). Part of `channels_last`, which Segmenter runs for
+    inference (any precision) and `train.channels_last` for training. The backbone's feature maps come out NCHW as
+    before; a transformer backbone (Swin) has nothing to convert."""
     body = getattr(model.backbone, "body", None) if model.backbone is not None else None
     if body is None or model.backbone.nhwc:
         return model
