@@ -9,7 +9,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
 # Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
-# `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last).
+# `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
+# the fused Triton kernels).
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -36,7 +37,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile b_compile_sub b_model_cl b_model_cl_ro tests l_model_cl_ro b b_sub l_compile b_model_cl_sub b_compile_ma l"}
+variants=${*:-"b_compile b_compile_fused b_model_cl b_model_cl_ro tests l_model_cl_ro b_compile_sub l_compile l_compile_fused b b_fused b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -58,6 +59,11 @@ for v in $variants; do
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
         b_compile_sub) bench b16_compile_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
             --compile --no-train --subpixel-decoder ;;
+        b_compile_fused) bench b16_compile_fused_kernels 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
+            --compile --no-train --fused-kernels --profile ;;
+        l_compile_fused) bench l14_compile_fused_kernels 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 \
+            --compile --no-train --fused-kernels ;;
+        b_fused) bench b16_fused_kernels 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train --fused-kernels ;;
         b_sub) bench b16_subpixel 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train \
             --subpixel-decoder ;;
         b_model_cl_sub) bench b16_compile_model_cl_subpixel 400 "$root" --preset "${B:-catseg_vitb16_r101}" \

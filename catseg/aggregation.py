@@ -17,6 +17,8 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
+from .kernels import residual_mlp
 from .ops import GroupNorm, LayerNorm, part, resize, tensor_cache, upsampled_conv3x3
 
 
@@ -175,6 +177,8 @@ class GuidedWindowAttention(nn.Module):
 class GuidedSwinBlock(nn.Module):
     """Pre-LN Swin block (no relative position bias) with guidance concatenated to query and key inputs."""
 
+    fused = False  # inference: the feed-forward half as one kernel (see catseg.inference.fused_kernels)
+
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
         super().__init__()
         self.window, self.shift = window, shift
@@ -201,6 +205,8 @@ class GuidedSwinBlock(nn.Module):
         if self.shift:
             y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
         x = x + y
+        if self.fused and not torch.is_grad_enabled():
+            return residual_mlp(x, self.norm2, self.mlp)
         return x + self.mlp(self.norm2(x))
 
 
@@ -238,6 +244,12 @@ class ClassAggregation(nn.Module):
     Linear attention out_n = phi(q_n) S / (phi(q_n) z) with S = sum_m phi(k_m) v_m^T and z = sum_m phi(k_m); S and z
     are accumulated over class chunks, so the result does not depend on the chunking.
     """
+
+    # inference (see catseg.inference.fused_kernels): the block as two kernels, the summary and the update with its
+    # feed-forward half (catseg.kernels.class_summary / class_update); where the block is not fused whole
+    # (`fuses_whole_block` False, or a pooling block) its feed-forward half alone
+    fused = False
+    fuses_whole_block = True
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, eps: float = 1e-6):
         super().__init__()
@@ -280,6 +292,8 @@ class ClassAggregation(nn.Module):
     def summary(self, xs: torch.Tensor, g: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk's share of the summary: xs (B, n, C, H, W), g (1, 1, n, G) or None -> S (B, P, heads, d, d)
         and z (B, P, heads, d), P pixels."""
+        if self._whole_block_kernels():
+            return kernels.class_summary(self, xs, g)
         t = self.norm1(self._tokens(xs))
         k = _elu_feature_map(rearrange(self._qk(self.k, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
         v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=self.num_heads)
@@ -287,14 +301,23 @@ class ClassAggregation(nn.Module):
 
     def update(self, xs: torch.Tensor, g: Optional[torch.Tensor], kv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The block's output for one chunk xs (B, n, C, H, W), its queries reading the summary (kv, z)."""
+        if self._whole_block_kernels():
+            return kernels.class_update(self, xs, g, kv, z)
         t0 = self._tokens(xs)
         t = self.norm1(t0)
         q = _elu_feature_map(rearrange(self._qk(self.q, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
         num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
         den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
         y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
-        y = y + self.mlp(self.norm2(y))
+        if self.fused and not torch.is_grad_enabled():
+            y = residual_mlp(y, self.norm2, self.mlp)
+        else:
+            y = y + self.mlp(self.norm2(y))
         return self._residual(xs, y - t0)
+
+    def _whole_block_kernels(self) -> bool:
+        return (self.fused and self.fuses_whole_block and not torch.is_grad_enabled()
+                and not (self.training and self.pool > 1))
 
     def _residual(self, xs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         b, n, c, h, w = xs.shape

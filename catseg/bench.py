@@ -335,6 +335,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subpixel-decoder", action="store_true", help="bilinear decoder stages: upsampling and the "
                    "first convolution as one convolution at the input's size (UpStage.subpixel) instead of convolving "
                    "the upsampled map")
+    p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
+                   "(catseg.inference.fused_kernels: each Swin block's feed-forward half, each class aggregation "
+                   "block as a summary and an update kernel)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -406,7 +409,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "mlp_recompute": not args.no_mlp_recompute, "subpixel_decoder": args.subpixel_decoder,
         "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
-        "channels_last_inference": not args.no_channels_last,
+        "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -416,6 +419,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
     inference.channels_last(model, result["channels_last_inference"])  # as Segmenter does
+    inference.fused_kernels(model, args.fused_kernels)
     for batch in batches:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]

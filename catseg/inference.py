@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from PIL import Image
 
+from . import kernels
+from .aggregation import ClassAggregation, GuidedSwinBlock
 from .model import CatSeg
 from .ops import bilinear_matrix, resize, tensor_cache
 
@@ -372,6 +374,32 @@ def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     ViT-B training step went from 98.4 to 93.0 ms with the backbone and decoder NHWC (benchmarks/results/
     h200_2026-11-26c)."""
     return decoder_channels_last(backbone_channels_last(model, enable), enable)
+
+
+def fused_kernels(model: CatSeg, enable: bool = True) -> CatSeg:
+    """Run the aggregation blocks as Triton kernels in inference, in place (`enable=False`: back to the PyTorch
+    modules); returns the model. Each Swin block's feed-forward half (LayerNorm, MLP, residual add) is one kernel
+    (`catseg.kernels.residual_mlp`), each class aggregation block two: the key/value summary over the classes and
+    the queries' update with the feed-forward half (`class_summary`, `class_update`; the release variants of the
+    block fuse their feed-forward half only). The hidden layers and the attention's intermediates then never go
+    through memory. Training (autograd on) always takes the modules. Needs Triton and a CUDA device (or
+    TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse raises ValueError. Off by default until
+    measured on a GPU (bench `--fused-kernels`)."""
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, (GuidedSwinBlock, ClassAggregation))}
+    if enable:  # (a model with fake weights, being counted by catseg.memcount, runs no kernel)
+        if not kernels.available() and not kernels.is_fake(next(model.parameters())):
+            raise ValueError("fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1 to run them on the "
+                             "CPU through Triton's interpreter)")
+        for name, m in blocks.items():
+            whole = isinstance(m, ClassAggregation) and m.fuses_whole_block
+            why = kernels.supports_class_aggregation(m) if whole else kernels.supports(m.norm2, m.mlp)
+            if why is not None:
+                raise ValueError(f"cannot fuse {name}: {why}")
+    if any(m.fused != enable for m in blocks.values()):
+        _GRAPHS.pop(model, None)  # graphs captured with the other path
+    for m in blocks.values():
+        m.fused = enable
+    return model
 
 
 def _replace_weights(model: CatSeg, params, needs, convert) -> CatSeg:

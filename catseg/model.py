@@ -65,6 +65,8 @@ class ReleaseClassAggregation(ClassAggregation):
     so the linear attention's key/value summary always spans the same number of classes.
     """
 
+    fuses_whole_block = False  # (its pooling, residual and padding variants): fused kernels for its MLP only
+
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, *,
                  pool_eval: bool, pooled_residual: bool, guidance_norm: bool, attention_proj: bool, pad_to: int):
         super().__init__(dim, guidance_dim, num_heads, mlp_ratio, pool)

@@ -99,6 +99,25 @@ def test_channels_last_matches_nchw_on_cuda():
     torch.testing.assert_close(after, before, rtol=0, atol=0.1)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_mlp_kernels_match_the_modules_and_capture(compile):
+    """The Triton feed-forward kernels (catseg.inference.fused_kernels), autotuned at the first call, eager or inside
+    the compiled aggregation, captured in the inference graph: the plain model's scores within bf16 rounding."""
+    model = _model()
+    eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
+    inference.fused_kernels(model)
+    if compile:
+        inference.compile_aggregation(model)
+    fused = _predict_without_capture_failure(Segmenter(model, device="cuda"))
+    torch.testing.assert_close(torch.from_numpy(fused.scores), torch.from_numpy(eager.scores), rtol=0, atol=2e-2)
+    assert (fused.labels == eager.labels).mean() > 0.9
+    model = _model().cuda().eval()  # fp32 weights, TF32 off: the kernel's products in full precision
+    views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
+    with torch.no_grad():
+        plain = model(views, NAMES)
+        torch.testing.assert_close(inference.fused_kernels(model)(views, NAMES), plain, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_whole_model_compiled_training_follows_the_eager_steps(mode):
     """As the trainer's train.compile: true (and the bench's --compile-model [--compile-mode reduce-overhead]):

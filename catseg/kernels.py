@@ -1,0 +1,418 @@
+"""Fused inference kernels (Triton): the aggregation blocks' feed-forward half in one pass over memory.
+
+`residual_mlp(x, norm, mlp)` computes `x + mlp(norm(x))` (LayerNorm, Linear, GELU or ReLU, Linear, residual add)
+for rows of x, reading each row once and writing its result once: the hidden layer (4x wider than x) stays in the
+kernel's registers. Unfused, a compiled 847-class ViT-B patch inference writes and reads that hidden layer twice per
+block (the first linear's output, then its activation as a separate pass), about 5 KB of the 11 KB of memory traffic
+per token and block; at the aggregation's widths (128 channels) the matrix products are bound by memory traffic, not
+arithmetic (64 FLOP per byte moved against a GPU's ~165).
+
+Inference only (no backward). The kernels run on CUDA tensors; with `TRITON_INTERPRET=1` in the environment they
+run on CPU tensors through Triton's interpreter (slow; what the CPU tests use). The matrix products take the
+weights' dtype as autocast gives them (bf16 under bf16 autocast), accumulate in float32, and round where the
+unfused modules round (LayerNorm's output, the first linear's output, the activation, the second linear's output),
+so the result matches them within rounding of the last place.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import register_flop_formula
+
+try:
+    import triton
+    import triton.language as tl
+    _jit = triton.jit
+except ImportError:  # pragma: no cover - triton ships with the CUDA builds of torch on Linux
+    triton = tl = None
+
+    def _jit(fn):
+        return fn
+
+
+def available() -> bool:
+    """Whether the fused kernels can run here: Triton installed, and a CUDA device or Triton's interpreter."""
+    return triton is not None and (torch.cuda.is_available() or interpreting())
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is switched on (`TRITON_INTERPRET=1`): the kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@_jit
+def _dot(a, b, DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """a @ b accumulated in float32. DOT_F32 (the interpreter, whose products of bf16 operands are wrong): the
+    operands, already rounded to their dtype, go in as float32, which holds them exactly. float32 operands use TF32
+    where torch's matmuls do (torch.backends.cuda.matmul.allow_tf32)."""
+    if DOT_F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        if TF32:
+            out = tl.dot(a, b, input_precision="tf32")
+        else:
+            out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@_jit
+def _layer_norm(x, w_ptr, b_ptr, c, C: tl.constexpr, eps):
+    """LayerNorm over the C columns of a float32 tile; padding rows (zeros) stay finite."""
+    mean = tl.sum(x, axis=1) / C
+    xc = x - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    return xc * rstd[:, None] * tl.load(w_ptr + c).to(tl.float32)[None, :] + tl.load(b_ptr + c).to(tl.float32)[None, :]
+
+
+@_jit
+def _round(x, dtype: tl.constexpr):
+    """x rounded to dtype and back to float32: where the unfused modules store a tensor of that dtype."""
+    return x.to(dtype).to(tl.float32)
+
+
+@_jit
+def _elu_plus_one(x):
+    return tl.where(x > 0, x + 1.0, tl.exp(x))
+
+
+@_jit
+def _residual_mlp_tile(y, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, eps, c, YDTYPE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, C: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+                       RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """y + fc2(act(fc1(layer_norm(y)))) for a float32 tile y (BLOCK_M x C) holding values of YDTYPE; the hidden
+    layer is computed BLOCK_H columns at a time and never stored. w1 (HIDDEN, C) and w2 (C, HIDDEN) as nn.Linear
+    stores them, in the products' input dtype."""
+    dtype: tl.constexpr = w1_ptr.dtype.element_ty
+    a = _layer_norm(y, nw_ptr, nb_ptr, c, C, eps).to(YDTYPE).to(dtype)  # LayerNorm's output, as the linear takes it
+    acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+    for j in range(0, HIDDEN, BLOCK_H):
+        h_idx = j + tl.arange(0, BLOCK_H)
+        w1 = tl.load(w1_ptr + h_idx[None, :] * C + c[:, None])  # (C, BLOCK_H): fc1's weight, transposed
+        w2 = tl.load(w2_ptr + c[None, :] * HIDDEN + h_idx[:, None])  # (BLOCK_H, C): fc2's weight, transposed
+        h = _round(_dot(a, w1, DOT_F32, TF32) + tl.load(b1_ptr + h_idx).to(tl.float32)[None, :], dtype)
+        if RELU:
+            h = tl.maximum(h, 0.0)
+        else:  # exact GELU
+            h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        acc += _dot(h.to(dtype), w2, DOT_F32, TF32)
+    return y + _round(acc + tl.load(b2_ptr + c).to(tl.float32)[None, :], dtype)
+
+
+def _residual_mlp_kernel(x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, eps,
+                         C: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                         RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """out = x + fc2(act(fc1(layer_norm(x)))) for BLOCK_M rows of x (rows x C) per program."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, C)
+    inside = r[:, None] < rows
+    x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=inside, other=0.0).to(tl.float32)
+    y = _residual_mlp_tile(x, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, eps, c, x_ptr.dtype.element_ty,
+                           BLOCK_M, C, HIDDEN, BLOCK_H, RELU, DOT_F32, TF32)
+    tl.store(out_ptr + r[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _class_summary_kernel(x_ptr, gk_ptr, nw_ptr, nb_ptr, wk_ptr, wv_ptr, bv_ptr, kv_ptr, z_ptr, n, width, pixels,
+                          sb, sn, sc, sh, sw, swk, eps, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """The class aggregation's key/value summary of one pixel over the n classes of a chunk: with k = elu(q-less
+    key projection of layer_norm(x)) + 1 and v its value projection, kv[h] = sum_n k_h v_h^T and z[h] = sum_n k_h.
+    x (B, n, C, H, W) at any strides; gk (n, C): each class's key bias (text guidance term and bias); wk (C, swk):
+    the key weight's columns for x; the heads' kv come out of one C x C product whose diagonal blocks are kept."""
+    pid = tl.program_id(0)  # image * pixels + pixel
+    pix = pid % pixels
+    base = x_ptr + (pid // pixels) * sb + (pix // width) * sh + (pix % width) * sw
+    c = tl.arange(0, C)
+    dtype: tl.constexpr = wk_ptr.dtype.element_ty
+    wk = tl.load(wk_ptr + c[None, :] * swk + c[:, None])  # transposed: (C in, C out)
+    wv = tl.load(wv_ptr + c[None, :] * C + c[:, None])
+    bv = tl.load(bv_ptr + c).to(tl.float32)
+    kv = tl.zeros((C, C), dtype=tl.float32)
+    z = tl.zeros((C,), dtype=tl.float32)
+    for i in range(0, n, BLOCK_N):
+        rows = i + tl.arange(0, BLOCK_N)
+        valid = rows[:, None] < n
+        x = tl.load(base + rows[:, None] * sn + c[None, :] * sc, mask=valid, other=0.0).to(tl.float32)
+        a = _layer_norm(x, nw_ptr, nb_ptr, c, C, eps).to(x_ptr.dtype.element_ty).to(dtype)
+        gk = tl.load(gk_ptr + rows[:, None] * C + c[None, :], mask=valid, other=0.0).to(tl.float32)
+        k = _elu_plus_one(_round(_dot(a, wk, DOT_F32, TF32) + gk, dtype))
+        k = tl.where(valid, _round(k, dtype), 0.0)  # padding classes add nothing
+        v = (_dot(a, wv, DOT_F32, TF32) + bv[None, :]).to(dtype)
+        kv += _dot(tl.trans(k.to(dtype)), v, DOT_F32, TF32)
+        z += tl.sum(k, axis=0)
+    head = c // D
+    tl.store(kv_ptr + pid * C * D + c[:, None] * D + (c % D)[None, :], kv, mask=head[:, None] == head[None, :])
+    tl.store(z_ptr + pid * C + c, z)
+
+
+def _class_update_kernel(x_ptr, out_ptr, gq_ptr, kv_ptr, z_ptr, n1w_ptr, n1b_ptr, wq_ptr, wp_ptr, bp_ptr, n2w_ptr,
+                         n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, width, pixels, sb, sn, sc, sh, sw, ob, on, oc,
+                         oh, ow, swq, eps1, eps2, attn_eps, C: tl.constexpr, D: tl.constexpr, HIDDEN: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
+                         TF32: tl.constexpr):
+    """The class aggregation block's output for BLOCK_N classes of one pixel, given the summary (kv, z) of all
+    classes: queries, linear attention, output projection, residual, then the feed-forward half (as
+    _residual_mlp_tile), written at the input's place in a tensor of the input's strides."""
+    pid = tl.program_id(0)
+    pix = pid % pixels
+    img, hh, ww = pid // pixels, pix // width, pix % width
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.arange(0, C)
+    valid = rows[:, None] < n
+    dtype: tl.constexpr = wq_ptr.dtype.element_ty
+    ydtype: tl.constexpr = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + img * sb + hh * sh + ww * sw + rows[:, None] * sn + c[None, :] * sc, mask=valid,
+                other=0.0).to(tl.float32)
+    a = _layer_norm(x, n1w_ptr, n1b_ptr, c, C, eps1).to(x_ptr.dtype.element_ty).to(dtype)
+    wq = tl.load(wq_ptr + c[None, :] * swq + c[:, None])
+    gq = tl.load(gq_ptr + rows[:, None] * C + c[None, :], mask=valid, other=0.0).to(tl.float32)
+    q = _round(_elu_plus_one(_round(_dot(a, wq, DOT_F32, TF32) + gq, dtype)), dtype)
+    head = c // D
+    kv = tl.load(kv_ptr + pid * C * D + c[:, None] * D + (c % D)[None, :], mask=head[:, None] == head[None, :],
+                 other=0.0)  # block diagonal (C, C): every head's d x d summary
+    num = _round(_dot(q.to(dtype), kv.to(dtype), DOT_F32, TF32), dtype)
+    z = _round(tl.load(z_ptr + pid * C + c), dtype)
+    den = tl.sum(tl.reshape(q * z[None, :], (BLOCK_N, C // D, D)), axis=2)  # per head: q_h . z_h
+    den = _round(den, dtype) + attn_eps
+    den = tl.reshape(tl.broadcast_to(den[:, :, None], (BLOCK_N, C // D, D)), (BLOCK_N, C))
+    o = (num / den).to(dtype)
+    wp = tl.load(wp_ptr + c[None, :] * C + c[:, None])
+    y = _round(_dot(o, wp, DOT_F32, TF32) + tl.load(bp_ptr + c).to(tl.float32)[None, :], dtype)
+    y = _round(x + y, ydtype)
+    y = _residual_mlp_tile(y, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, eps2, c, ydtype, BLOCK_N, C,
+                           HIDDEN, BLOCK_H, RELU, DOT_F32, TF32)
+    tl.store(out_ptr + img * ob + hh * oh + ww * ow + rows[:, None] * on + c[None, :] * oc, y.to(ydtype),
+             mask=valid)
+
+
+# Tried on the GPU at the first call for each key (widths, activation, TF32); the interpreter takes the first.
+# (meta-parameters, warps, pipeline stages)
+_CONFIGS = {
+    "_residual_mlp_kernel": [(dict(BLOCK_M=m, BLOCK_H=h), w, s) for m, h, w, s in
+                             [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3), (32, 64, 4, 2)]],
+    "_class_summary_kernel": [(dict(BLOCK_N=m), w, s) for m, w, s in
+                              [(16, 4, 2), (32, 4, 2), (64, 4, 2), (32, 8, 2), (64, 8, 2), (128, 8, 2)]],
+    "_class_update_kernel": [(dict(BLOCK_N=m, BLOCK_H=h), w, s) for m, h, w, s in
+                             [(16, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)]],
+}
+_KEYS = {"_residual_mlp_kernel": ["C", "HIDDEN", "RELU", "TF32"], "_class_summary_kernel": ["C", "D", "TF32"],
+         "_class_update_kernel": ["C", "D", "HIDDEN", "RELU", "TF32"]}
+
+
+def _round_like_the_gpu() -> None:
+    """Triton's interpreter truncates float32 to bfloat16 where the GPU's conversion rounds to nearest even (twice
+    the error, and biased); its conversion is replaced by torch's, which rounds as the GPU does."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_catseg_rounding", False):
+        return
+    truncate = builder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(data.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return truncate(self, src, dst_type)
+    builder.create_fp_trunc = create_fp_trunc
+    builder._catseg_rounding = True
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(fn, interpret: bool):
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        _round_like_the_gpu()
+        return InterpretedFunction(fn)
+    # JITFunction, not triton.jit, which gives the interpreted function when the interpreter is on: fake-tensor
+    # runs trace this one (the CPU tests count with the interpreter on)
+    from triton.runtime.jit import JITFunction
+    configs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in _CONFIGS[fn.__name__]]
+    return triton.autotune(configs, key=_KEYS[fn.__name__])(JITFunction(fn))
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """A fake tensor (shapes only, as catseg.memcount counts with): the operator runs no kernel on it."""
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
+def _launch(fn, grid, x: torch.Tensor, *args, **meta) -> None:
+    """Run kernel `fn` on `args`: through Triton's interpreter for CPU tensors (its first configuration), else
+    autotuned, wrapped so that torch.compile and fake-tensor runs see it. grid(meta) -> the launch grid."""
+    if x.device.type == "cpu" and not is_fake(x):  # the interpreter (the public functions check it is on)
+        first = _CONFIGS[fn.__name__][0][0]
+        _kernel(fn, True)[grid(first)](*args, **meta, **first, DOT_F32=True, TF32=False)
+    else:
+        torch.library.wrap_triton(_kernel(fn, False))[grid](*args, **meta, DOT_F32=False,
+                                                              TF32=torch.backends.cuda.matmul.allow_tf32)
+
+
+def _residual_mlp_impl(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, w1: torch.Tensor,
+                       b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float, relu: bool,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    rows, c = x.shape
+    out = torch.empty(rows, c, dtype=out_dtype, device=x.device)
+    _launch(_residual_mlp_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), x,
+            x, out, norm_weight, norm_bias, w1, b1, w2, b2, rows, eps, C=c, HIDDEN=w1.shape[0], RELU=relu)
+    return out
+
+
+def _class_summary_impl(x: torch.Tensor, gk: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                        wk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor, eps: float,
+                        heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, c, h, w = x.shape
+    d = c // heads
+    kv = torch.empty(b * h * w, c, d, dtype=torch.float32, device=x.device)
+    z = torch.empty(b * h * w, c, dtype=torch.float32, device=x.device)
+    _launch(_class_summary_kernel, lambda meta: (b * h * w,), x,
+            x, gk, norm_weight, norm_bias, wk, wv, bv, kv, z, n, w, h * w, *x.stride(), wk.stride(0), eps, C=c, D=d)
+    return kv, z
+
+
+def _class_update_impl(x: torch.Tensor, gq: torch.Tensor, kv: torch.Tensor, z: torch.Tensor, norm1_weight: torch.Tensor,
+                       norm1_bias: torch.Tensor, wq: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor,
+                       norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                       w2: torch.Tensor, b2: torch.Tensor, eps1: float, eps2: float, attn_eps: float, heads: int,
+                       relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    b, n, c, h, w = x.shape
+    out = torch.empty_like(x, dtype=out_dtype)  # x's strides when x is dense (a permuted tensor), else contiguous
+    _launch(_class_update_kernel, lambda meta: (b * h * w, triton.cdiv(n, meta["BLOCK_N"])), x,
+            x, out, gq, kv, z, norm1_weight, norm1_bias, wq, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2,
+            n, w, h * w, *x.stride(), *out.stride(), wq.stride(0), eps1, eps2, attn_eps, C=c, D=c // heads,
+            HIDDEN=w1.shape[0], RELU=relu)
+    return out
+
+
+# The kernels as custom operators (catseg::residual_mlp, catseg::class_summary, catseg::class_update):
+# torch.compile sees the Triton kernels inside them, and fake-tensor runs (catseg.memcount) see one operator each,
+# reading its inputs and writing its outputs, with the FLOPs of the matrix products it replaces
+# (torch.utils.flop_counter), so fused and unfused runs count the same arithmetic.
+if triton is not None:
+    _residual_mlp_op = torch.library.triton_op("catseg::residual_mlp", _residual_mlp_impl, mutates_args=())
+    _class_summary_op = torch.library.triton_op("catseg::class_summary", _class_summary_impl, mutates_args=())
+    _class_update_op = torch.library.triton_op("catseg::class_update", _class_update_impl, mutates_args=())
+
+    @register_flop_formula(torch.ops.catseg.residual_mlp)
+    def _residual_mlp_flops(x_shape, nw_shape, nb_shape, w1_shape, *args, **kwargs) -> int:
+        return 2 * 2 * x_shape[0] * w1_shape[0] * w1_shape[1]
+
+    @register_flop_formula(torch.ops.catseg.class_summary)
+    def _class_summary_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        b, n, c, h, w = x_shape
+        kv_shape = out_shape[0]
+        return b * n * h * w * (2 * 2 * c * c + 2 * c * kv_shape[-1])  # key and value projections, the summary
+
+    @register_flop_formula(torch.ops.catseg.class_update)
+    def _class_update_flops(x_shape, gq, kv_shape, z, nw, nb, wq, wp, bp, n2w, n2b, w1_shape, *args, **kwargs) -> int:
+        b, n, c, h, w = x_shape
+        # query and output projections, the attention's numerator and denominator, the MLP
+        return b * n * h * w * (2 * 2 * c * c + 2 * c * kv_shape[-1] + 2 * c + 2 * 2 * c * w1_shape[0])
+
+
+def supports(norm: nn.Module, mlp: nn.Module) -> Optional[str]:
+    """None if `residual_mlp` can run this norm and MLP, else why not."""
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+        return "the norm is not a LayerNorm with weight and bias"
+    c = norm.normalized_shape[-1]
+    fc1, fc2, act = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None), getattr(mlp, "act", None)
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and fc1.bias is not None
+            and fc2.bias is not None and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)):
+        return "the MLP is not Linear, activation, Linear with biases"
+    if not (isinstance(act, nn.ReLU) or (isinstance(act, nn.GELU) and act.approximate == "none")):
+        return f"the activation {type(act).__name__} is neither exact GELU nor ReLU"
+    hidden = fc1.out_features
+    for name, n, least in (("width", c, 16), ("hidden width", hidden, 128)):
+        if n < least or n & (n - 1):
+            return f"its {name} {n} is not a power of two of at least {least}"
+    if c > 256:
+        return f"its width {c} is over 256"
+    return None
+
+
+def _check_device(x: torch.Tensor, what: str) -> None:
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu") and not is_fake(x):
+        raise ValueError(f"{what} runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), got a "
+                         f"{x.device.type} tensor")
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear computes in here: autocast's, else the weight's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def residual_mlp(x: torch.Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> torch.Tensor:
+    """`x + mlp(norm(x))` as one fused kernel, for inference: x (..., C) with C the norm's width; `mlp` a timm Mlp
+    (fc1, exact GELU or ReLU, fc2) that `supports` accepts. Under autocast the products run in autocast's dtype as
+    nn.Linear's would; the output has the dtype the unfused expression gives."""
+    why = supports(norm, mlp)
+    if why is not None:
+        raise ValueError(f"residual_mlp cannot fuse this block: {why}")
+    _check_device(x, "residual_mlp")
+    dtype = _compute_dtype(x, mlp.fc1.weight)
+    shape = x.shape
+    out = _residual_mlp_op(x.reshape(-1, shape[-1]).contiguous(), norm.weight, norm.bias, *_mlp_weights(mlp, dtype),
+                           float(norm.eps), isinstance(mlp.act, nn.ReLU), torch.promote_types(x.dtype, dtype))
+    return out.view(shape)
+
+
+def _mlp_weights(mlp: nn.Module, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [t.to(dtype) for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)]
+
+
+def supports_class_aggregation(agg: nn.Module) -> Optional[str]:
+    """None if `class_summary` / `class_update` can run this ClassAggregation block, else why not."""
+    why = supports(agg.norm2, agg.mlp)
+    if why is None and not (isinstance(agg.norm1, nn.LayerNorm) and agg.norm1.weight is not None
+                            and agg.norm1.bias is not None):
+        why = "its first norm is not a LayerNorm with weight and bias"
+    if why is None and not isinstance(agg.proj, nn.Linear):
+        why = "it has no output projection"
+    heads = agg.num_heads
+    if why is None and (heads & (heads - 1) or agg.norm1.normalized_shape[-1] // heads < 2):
+        why = f"its {heads} heads are not a power of two of at least 2 channels each"
+    return why
+
+
+def _class_bias(linear: nn.Linear, g: Optional[torch.Tensor], n: int, c: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, C): the guidance half of a query or key projection plus its bias, per class (the bias alone without
+    guidance), as split_linear computes it."""
+    if g is None:
+        return linear.bias.to(dtype).expand(n, c).contiguous()
+    return F.linear(g.reshape(n, -1), linear.weight[:, c:], linear.bias).to(dtype).contiguous()
+
+
+def class_summary(agg: nn.Module, xs: torch.Tensor, g: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClassAggregation.summary as one kernel (no pooling): xs (B, n, C, H, W), g (1, 1, n, G) or None -> kv
+    (B, HW, heads, d, d) and z (B, HW, heads, d), float32."""
+    _check_device(xs, "class_summary")
+    b, n, c, h, w = xs.shape
+    dtype = _compute_dtype(xs, agg.k.weight)
+    kv, z = _class_summary_op(xs, _class_bias(agg.k, g, n, c, dtype), agg.norm1.weight, agg.norm1.bias,
+                              agg.k.weight[:, :c].to(dtype), agg.v.weight.to(dtype), agg.v.bias.to(dtype),
+                              float(agg.norm1.eps), agg.num_heads)
+    d = c // agg.num_heads
+    return kv.view(b, h * w, agg.num_heads, d, d), z.view(b, h * w, agg.num_heads, d)
+
+
+def class_update(agg: nn.Module, xs: torch.Tensor, g: Optional[torch.Tensor], kv: torch.Tensor,
+                 z: torch.Tensor) -> torch.Tensor:
+    """ClassAggregation.update as one kernel (no pooling), given the summary of all classes from `class_summary`:
+    xs (B, n, C, H, W) -> the block's output, of xs's shape and (dense) strides."""
+    _check_device(xs, "class_update")
+    b, n, c, h, w = xs.shape
+    dtype = _compute_dtype(xs, agg.q.weight)
+    return _class_update_op(
+        xs, _class_bias(agg.q, g, n, c, dtype), kv.reshape(b * h * w, c, -1), z.reshape(b * h * w, c),
+        agg.norm1.weight, agg.norm1.bias, agg.q.weight[:, :c].to(dtype), agg.proj.weight.to(dtype),
+        agg.proj.bias.to(dtype), agg.norm2.weight, agg.norm2.bias, *_mlp_weights(agg.mlp, dtype),
+        float(agg.norm1.eps), float(agg.norm2.eps), float(agg.eps), agg.num_heads, isinstance(agg.mlp.act, nn.ReLU),
+        torch.promote_types(xs.dtype, dtype))

@@ -1,0 +1,185 @@
+"""The fused Triton kernels of the aggregation blocks (catseg.kernels), run on the CPU through Triton's interpreter
+(conftest switches it on when there is no GPU; tests/test_gpu.py runs them compiled on a GPU)."""
+import pytest
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+import catseg
+from catseg import aggregation, inference, kernels
+from catseg.bench import main as bench_main
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs triton (and a GPU or its interpreter)")
+
+
+def _block(width: int, act, seed: int = 0):
+    torch.manual_seed(seed)
+    norm, mlp = nn.LayerNorm(width), Mlp(width, 4 * width, act_layer=act)
+    nn.init.normal_(norm.weight, 1.0, 0.3)
+    nn.init.normal_(norm.bias, 0.0, 0.3)
+    return norm, mlp
+
+
+@needs_kernels
+@pytest.mark.parametrize("width, act, rows", [(32, nn.GELU, 370), (128, nn.ReLU, 65), (64, nn.GELU, 1)])
+def test_residual_mlp_equals_the_modules(width, act, rows):
+    """x + mlp(norm(x)) in fp32, and under bf16 autocast with bf16 or fp32 activations (output dtype as the modules
+    give it), for row counts that do not fill the kernel's row blocks."""
+    norm, mlp = _block(width, act)
+    x = torch.randn(rows, 1, width)
+    with torch.no_grad():
+        exact = x + mlp(norm(x))
+        torch.testing.assert_close(kernels.residual_mlp(x, norm, mlp), exact, rtol=1e-5, atol=1e-5)
+        for xa in (x.bfloat16(), x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = xa + mlp(norm(xa))
+                out = kernels.residual_mlp(xa, norm, mlp)
+            assert out.dtype == ref.dtype and out.shape == x.shape
+            _as_close_as_the_modules(out, ref, exact)
+
+
+def _as_close_as_the_modules(fused, plain, exact):
+    """bf16 results: the fused one is as close to the float32 result as the modules' (it rounds at the same places,
+    and accumulates longer in float32)."""
+    fused_error, plain_error = (fused.float() - exact).abs(), (plain.float() - exact).abs()
+    assert fused_error.mean() <= 1.1 * plain_error.mean() + 1e-6
+    assert fused_error.max() <= 1.5 * plain_error.max() + 1e-6
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.02, atol=0.1)
+
+
+def _calls(monkeypatch) -> dict:
+    """Count the calls of the fused kernels' entry points."""
+    calls = {"residual_mlp": 0, "class_summary": 0, "class_update": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+    monkeypatch.setattr(aggregation, "residual_mlp", counted("residual_mlp", kernels.residual_mlp))
+    for name in ("class_summary", "class_update"):
+        monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
+    return calls
+
+
+def _class_block(seed: int, guidance: int):
+    torch.manual_seed(seed)
+    block = aggregation.ClassAggregation(32, guidance, 2, 4.0, 2).eval()
+    for p in block.parameters():  # no identity branches; norms away from 1 and 0
+        nn.init.normal_(p, 1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0, 0.2)
+    return block
+
+
+@needs_kernels
+@pytest.mark.parametrize("guidance, nhwc", [(16, True), (0, False)])
+def test_class_aggregation_kernels_equal_the_block(guidance, nhwc):
+    """class_summary and class_update against the block's summary and update: with and without text guidance, on
+    channels-last or NCHW class maps, with 21 and 7 classes (partial class blocks), fp32 and bf16 autocast; the
+    output keeps the input's strides."""
+    block = _class_block(0, guidance)
+    xs = [torch.randn(2, n, 32, 3, 5) for n in (21, 7)]
+    if nhwc:  # as the spatial aggregation leaves them: (b, n, c, h, w) views of (b, n, h, w, c) tensors
+        xs = [x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for x in xs]
+    g = torch.randn(1, 1, 28, guidance) if guidance else None
+    chunks = [slice(0, 21), slice(21, 28)]
+    g = None if g is None else g[0, 0]
+    with torch.no_grad():
+        plain = block(xs, g, chunks)
+        block.fused = True
+        fused = block(xs, g, chunks)
+        for x, a, b in zip(xs, fused, plain):
+            assert a.stride() == x.stride() and a.dtype == x.dtype
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            xb = [x.bfloat16() for x in xs]
+            fused = block(xb, g, chunks)
+            block.fused = False
+            plain_bf16 = block(xb, g, chunks)
+    for a, b, exact in zip(fused, plain_bf16, plain):
+        assert a.dtype == b.dtype == torch.bfloat16
+        _as_close_as_the_modules(a, b, exact)
+
+
+@needs_kernels
+@pytest.mark.parametrize("preset, classes, chunk", [("catseg_tiny", 3, None), ("catseg_tiny", 13, 4),
+                                                    ("catseg2_tiny", 9, 4)])
+def test_model_with_fused_kernels_equals_the_plain_model(monkeypatch, preset, classes, chunk):
+    """Every Swin block's MLP and every class aggregation block of the tiny presets take the kernels, once per
+    class chunk (the later design's class aggregation, with its padding classes and pooled residual, fuses its MLP
+    only), and the logits equal the plain model's."""
+    torch.manual_seed(0)
+    model = catseg.create_model(preset, zero_init_residual=False, class_chunk_size=chunk).eval()
+    images, names = torch.rand(2, 3, 128, 128), [f"class {i}" for i in range(classes)]
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        plain = model(images, names)
+        assert not any(calls.values())
+        fused = inference.fused_kernels(model)(images, names)
+    chunks, layers = len(aggregation.chunk_slices(classes, chunk)), len(model.layers)
+    if preset == "catseg_tiny":
+        assert calls == {"residual_mlp": 2 * layers * chunks, "class_summary": layers * chunks,
+                         "class_update": layers * chunks}
+    else:  # one more chunk: the padding classes
+        assert calls == {"residual_mlp": 2 * layers * chunks + layers * (chunks + 1), "class_summary": 0,
+                         "class_update": 0}
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(inference.fused_kernels(model, False)(images, names), plain, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_training_takes_the_modules(monkeypatch):
+    """With autograd on the kernel (forward only) is never called: the loss and gradients are the plain model's."""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False)
+    images, names = torch.rand(2, 3, 128, 128), [f"class {i}" for i in range(5)]
+    grads = []
+    calls = _calls(monkeypatch)
+    for fused in (False, True):
+        inference.fused_kernels(model, fused)
+        model.zero_grad()
+        model(images, names).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert not any(calls.values())
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unsupported_blocks_and_devices_are_refused(monkeypatch):
+    norm, mlp = _block(24, nn.GELU)
+    assert "width 24 is not a power of two" in kernels.supports(norm, mlp)
+    norm, mlp = _block(32, nn.SiLU)
+    assert "SiLU" in kernels.supports(norm, mlp)
+    with pytest.raises(ValueError, match="SiLU is neither exact GELU nor ReLU"):
+        kernels.residual_mlp(torch.randn(4, 32), norm, mlp)
+    assert kernels.supports(*_block(32, lambda: nn.GELU(approximate="tanh"))) is not None
+
+    model = catseg.create_model("catseg_tiny")
+    model.layers[1].spatial.blocks[0].mlp.act = nn.SiLU()
+    if kernels.available():
+        with pytest.raises(ValueError, match=r"layers\.1\.spatial\.blocks\.0: the activation SiLU"):
+            inference.fused_kernels(model)
+    assert not any(getattr(m, "fused", False) for m in model.modules())  # nothing switched on
+    block = _class_block(0, 0)
+    block.proj = nn.Identity()
+    assert kernels.supports_class_aggregation(block) == "it has no output projection"
+    assert "32 heads" in kernels.supports_class_aggregation(aggregation.ClassAggregation(32, 0, 32, 4.0, 2))
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter, no GPU: the CPU cannot run the kernels
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="need Triton and a CUDA device"):
+            inference.fused_kernels(catseg.create_model("catseg_tiny"))
+        with pytest.raises(ValueError, match="runs on CUDA tensors .* got a cpu tensor"):
+            kernels.residual_mlp(torch.randn(4, 32), *_block(32, nn.GELU))
+
+
+def test_counted_traffic_with_fused_kernels():
+    """Counted on fake tensors (no kernel runs, no GPU needed): the same FLOPs (the operator declares those of its
+    two products), fewer operators and fewer bytes moved, a lower peak (no hidden layer is ever stored)."""
+    args = ["--preset", "catseg_tiny", "--count-memory", "--classes", "40", "--no-train"]
+    plain, fused = (bench_main(args + extra)["inference"][0] for extra in ([], ["--fused-kernels"]))
+    assert fused["flops"] == plain["flops"] and fused["flops_by_part"] == plain["flops_by_part"]
+    assert fused["operators"] < plain["operators"]
+    assert fused["bytes_moved"] < 0.9 * plain["bytes_moved"]
+    assert fused["peak_memory_bytes"] <= plain["peak_memory_bytes"]
