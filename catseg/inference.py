@@ -457,13 +457,15 @@ def compile_encoders(model: CatSeg, **compile_kwargs) -> CatSeg:
     return model
 
 
-def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False) -> CatSeg:
+def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False, fused: bool = False) -> CatSeg:
     """Ready `model` for inference in place, as `Segmenter` does; returns it. bf16 (to run under bf16 autocast):
     the image path's matmul weights stored in bf16 (`cast_matmul_weights`); otherwise they are put back to fp32 if an
-    earlier call cast them. The convolutions go channels-last (`channels_last`), and `compile` compiles the
-    aggregation and decoder (`compile_aggregation`)."""
+    earlier call cast them. The convolutions go channels-last (`channels_last`), `fused` runs the aggregation blocks
+    as Triton kernels (`fused_kernels`), and `compile` compiles the aggregation and decoder (`compile_aggregation`)."""
     cast_matmul_weights(model, torch.bfloat16 if bf16 else torch.float32)
     channels_last(model)
+    if fused:
+        fused_kernels(model)
     return compile_aggregation(model) if compile else model
 
 
@@ -472,14 +474,14 @@ class Segmenter:
 
     def __init__(self, model: CatSeg, device: Optional[str] = None, batch_size: int = 4,
                  precision: str = "auto", class_chunk_size: Optional[int] = DEFAULT_CLASS_CHUNK,
-                 cuda_graphs: bool = True, compile: bool = False):
+                 cuda_graphs: bool = True, compile: bool = False, fused_kernels: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if class_chunk_size is not None and model.config.class_chunk_size is None:
             model.config.class_chunk_size = class_chunk_size
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.model = prepare_inference(model.to(self.device).eval(), self.bf16, compile)
+        self.model = prepare_inference(model.to(self.device).eval(), self.bf16, compile, fused_kernels)
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs  # replay each (batch shape, vocabulary) from a CUDA graph on a GPU
 

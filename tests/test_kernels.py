@@ -1,5 +1,11 @@
 """The fused Triton kernels of the aggregation blocks (catseg.kernels), run on the CPU through Triton's interpreter
 (conftest switches it on when there is no GPU; tests/test_gpu.py runs them compiled on a GPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from timm.layers import Mlp
@@ -128,6 +134,18 @@ def test_model_with_fused_kernels_equals_the_plain_model(monkeypatch, preset, cl
 
 
 @needs_kernels
+def test_segmenter_with_fused_kernels_predicts_what_the_modules_do():
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=4)
+    image, names = torch.rand(3, 150, 170), [f"thing {i}" for i in range(4)]
+    plain = inference.Segmenter(model, device="cpu").predict(image, names)[0]
+    fused = inference.Segmenter(model, device="cpu", fused_kernels=True).predict(image, names)[0]
+    assert all(m.fused for m in model.modules() if isinstance(m, aggregation.ClassAggregation))
+    torch.testing.assert_close(torch.from_numpy(fused.scores), torch.from_numpy(plain.scores), rtol=1e-4, atol=1e-5)
+    assert (fused.labels == plain.labels).mean() > 0.999
+
+
+@needs_kernels
 def test_training_takes_the_modules(monkeypatch):
     """With autograd on the kernel (forward only) is never called: the loss and gradients are the plain model's."""
     torch.manual_seed(0)
@@ -183,3 +201,22 @@ def test_counted_traffic_with_fused_kernels():
     assert fused["operators"] < plain["operators"]
     assert fused["bytes_moved"] < 0.9 * plain["bytes_moved"]
     assert fused["peak_memory_bytes"] <= plain["peak_memory_bytes"]
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs triton")
+def test_kernels_compile_for_the_gpu_without_spilling(tmp_path):
+    """Every autotuning configuration compiles for sm_90 (H100 / H200) with Triton's own ptxas, no GPU needed, and
+    at the presets' widths in bf16 keeps its tiles in registers (no spill stack); the float32 products and the tiny
+    preset's widths compile too (sm_80). In a process of its own: this one runs Triton's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_kernels.py"
+    runs = [[], ["--arch", "80", "--dtype", "fp32", "--width", "32", "--heads", "2"]]
+    rows = []
+    for i, extra in enumerate(runs):
+        subprocess.run([sys.executable, str(script), "--json", str(tmp_path / f"{i}.json"), *extra], env=env,
+                       check=True, timeout=600)
+        rows.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    configs = sum(len(configs) for configs in kernels._CONFIGS.values())
+    assert len(rows[0]) == len(rows[1]) == configs
+    assert [r for r in rows[0] if r["spill_stack_bytes"]] == []
+    assert all(0 < r["registers"] <= 255 for r in rows[0] + rows[1])
