@@ -57,14 +57,18 @@ def compile_config(fn, dtype: str, arch: int, constexprs: dict, num_warps: int, 
     return _resource_usage(compiled.asm["cubin"])
 
 
-def widths(preset_width: int = 128, heads: int = 4, mlp_ratio: int = 4) -> dict:
-    """Each kernel's fixed constexprs at a preset's aggregation widths (the presets: 128 channels, 4 heads)."""
+def widths(preset_width: int = 128, heads: int = 4, window: int = 12, mlp_ratio: int = 4) -> dict:
+    """Each kernel's fixed constexprs at a preset's aggregation widths (the presets: 128 channels, 4 heads, windows
+    of 12; the shifted-window variants)."""
     hidden = preset_width * mlp_ratio
     common = dict(DOT_F32=False, TF32=False)
     return {
         "_residual_mlp_kernel": dict(C=preset_width, HIDDEN=hidden, RELU=False, **common),
         "_class_summary_kernel": dict(C=preset_width, D=preset_width // heads, **common),
         "_class_update_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, RELU=True, **common),
+        "_window_qkv_kernel": dict(C=preset_width, WINDOW=window, SHIFT=window // 2, **common),
+        "_window_output_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, WINDOW=window,
+                                      SHIFT=window // 2, RELU=False, **common),
     }
 
 
@@ -74,10 +78,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="the compute dtype")
     p.add_argument("--width", type=int, default=128, help="the aggregation's width (embed_dim)")
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--window", type=int, default=12, help="the Swin window")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     rows = []
-    for name, fixed in widths(args.width, args.heads).items():
+    for name, fixed in widths(args.width, args.heads, args.window).items():
         fn = getattr(kernels, name)
         for meta, warps, stages in kernels._CONFIGS[name]:
             row = {"kernel": name, **meta, "num_warps": warps, "num_stages": stages, "arch": args.arch,

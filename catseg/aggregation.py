@@ -159,25 +159,29 @@ class GuidedWindowAttention(nn.Module):
                 images: int = 1) -> torch.Tensor:
         """x (B*n*nW, T, C) windows of B images x n classes; guidance (B*nW, T, G) or None; bias (1, nW*heads, T, T)
         or None (shifted windows) -> (B*n*nW, T, C)."""
-        t, c = x.shape[1], x.shape[2]
-        heads = self.num_heads
         q, k, v = self._qk(self.q, x, guidance, images), self._qk(self.k, x, guidance, images), self.v(x)
+        return self.proj(self.attend(q, k, v, bias).transpose(1, 2).reshape(x.shape))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Fused attention of q, k, v (windows, T, C) within each window -> (windows, heads, T, d)."""
+        windows, t, c = q.shape
+        heads = self.num_heads
         if bias is None:  # (windows, heads, T, d) views: fused attention without a mask
-            q, k, v = (z.view(z.shape[0], t, heads, -1).transpose(1, 2) for z in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        else:  # windows and heads share the head axis, so the per-window bias broadcasts over the batch
-            nw = bias.shape[1] // heads
-            q, k, v = (z.view(-1, nw, t, heads, c // heads).transpose(2, 3).reshape(-1, nw * heads, t, c // heads)
-                       for z in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            out = out.view(-1, nw, heads, t, c // heads).transpose(2, 3)
-        return self.proj(out.reshape(x.shape))
+            q, k, v = (z.view(windows, t, heads, -1).transpose(1, 2) for z in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v)
+        # windows and heads share the head axis, so the per-window bias broadcasts over the batch
+        nw = bias.shape[1] // heads
+        q, k, v = (z.view(-1, nw, t, heads, c // heads).transpose(2, 3).reshape(-1, nw * heads, t, c // heads)
+                   for z in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).view(windows, heads, t, c // heads)
 
 
 class GuidedSwinBlock(nn.Module):
     """Pre-LN Swin block (no relative position bias) with guidance concatenated to query and key inputs."""
 
-    fused = False  # inference: the feed-forward half as one kernel (see catseg.inference.fused_kernels)
+    # inference (see catseg.inference.fused_kernels): the block as two kernels around the fused attention, one up to
+    # its queries, keys and values, one from its output (catseg.kernels.window_qkv / window_output)
+    fused = False
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
         super().__init__()
@@ -192,6 +196,10 @@ class GuidedSwinBlock(nn.Module):
         or None."""
         b, h, w, c = x.shape
         win = (self.window, self.window)
+        if self.fused and not torch.is_grad_enabled():
+            bias = _shift_bias(h, w, self.window, self.shift, self.attn.num_heads, x.device,
+                               kernels.compute_dtype(x, self.attn.q.weight)) if self.shift else None
+            return kernels.window_output(self, self.attn.attend(*kernels.window_qkv(self, x, guidance, images), bias), x)
         y = self.norm1(x)
         if self.shift:
             y = torch.roll(y, (-self.shift, -self.shift), dims=(1, 2))
@@ -205,8 +213,6 @@ class GuidedSwinBlock(nn.Module):
         if self.shift:
             y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))
         x = x + y
-        if self.fused and not torch.is_grad_enabled():
-            return residual_mlp(x, self.norm2, self.mlp)
         return x + self.mlp(self.norm2(x))
 
 

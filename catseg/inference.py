@@ -378,11 +378,13 @@ def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
 
 def fused_kernels(model: CatSeg, enable: bool = True) -> CatSeg:
     """Run the aggregation blocks as Triton kernels in inference, in place (`enable=False`: back to the PyTorch
-    modules); returns the model. Each Swin block's feed-forward half (LayerNorm, MLP, residual add) is one kernel
-    (`catseg.kernels.residual_mlp`), each class aggregation block two: the key/value summary over the classes and
-    the queries' update with the feed-forward half (`class_summary`, `class_update`; the release variants of the
-    block fuse their feed-forward half only). The hidden layers and the attention's intermediates then never go
-    through memory. Training (autograd on) always takes the modules. Needs Triton and a CUDA device (or
+    modules); returns the model. Each Swin block runs as two kernels around PyTorch's fused attention: LayerNorm,
+    shift, window partition and the query / key / value projections (`catseg.kernels.window_qkv`), then the output
+    projection, reverse shift, residual and the feed-forward half (`window_output`). Each class aggregation block
+    runs as two: the key/value summary over the classes and the queries' update with the feed-forward half
+    (`class_summary`, `class_update`; the release variants of the block fuse their feed-forward half only,
+    `residual_mlp`). The MLPs' hidden layers, the norms' outputs, the layout copies and the class attention's
+    intermediates then never go through memory. Training (autograd on) always takes the modules. Needs Triton and a CUDA device (or
     TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse raises ValueError. Off by default until
     measured on a GPU (bench `--fused-kernels`)."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, (GuidedSwinBlock, ClassAggregation))}
@@ -391,8 +393,12 @@ def fused_kernels(model: CatSeg, enable: bool = True) -> CatSeg:
             raise ValueError("fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1 to run them on the "
                              "CPU through Triton's interpreter)")
         for name, m in blocks.items():
-            whole = isinstance(m, ClassAggregation) and m.fuses_whole_block
-            why = kernels.supports_class_aggregation(m) if whole else kernels.supports(m.norm2, m.mlp)
+            if isinstance(m, GuidedSwinBlock):
+                why = kernels.supports_swin_block(m)
+            elif m.fuses_whole_block:
+                why = kernels.supports_class_aggregation(m)
+            else:
+                why = kernels.supports(m.norm2, m.mlp)
             if why is not None:
                 raise ValueError(f"cannot fuse {name}: {why}")
     if any(m.fused != enable for m in blocks.values()):

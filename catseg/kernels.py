@@ -201,6 +201,80 @@ def _class_update_kernel(x_ptr, out_ptr, gq_ptr, kv_ptr, z_ptr, n1w_ptr, n1b_ptr
              mask=valid)
 
 
+@_helper
+def _window_position(r, height, width, WINDOW: tl.constexpr, SHIFT: tl.constexpr):
+    """For rows r of the windows of a (cyclically shifted) window partition of maps (M, H, W): the map and the
+    position (row, column) in the unshifted map that each row holds (timm's window_partition order: maps, window
+    rows, window columns, then the window's tokens row by row)."""
+    t = r % (WINDOW * WINDOW)
+    win = r // (WINDOW * WINDOW)
+    across = width // WINDOW
+    i = (win // across) % (height // WINDOW) * WINDOW + t // WINDOW + SHIFT
+    j = win % across * WINDOW + t % WINDOW + SHIFT
+    m = win // (across * (height // WINDOW))
+    return m, tl.where(i >= height, i - height, i), tl.where(j >= width, j - width, j)
+
+
+@_helper
+def _project(a, w_ptr, stride, rows, c, DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """a @ W[rows]^T for W (out, C in) at row stride `stride`: the outputs `rows` of a linear layer."""
+    return _dot(a, tl.load(w_ptr + rows[None, :] * stride + c[:, None]), DOT_F32, TF32)
+
+
+def _window_qkv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, gq_ptr, gk_ptr, nw_ptr, nb_ptr, wq_ptr, wk_ptr, wv_ptr, bv_ptr,
+                       rows, classes, height, width, sgb, sgh, sgw, swq, swk, eps, C: tl.constexpr,
+                       WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """The first half of a Swin block up to the attention, for BLOCK_M rows of the windows: LayerNorm of x (maps
+    (M, H, W, C), contiguous) read at the shifted window positions, then the query, key and value projections,
+    BLOCK_C outputs at a time; the query and key add their guidance term and bias per image and position (gq, gk:
+    (B, H, W, C) at strides sg*, `classes` maps per image). q, k, v are written (rows, C) in window order, as the
+    unfused linears write them."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, C)
+    inside = r[:, None] < rows
+    m, i, j = _window_position(r, height, width, WINDOW, SHIFT)
+    x = tl.load(x_ptr + ((m * height + i) * width + j)[:, None] * C + c[None, :], mask=inside, other=0.0)
+    dtype: tl.constexpr = wq_ptr.dtype.element_ty
+    a = _layer_norm(x.to(tl.float32), nw_ptr, nb_ptr, c, C, eps).to(x_ptr.dtype.element_ty).to(dtype)
+    g = (m // classes) * sgb + i * sgh + j * sgw
+    for start in range(0, C, BLOCK_C):
+        o = start + tl.arange(0, BLOCK_C)
+        out = r[:, None] * C + o[None, :]
+        gq = tl.load(gq_ptr + g[:, None] + o[None, :], mask=inside, other=0.0).to(tl.float32)
+        tl.store(q_ptr + out, (_project(a, wq_ptr, swq, o, c, DOT_F32, TF32) + gq).to(dtype), mask=inside)
+        gk = tl.load(gk_ptr + g[:, None] + o[None, :], mask=inside, other=0.0).to(tl.float32)
+        tl.store(k_ptr + out, (_project(a, wk_ptr, swk, o, c, DOT_F32, TF32) + gk).to(dtype), mask=inside)
+        v = _project(a, wv_ptr, C, o, c, DOT_F32, TF32) + tl.load(bv_ptr + o).to(tl.float32)[None, :]
+        tl.store(v_ptr + out, v.to(dtype), mask=inside)
+
+
+def _window_output_kernel(o_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                          rows, height, width, sow, soh, sot, soe, eps2, C: tl.constexpr, D: tl.constexpr,
+                          HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
+    """The rest of a Swin block for BLOCK_M rows of the windows: the attention's output (windows, heads, T, D at
+    strides so*) through the output projection, added to x at the row's unshifted position, then the feed-forward
+    half (as _residual_mlp_tile); written there into out (M, H, W, C)."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, C)
+    inside = r[:, None] < rows
+    t, win = r % (WINDOW * WINDOW), r // (WINDOW * WINDOW)
+    o = tl.load(o_ptr + (win * sow + t * sot)[:, None] + ((c // D) * soh + (c % D) * soe)[None, :], mask=inside,
+                other=0.0)
+    dtype: tl.constexpr = wp_ptr.dtype.element_ty
+    ydtype: tl.constexpr = out_ptr.dtype.element_ty
+    y = _round(_project(o.to(dtype), wp_ptr, C, c, c, DOT_F32, TF32) + tl.load(bp_ptr + c).to(tl.float32)[None, :],
+               dtype)
+    m, i, j = _window_position(r, height, width, WINDOW, SHIFT)
+    at = ((m * height + i) * width + j)[:, None] * C + c[None, :]
+    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    y = _round(x + y, ydtype)
+    y = _residual_mlp_tile(y, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, eps2, c, ydtype, BLOCK_M, C, HIDDEN,
+                           BLOCK_H, RELU, DOT_F32, TF32)
+    tl.store(out_ptr + at, y.to(ydtype), mask=inside)
+
+
 # Tried on the GPU at the first call for each key (widths, activation, TF32); the interpreter takes the first.
 # (meta-parameters, warps, pipeline stages). At the presets' widths (128 channels, 4 heads, bf16) none of these
 # spills registers on sm_90 (`python benchmarks/compile_kernels.py`, which compiles them without a GPU); larger tiles
@@ -211,9 +285,14 @@ _CONFIGS = {
     "_class_summary_kernel": [(dict(BLOCK_N=m), w, s) for m, w, s in [(16, 4, 2), (16, 8, 2), (32, 4, 2), (32, 8, 2)]],
     "_class_update_kernel": [(dict(BLOCK_N=m, BLOCK_H=h), w, s) for m, h, w, s in
                              [(16, 64, 4, 2), (16, 32, 4, 2), (16, 64, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2)]],
+    "_window_qkv_kernel": [(dict(BLOCK_M=m, BLOCK_C=n), w, s) for m, n, w, s in
+                           [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)]],
+    "_window_output_kernel": [(dict(BLOCK_M=m, BLOCK_H=h), w, s) for m, h, w, s in
+                              [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 64, 4, 2)]],
 }
 _KEYS = {"_residual_mlp_kernel": ["C", "HIDDEN", "RELU", "TF32"], "_class_summary_kernel": ["C", "D", "TF32"],
-         "_class_update_kernel": ["C", "D", "HIDDEN", "RELU", "TF32"]}
+         "_class_update_kernel": ["C", "D", "HIDDEN", "RELU", "TF32"], "_window_qkv_kernel": ["C", "WINDOW", "TF32"],
+         "_window_output_kernel": ["C", "D", "HIDDEN", "WINDOW", "RELU", "TF32"]}
 
 
 def _round_like_the_gpu() -> None:
@@ -306,7 +385,34 @@ def _class_update_impl(x: torch.Tensor, gq: torch.Tensor, kv: torch.Tensor, z: t
     return out
 
 
-# The kernels as custom operators (catseg::residual_mlp, catseg::class_summary, catseg::class_update):
+def _window_qkv_impl(x: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, norm_weight: torch.Tensor,
+                     norm_bias: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
+                     eps: float, classes: int, window: int, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    maps, h, w, c = x.shape
+    assert gq.shape == gk.shape and gq.stride() == gk.stride(), "the guidance terms share one layout"
+    rows = maps * h * w
+    q, k, v = (torch.empty(rows // window ** 2, window ** 2, c, dtype=wq.dtype, device=x.device) for _ in range(3))
+    _launch(_window_qkv_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), x,
+            x, q, k, v, gq, gk, norm_weight, norm_bias, wq, wk, wv, bv, rows, classes, h, w,
+            *(0 if size == 1 else stride for size, stride in zip(gq.shape[:3], gq.stride()[:3])),  # (broadcast)
+            wq.stride(0), wk.stride(0), eps, C=c, WINDOW=window, SHIFT=shift)
+    return q, k, v
+
+
+def _window_output_impl(o: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor, norm2_weight: torch.Tensor,
+                        norm2_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                        b2: torch.Tensor, eps2: float, window: int, shift: int, relu: bool,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    maps, h, w, c = x.shape
+    rows = maps * h * w
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _launch(_window_output_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), x,
+            o, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, rows, h, w, *o.stride(), eps2, C=c,
+            D=o.shape[-1], HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
+    return out
+
+
+# The kernels as custom operators (catseg::residual_mlp, class_summary, class_update, window_qkv, window_output):
 # torch.compile sees the Triton kernels inside them, and fake-tensor runs (catseg.memcount) see one operator each,
 # reading its inputs and writing its outputs, with the FLOPs of the matrix products it replaces
 # (torch.utils.flop_counter), so fused and unfused runs count the same arithmetic.
@@ -314,6 +420,8 @@ if triton is not None:
     _residual_mlp_op = torch.library.triton_op("catseg::residual_mlp", _residual_mlp_impl, mutates_args=())
     _class_summary_op = torch.library.triton_op("catseg::class_summary", _class_summary_impl, mutates_args=())
     _class_update_op = torch.library.triton_op("catseg::class_update", _class_update_impl, mutates_args=())
+    _window_qkv_op = torch.library.triton_op("catseg::window_qkv", _window_qkv_impl, mutates_args=())
+    _window_output_op = torch.library.triton_op("catseg::window_output", _window_output_impl, mutates_args=())
 
     @register_flop_formula(torch.ops.catseg.residual_mlp)
     def _residual_mlp_flops(x_shape, nw_shape, nb_shape, w1_shape, *args, **kwargs) -> int:
@@ -330,6 +438,16 @@ if triton is not None:
         b, n, c, h, w = x_shape
         # query and output projections, the attention's numerator and denominator, the MLP
         return b * n * h * w * (2 * 2 * c * c + 2 * c * kv_shape[-1] + 2 * c + 2 * 2 * c * w1_shape[0])
+
+    @register_flop_formula(torch.ops.catseg.window_qkv)
+    def _window_qkv_flops(x_shape, *args, **kwargs) -> int:
+        maps, h, w, c = x_shape
+        return maps * h * w * 3 * 2 * c * c  # the query, key and value projections of x (guidance: outside)
+
+    @register_flop_formula(torch.ops.catseg.window_output)
+    def _window_output_flops(o_shape, x_shape, wp, bp, n2w, n2b, w1_shape, *args, **kwargs) -> int:
+        maps, h, w, c = x_shape
+        return maps * h * w * (2 * c * c + 2 * 2 * c * w1_shape[0])  # the output projection, the MLP
 
 
 def supports(norm: nn.Module, mlp: nn.Module) -> Optional[str]:
@@ -358,7 +476,7 @@ def _check_device(x: torch.Tensor, what: str) -> None:
                          f"{x.device.type} tensor")
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype nn.Linear computes in here: autocast's, else the weight's."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -372,7 +490,7 @@ def residual_mlp(x: torch.Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> torch.T
     if why is not None:
         raise ValueError(f"residual_mlp cannot fuse this block: {why}")
     _check_device(x, "residual_mlp")
-    dtype = _compute_dtype(x, mlp.fc1.weight)
+    dtype = compute_dtype(x, mlp.fc1.weight)
     shape = x.shape
     out = _residual_mlp_op(x.reshape(-1, shape[-1]).contiguous(), norm.weight, norm.bias, *_mlp_weights(mlp, dtype),
                            float(norm.eps), isinstance(mlp.act, nn.ReLU), torch.promote_types(x.dtype, dtype))
@@ -410,7 +528,7 @@ def class_summary(agg: nn.Module, xs: torch.Tensor, g: Optional[torch.Tensor]) -
     (B, HW, heads, d, d) and z (B, HW, heads, d), float32."""
     _check_device(xs, "class_summary")
     b, n, c, h, w = xs.shape
-    dtype = _compute_dtype(xs, agg.k.weight)
+    dtype = compute_dtype(xs, agg.k.weight)
     kv, z = _class_summary_op(xs, _class_bias(agg.k, g, n, c, dtype), agg.norm1.weight, agg.norm1.bias,
                               agg.k.weight[:, :c].to(dtype), agg.v.weight.to(dtype), agg.v.bias.to(dtype),
                               float(agg.norm1.eps), agg.num_heads)
@@ -424,10 +542,54 @@ def class_update(agg: nn.Module, xs: torch.Tensor, g: Optional[torch.Tensor], kv
     xs (B, n, C, H, W) -> the block's output, of xs's shape and (dense) strides."""
     _check_device(xs, "class_update")
     b, n, c, h, w = xs.shape
-    dtype = _compute_dtype(xs, agg.q.weight)
+    dtype = compute_dtype(xs, agg.q.weight)
     return _class_update_op(
         xs, _class_bias(agg.q, g, n, c, dtype), kv.reshape(b * h * w, c, -1), z.reshape(b * h * w, c),
         agg.norm1.weight, agg.norm1.bias, agg.q.weight[:, :c].to(dtype), agg.proj.weight.to(dtype),
         agg.proj.bias.to(dtype), agg.norm2.weight, agg.norm2.bias, *_mlp_weights(agg.mlp, dtype),
         float(agg.norm1.eps), float(agg.norm2.eps), float(agg.eps), agg.num_heads, isinstance(agg.mlp.act, nn.ReLU),
         torch.promote_types(xs.dtype, dtype))
+
+
+def supports_swin_block(block: nn.Module) -> Optional[str]:
+    """None if `window_qkv` / `window_output` can run this GuidedSwinBlock, else why not."""
+    why = supports(block.norm2, block.mlp)
+    if why is None and not (isinstance(block.norm1, nn.LayerNorm) and block.norm1.weight is not None
+                            and block.norm1.bias is not None):
+        why = "its first norm is not a LayerNorm with weight and bias"
+    return why
+
+
+def _window_bias(linear: nn.Linear, guidance: Optional[torch.Tensor], c: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, W, C), or (1, 1, 1, C) broadcast: the guidance half of a query or key projection plus its bias, per
+    image and position, as split_linear computes it."""
+    if guidance is None:
+        return linear.bias.to(dtype).view(1, 1, 1, c)
+    return F.linear(guidance, linear.weight[:, c:], linear.bias).to(dtype).contiguous()
+
+
+def window_qkv(block: nn.Module, x: torch.Tensor, guidance: Optional[torch.Tensor],
+               images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, keys and values of a GuidedSwinBlock as one kernel: x (B*n, H, W, C), guidance (B, H, W, G)
+    (normalised, unshifted) or None -> q, k, v (B*n*windows, T, C), as the block's attention computes them from its
+    LayerNorm, (cyclic shift), window partition and linears."""
+    _check_device(x, "window_qkv")
+    c = x.shape[-1]
+    attn = block.attn
+    dtype = compute_dtype(x, attn.q.weight)
+    return _window_qkv_op(x.contiguous(), _window_bias(attn.q, guidance, c, dtype), _window_bias(attn.k, guidance, c, dtype),
+                          block.norm1.weight, block.norm1.bias, attn.q.weight[:, :c].to(dtype),
+                          attn.k.weight[:, :c].to(dtype), attn.v.weight.to(dtype), attn.v.bias.to(dtype),
+                          float(block.norm1.eps), x.shape[0] // images, block.window, block.shift)
+
+
+def window_output(block: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The rest of a GuidedSwinBlock as one kernel: the attention's output (windows, heads, T, d) through the output
+    projection, (reverse shift), residual and feed-forward half -> the block's output (B*n, H, W, C)."""
+    _check_device(x, "window_output")
+    attn = block.attn
+    dtype = compute_dtype(x, attn.proj.weight)
+    return _window_output_op(attended, x.contiguous(), attn.proj.weight.to(dtype), attn.proj.bias.to(dtype),
+                             block.norm2.weight, block.norm2.bias, *_mlp_weights(block.mlp, dtype),
+                             float(block.norm2.eps), block.window, block.shift, isinstance(block.mlp.act, nn.ReLU),
+                             torch.promote_types(x.dtype, dtype))

@@ -46,16 +46,16 @@ def test_residual_mlp_equals_the_modules(width, act, rows):
 
 def _as_close_as_the_modules(fused, plain, exact):
     """bf16 results: the fused one is as close to the float32 result as the modules' (it rounds at the same places,
-    and accumulates longer in float32)."""
+    and accumulates longer in float32); the two differ by a few last places where a residual sum cancels."""
     fused_error, plain_error = (fused.float() - exact).abs(), (plain.float() - exact).abs()
     assert fused_error.mean() <= 1.1 * plain_error.mean() + 1e-6
     assert fused_error.max() <= 1.5 * plain_error.max() + 1e-6
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.02, atol=0.1)
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.02, atol=0.25)
 
 
 def _calls(monkeypatch) -> dict:
     """Count the calls of the fused kernels' entry points."""
-    calls = {"residual_mlp": 0, "class_summary": 0, "class_update": 0}
+    calls = {"residual_mlp": 0, "class_summary": 0, "class_update": 0, "window_qkv": 0, "window_output": 0}
 
     def counted(name, fn):
         def call(*args):
@@ -63,7 +63,7 @@ def _calls(monkeypatch) -> dict:
             return fn(*args)
         return call
     monkeypatch.setattr(aggregation, "residual_mlp", counted("residual_mlp", kernels.residual_mlp))
-    for name in ("class_summary", "class_update"):
+    for name in ("class_summary", "class_update", "window_qkv", "window_output"):
         monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
     return calls
 
@@ -107,12 +107,36 @@ def test_class_aggregation_kernels_equal_the_block(guidance, nhwc):
 
 
 @needs_kernels
+@pytest.mark.parametrize("guidance, shift", [(16, 2), (0, 0), (8, 0)])
+def test_swin_block_kernels_equal_the_block(guidance, shift):
+    """window_qkv + fused attention + window_output against the Swin block: shifted windows or not, with guidance
+    per image or none, 2 images x 3 classes of 8 x 12 maps in windows of 4, fp32 and bf16 autocast."""
+    torch.manual_seed(1)
+    block = aggregation.GuidedSwinBlock(32, guidance, 2, 4, shift, 4.0).eval()
+    for p in block.parameters():
+        nn.init.normal_(p, 1.0 if p.ndim == 1 and p.shape[0] == 32 and p is not block.attn.proj.bias else 0.0, 0.2)
+    x = torch.randn(6, 8, 12, 32)
+    g = torch.randn(2, 8, 12, guidance) if guidance else None
+    with torch.no_grad():
+        plain = block(x, g, 2)
+        block.fused = True
+        fused = block(x, g, 2)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_bf16 = block(x.bfloat16(), g, 2)
+            block.fused = False
+            plain_bf16 = block(x.bfloat16(), g, 2)
+    assert fused_bf16.dtype == torch.bfloat16
+    _as_close_as_the_modules(fused_bf16, plain_bf16, plain)
+
+
+@needs_kernels
 @pytest.mark.parametrize("preset, classes, chunk", [("catseg_tiny", 3, None), ("catseg_tiny", 13, 4),
                                                     ("catseg2_tiny", 9, 4)])
 def test_model_with_fused_kernels_equals_the_plain_model(monkeypatch, preset, classes, chunk):
-    """Every Swin block's MLP and every class aggregation block of the tiny presets take the kernels, once per
-    class chunk (the later design's class aggregation, with its padding classes and pooled residual, fuses its MLP
-    only), and the logits equal the plain model's."""
+    """Every Swin block and class aggregation block of the tiny presets takes the kernels, once per class chunk (the
+    later design's class aggregation, with its padding classes and pooled residual, fuses its MLP only), and the
+    logits equal the plain model's."""
     torch.manual_seed(0)
     model = catseg.create_model(preset, zero_init_residual=False, class_chunk_size=chunk).eval()
     images, names = torch.rand(2, 3, 128, 128), [f"class {i}" for i in range(classes)]
@@ -122,12 +146,11 @@ def test_model_with_fused_kernels_equals_the_plain_model(monkeypatch, preset, cl
         assert not any(calls.values())
         fused = inference.fused_kernels(model)(images, names)
     chunks, layers = len(aggregation.chunk_slices(classes, chunk)), len(model.layers)
+    swin = {"window_qkv": 2 * layers * chunks, "window_output": 2 * layers * chunks}  # two Swin blocks per layer
     if preset == "catseg_tiny":
-        assert calls == {"residual_mlp": 2 * layers * chunks, "class_summary": layers * chunks,
-                         "class_update": layers * chunks}
+        assert calls == {**swin, "residual_mlp": 0, "class_summary": layers * chunks, "class_update": layers * chunks}
     else:  # one more chunk: the padding classes
-        assert calls == {"residual_mlp": 2 * layers * chunks + layers * (chunks + 1), "class_summary": 0,
-                         "class_update": 0}
+        assert calls == {**swin, "residual_mlp": layers * (chunks + 1), "class_summary": 0, "class_update": 0}
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(inference.fused_kernels(model, False)(images, names), plain, rtol=0, atol=0)
@@ -210,7 +233,7 @@ def test_kernels_compile_for_the_gpu_without_spilling(tmp_path):
     preset's widths compile too (sm_80). In a process of its own: this one runs Triton's interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_kernels.py"
-    runs = [[], ["--arch", "80", "--dtype", "fp32", "--width", "32", "--heads", "2"]]
+    runs = [[], ["--arch", "80", "--dtype", "fp32", "--width", "32", "--heads", "2", "--window", "4"]]
     rows = []
     for i, extra in enumerate(runs):
         subprocess.run([sys.executable, str(script), "--json", str(tmp_path / f"{i}.json"), *extra], env=env,
