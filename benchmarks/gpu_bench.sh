@@ -37,7 +37,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile b_compile_fused b_model_cl b_model_cl_ro tests l_model_cl_ro b_compile_sub l_compile l_compile_fused b b_fused b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"b_compile b_compile_fused b_infer b_fused tests b_model_cl b_model_cl_ro l_model_cl_ro l_compile l_compile_fused b_compile_sub b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -63,7 +63,9 @@ for v in $variants; do
             --compile --no-train --fused-kernels --profile ;;
         l_compile_fused) bench l14_compile_fused_kernels 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 \
             --compile --no-train --fused-kernels ;;
-        b_fused) bench b16_fused_kernels 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train --fused-kernels ;;
+        b_infer) bench b16_inference 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train --profile ;;
+        b_fused) bench b16_fused_kernels 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train \
+            --fused-kernels --profile ;;
         b_sub) bench b16_subpixel 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train \
             --subpixel-decoder ;;
         b_model_cl_sub) bench b16_compile_model_cl_subpixel 400 "$root" --preset "${B:-catseg_vitb16_r101}" \

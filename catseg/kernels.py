@@ -509,9 +509,9 @@ def supports_class_aggregation(agg: nn.Module) -> Optional[str]:
         why = "its first norm is not a LayerNorm with weight and bias"
     if why is None and not isinstance(agg.proj, nn.Linear):
         why = "it has no output projection"
-    heads = agg.num_heads
-    if why is None and (heads & (heads - 1) or agg.norm1.normalized_shape[-1] // heads < 2):
-        why = f"its {heads} heads are not a power of two of at least 2 channels each"
+    d = agg.norm1.normalized_shape[-1] // agg.num_heads
+    if why is None and (d < 16 or d & (d - 1)):  # the heads' products run on tensor cores
+        why = f"its heads' width {d} is not a power of two of at least 16"
     return why
 
 

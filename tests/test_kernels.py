@@ -169,6 +169,22 @@ def test_segmenter_with_fused_kernels_predicts_what_the_modules_do():
 
 
 @needs_kernels
+def test_fused_kernels_trace_into_compiled_graphs_without_breaks():
+    """torch.compile captures the kernels' operators in the aggregation's graphs (fullgraph: no break), also once the
+    class dimension is dynamic; the captured graphs compute what the plain model does. (Dynamo's capture only: the
+    compiled kernels themselves need a GPU, tests/test_gpu.py.)"""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=4).eval()
+    images = torch.rand(1, 3, 128, 128)
+    vocabularies = [[f"class {i}" for i in range(n)] for n in (7, 13)]  # chunks 3, 4 / 4, 4, 5
+    with torch.no_grad():
+        plain = [model(images, names) for names in vocabularies]
+        inference.compile_aggregation(inference.fused_kernels(model), backend="eager", fullgraph=True)
+        for names, reference in zip(vocabularies, plain):
+            torch.testing.assert_close(model(images, names), reference, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_training_takes_the_modules(monkeypatch):
     """With autograd on the kernel (forward only) is never called: the loss and gradients are the plain model's."""
     torch.manual_seed(0)
@@ -205,7 +221,7 @@ def test_unsupported_blocks_and_devices_are_refused(monkeypatch):
     block = _class_block(0, 0)
     block.proj = nn.Identity()
     assert kernels.supports_class_aggregation(block) == "it has no output projection"
-    assert "32 heads" in kernels.supports_class_aggregation(aggregation.ClassAggregation(32, 0, 32, 4.0, 2))
+    assert "heads' width 8 is not" in kernels.supports_class_aggregation(aggregation.ClassAggregation(32, 0, 4, 4.0, 2))
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter, no GPU: the CPU cannot run the kernels
     if not torch.cuda.is_available():
