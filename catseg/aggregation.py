@@ -156,24 +156,25 @@ class GuidedWindowAttention(nn.Module):
         return out.view(x.shape[0], x.shape[1], -1)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                images: int = 1) -> torch.Tensor:
-        """x (B*n*nW, T, C) windows of B images x n classes; guidance (B*nW, T, G) or None; bias (1, nW*heads, T, T)
-        or None (shifted windows) -> (B*n*nW, T, C)."""
+                images: int = 1, windows: int = 1) -> torch.Tensor:
+        """x (B*n*nW, T, C) windows of B images x n classes, nW = `windows` per map; guidance (B*nW, T, G) or None;
+        bias (1, nW*heads, T, T) or None (shifted windows) -> (B*n*nW, T, C)."""
         q, k, v = self._qk(self.q, x, guidance, images), self._qk(self.k, x, guidance, images), self.v(x)
-        return self.proj(self.attend(q, k, v, bias).transpose(1, 2).reshape(x.shape))
+        return self.proj(self.attend(q, k, v, bias, windows).permute(0, 1, 3, 2, 4).reshape(x.shape))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """Fused attention of q, k, v (windows, T, C) within each window -> (windows, heads, T, d)."""
-        windows, t, c = q.shape
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+               windows: int) -> torch.Tensor:
+        """Fused attention of q, k, v (maps * windows, T, C) within each window -> (maps, windows, heads, T, d), a
+        view of the attention's output in whatever layout it has."""
+        t, c = q.shape[1:]
         heads = self.num_heads
         if bias is None:  # (windows, heads, T, d) views: fused attention without a mask
-            q, k, v = (z.view(windows, t, heads, -1).transpose(1, 2) for z in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v)
+            q, k, v = (z.view(z.shape[0], t, heads, -1).transpose(1, 2) for z in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v).unflatten(0, (-1, windows))
         # windows and heads share the head axis, so the per-window bias broadcasts over the batch
-        nw = bias.shape[1] // heads
-        q, k, v = (z.view(-1, nw, t, heads, c // heads).transpose(2, 3).reshape(-1, nw * heads, t, c // heads)
+        q, k, v = (z.view(-1, windows, t, heads, c // heads).transpose(2, 3).reshape(-1, windows * heads, t, c // heads)
                    for z in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).view(windows, heads, t, c // heads)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).unflatten(1, (windows, heads))
 
 
 class GuidedSwinBlock(nn.Module):
@@ -196,10 +197,12 @@ class GuidedSwinBlock(nn.Module):
         or None."""
         b, h, w, c = x.shape
         win = (self.window, self.window)
+        windows = (h // self.window) * (w // self.window)
         if self.fused and not torch.is_grad_enabled():
             bias = _shift_bias(h, w, self.window, self.shift, self.attn.num_heads, x.device,
                                kernels.compute_dtype(x, self.attn.q.weight)) if self.shift else None
-            return kernels.window_output(self, self.attn.attend(*kernels.window_qkv(self, x, guidance, images), bias), x)
+            attended = self.attn.attend(*kernels.window_qkv(self, x, guidance, images), bias, windows)
+            return kernels.window_output(self, attended, x)
         y = self.norm1(x)
         if self.shift:
             y = torch.roll(y, (-self.shift, -self.shift), dims=(1, 2))
@@ -208,7 +211,7 @@ class GuidedSwinBlock(nn.Module):
             if self.shift else None
         yw = window_partition(y, win).flatten(1, 2)
         gw = None if guidance is None else window_partition(guidance, win).flatten(1, 2)
-        y = self.attn(yw, gw, bias, images).view(-1, self.window, self.window, c)
+        y = self.attn(yw, gw, bias, images, windows).view(-1, self.window, self.window, c)
         y = window_reverse(y, win, h, w)
         if self.shift:
             y = torch.roll(y, (self.shift, self.shift), dims=(1, 2))

@@ -119,7 +119,7 @@ def cmd_segment(args) -> int:
     model = resolve_model(args.model, args.checkpoint)
     torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
-                    class_chunk_size=args.class_chunk, compile=args.compile)
+                    class_chunk_size=args.class_chunk, compile=args.compile, fused_kernels=args.fused_kernels)
     model.validate_class_names(names)
     out = Path(args.out)
     try:
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-chunk", type=int, default=128, help="classes per chunk (bounds memory)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the aggregation and decoder (pays off over many images; compiling takes minutes)")
+    s.add_argument("--fused-kernels", action="store_true",
+                   help="run the aggregation blocks as Triton kernels (CUDA; see catseg.inference.fused_kernels)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
     ls = sub.add_parser("list", help="list model presets")

@@ -250,23 +250,23 @@ def _window_qkv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, gq_ptr, gk_ptr, nw_ptr, nb_pt
 
 
 def _window_output_kernel(o_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                          rows, height, width, sow, soh, sot, soe, eps2, C: tl.constexpr, D: tl.constexpr,
+                          rows, height, width, som, sow, soh, sot, soe, eps2, C: tl.constexpr, D: tl.constexpr,
                           HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
-    """The rest of a Swin block for BLOCK_M rows of the windows: the attention's output (windows, heads, T, D at
-    strides so*) through the output projection, added to x at the row's unshifted position, then the feed-forward
+    """The rest of a Swin block for BLOCK_M rows of the windows: the attention's output (maps, windows, heads, T, D
+    at strides so*) through the output projection, added to x at the row's unshifted position, then the feed-forward
     half (as _residual_mlp_tile); written there into out (M, H, W, C)."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.arange(0, C)
     inside = r[:, None] < rows
-    t, win = r % (WINDOW * WINDOW), r // (WINDOW * WINDOW)
-    o = tl.load(o_ptr + (win * sow + t * sot)[:, None] + ((c // D) * soh + (c % D) * soe)[None, :], mask=inside,
-                other=0.0)
+    m, i, j = _window_position(r, height, width, WINDOW, SHIFT)
+    t, win = r % (WINDOW * WINDOW), r // (WINDOW * WINDOW) - m * ((height // WINDOW) * (width // WINDOW))
+    o = tl.load(o_ptr + (m * som + win * sow + t * sot)[:, None] + ((c // D) * soh + (c % D) * soe)[None, :],
+                mask=inside, other=0.0)
     dtype: tl.constexpr = wp_ptr.dtype.element_ty
     ydtype: tl.constexpr = out_ptr.dtype.element_ty
     y = _round(_project(o.to(dtype), wp_ptr, C, c, c, DOT_F32, TF32) + tl.load(bp_ptr + c).to(tl.float32)[None, :],
                dtype)
-    m, i, j = _window_position(r, height, width, WINDOW, SHIFT)
     at = ((m * height + i) * width + j)[:, None] * C + c[None, :]
     x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
     y = _round(x + y, ydtype)
@@ -584,8 +584,9 @@ def window_qkv(block: nn.Module, x: torch.Tensor, guidance: Optional[torch.Tenso
 
 
 def window_output(block: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The rest of a GuidedSwinBlock as one kernel: the attention's output (windows, heads, T, d) through the output
-    projection, (reverse shift), residual and feed-forward half -> the block's output (B*n, H, W, C)."""
+    """The rest of a GuidedSwinBlock as one kernel: the attention's output (B*n, windows, heads, T, d; any strides)
+    through the output projection, (reverse shift), residual and feed-forward half -> the block's output
+    (B*n, H, W, C)."""
     _check_device(x, "window_output")
     attn = block.attn
     dtype = compute_dtype(x, attn.proj.weight)

@@ -3,7 +3,7 @@
 Usage:
     python -m evaluation.evaluate --checkpoint RUN_DIR/checkpoints/step_00080000 --benchmarks ade150,pc59 \
         --shards data/shards [--out DIR] [--limit N] [--rule present|absent_as_zero] [--cpu] \
-        [--precision fp32|bf16] [--compile]
+        [--precision fp32|bf16] [--compile] [--fused-kernels]
     accelerate launch --num_processes 4 -m evaluation.evaluate ...            # several GPUs
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m evaluation.evaluate ...  # CPUs
 
@@ -62,6 +62,7 @@ class EvalConfig:
     progress: bool = True  # show a progress bar on the main process
     precision: str = "fp32"  # fp32; or bf16: bf16 autocast with bf16 weights, the GPU's fast path (catseg.Segmenter's)
     compile: bool = False  # torch.compile the aggregation and decoder (pays over a benchmark's thousands of images)
+    fused_kernels: bool = False  # the aggregation blocks as Triton kernels (catseg.inference.fused_kernels; CUDA)
 
     def __post_init__(self):
         self.checkpoint = Path(self.checkpoint)
@@ -362,7 +363,8 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
     out_dir = cfg.out if cfg.out is not None else default_out_dir(info)
     from catseg.inference import prepare_inference
 
-    model = prepare_inference(load_model(info, state.device), cfg.precision == "bf16", cfg.compile)
+    model = prepare_inference(load_model(info, state.device), cfg.precision == "bf16", cfg.compile,
+                              cfg.fused_kernels)
 
     started = time.perf_counter()
     results, confusions, total_images = {}, {}, 0
@@ -405,6 +407,7 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
         "rule_description": RULES[cfg.rule],
         "precision": cfg.precision,
         "compile": cfg.compile,
+        "fused_kernels": cfg.fused_kernels,
         "processes": state.num_processes,
         "device": str(state.device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -468,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 (default) or bf16: bf16 autocast and weights, the fast path on a GPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the aggregation and decoder: a minute or two more at the start, then faster")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="run the aggregation blocks as Triton kernels (CUDA; catseg.inference.fused_kernels)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -488,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             precision=args.precision,
             compile=args.compile,
+            fused_kernels=args.fused_kernels,
         )
         state = process_state(cfg.cpu)
         report = run_evaluation(cfg, state=state)

@@ -66,7 +66,7 @@ def test_segment_with_benchmark_vocab_and_16bit_labels(workspace):
     assert labels.mode.startswith("I") and np.array(labels).max() < 847  # more than 256 classes: 16-bit PNG
 
 
-def test_segment_bad_input(workspace, capsys):
+def test_segment_bad_input(workspace, capsys, monkeypatch):
     from catseg.cli import main
 
     def call(*args):
@@ -86,3 +86,7 @@ def test_segment_bad_input(workspace, capsys):
     assert code == 2 and "duplicate" in err
     code, err = call(img, "--classes", "cat", "--checkpoint", workspace / "nope.safetensors", "--out", workspace / "o5")
     assert code == 2 and "nope.safetensors" in err
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU without Triton's interpreter cannot run Triton kernels
+    code, err = call(img, "--classes", "cat", "--checkpoint", ck, "--out", workspace / "o6", "--device", "cpu",
+                     "--fused-kernels")
+    assert code == 2 and "need Triton and a CUDA device" in err and not (workspace / "o6").exists()
