@@ -69,6 +69,8 @@ def widths(preset_width: int = 128, heads: int = 4, window: int = 12, mlp_ratio:
         "_window_qkv_kernel": dict(C=preset_width, WINDOW=window, SHIFT=window // 2, **common),
         "_window_output_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, WINDOW=window,
                                       SHIFT=window // 2, RELU=False, **common),
+        "_window_block_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, WINDOW=window,
+                                     SHIFT=window // 2, RELU=False, **common),
     }
 
 

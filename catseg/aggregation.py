@@ -180,9 +180,11 @@ class GuidedWindowAttention(nn.Module):
 class GuidedSwinBlock(nn.Module):
     """Pre-LN Swin block (no relative position bias) with guidance concatenated to query and key inputs."""
 
-    # inference (see catseg.inference.fused_kernels): the block as two kernels around the fused attention, one up to
-    # its queries, keys and values, one from its output (catseg.kernels.window_qkv / window_output)
+    # inference (see catseg.inference.fused_kernels): the block as two kernels, one up to its queries, keys and
+    # values, one for the rest with the attention inside (catseg.kernels.window_qkv / window_block); with
+    # fused_attention "sdpa", PyTorch's fused attention between the first and a kernel for the rest (window_output)
     fused = False
+    fused_attention = "kernel"
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
         super().__init__()
@@ -199,10 +201,12 @@ class GuidedSwinBlock(nn.Module):
         win = (self.window, self.window)
         windows = (h // self.window) * (w // self.window)
         if self.fused and not torch.is_grad_enabled():
+            qkv = kernels.window_qkv(self, x, guidance, images)
+            if self.fused_attention == "kernel":
+                return kernels.window_block(self, *qkv, x)
             bias = _shift_bias(h, w, self.window, self.shift, self.attn.num_heads, x.device,
                                kernels.compute_dtype(x, self.attn.q.weight)) if self.shift else None
-            attended = self.attn.attend(*kernels.window_qkv(self, x, guidance, images), bias, windows)
-            return kernels.window_output(self, attended, x)
+            return kernels.window_output(self, self.attn.attend(*qkv, bias, windows), x)
         y = self.norm1(x)
         if self.shift:
             y = torch.roll(y, (-self.shift, -self.shift), dims=(1, 2))

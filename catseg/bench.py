@@ -28,7 +28,8 @@ import time
 from typing import Callable, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula,
+                                      sdpa_backward_flop_count, sdpa_flop_count)
 
 from . import create_model
 from . import inference, ops
@@ -47,6 +48,18 @@ def _rss_status(key: str) -> int:
 _PARTS = [("guidance backbone", r"CatSeg\.(backbone|appearance_proj|decoder_proj\.\d+)"),
           ("cost embedding", r"CatSeg\.cost_embed"), ("spatial aggregation", r"CatSeg\.layers\.\d+\.spatial"),
           ("class aggregation", r"CatSeg\.layers\.\d+\.klass"), ("decoder", r"CatSeg\.(decoder\.\d+|head)")]
+
+
+# The CPU's fused attention, which a counted run takes where a GPU takes its own, has no formula in torch's FLOP
+# counter, so the Swin windows' and CLIP's attention counted nothing; counted here as torch counts the GPU's.
+if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in flop_registry:
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 def flops_by_part(counts: dict, total: int) -> dict[str, int]:
@@ -336,8 +349,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "first convolution as one convolution at the input's size (UpStage.subpixel) instead of convolving "
                    "the upsampled map")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
-                   "(catseg.inference.fused_kernels: each Swin block's feed-forward half, each class aggregation "
-                   "block as a summary and an update kernel)")
+                   "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
+    p.add_argument("--fused-attention", choices=["kernel", "sdpa"], default="kernel", help="with --fused-kernels: "
+                   "the Swin windows' attention inside the Triton kernel (kernel) or PyTorch's fused attention between "
+                   "two kernels (sdpa)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python (no graph replay)")
     p.add_argument("--profile", action="store_true", help="print a profiler table of the largest inference and "
                    "of the training step")
@@ -410,6 +425,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,
+        "fused_attention": args.fused_attention if args.fused_kernels else None,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -419,7 +435,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
     inference.channels_last(model, result["channels_last_inference"])  # as Segmenter does
-    inference.fused_kernels(model, args.fused_kernels)
+    inference.fused_kernels(model, args.fused_kernels, args.fused_attention)
     for batch in batches:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]

@@ -376,17 +376,20 @@ def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     return decoder_channels_last(backbone_channels_last(model, enable), enable)
 
 
-def fused_kernels(model: CatSeg, enable: bool = True) -> CatSeg:
+def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel") -> CatSeg:
     """Run the aggregation blocks as Triton kernels in inference, in place (`enable=False`: back to the PyTorch
-    modules); returns the model. Each Swin block runs as two kernels around PyTorch's fused attention: LayerNorm,
-    shift, window partition and the query / key / value projections (`catseg.kernels.window_qkv`), then the output
-    projection, reverse shift, residual and the feed-forward half (`window_output`). Each class aggregation block
+    modules); returns the model. Each Swin block runs as two kernels: LayerNorm, shift, window partition and the
+    query / key / value projections (`catseg.kernels.window_qkv`), then the window attention, output projection,
+    reverse shift, residual and the feed-forward half (`window_block`); with attention="sdpa" PyTorch's fused
+    attention runs between the two and the second kernel starts from its output (`window_output`). Each class aggregation block
     runs as two: the key/value summary over the classes and the queries' update with the feed-forward half
     (`class_summary`, `class_update`; the release variants of the block fuse their feed-forward half only,
     `residual_mlp`). The MLPs' hidden layers, the norms' outputs, the layout copies and the class attention's
     intermediates then never go through memory. Training (autograd on) always takes the modules. Needs Triton and a CUDA device (or
     TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse raises ValueError. Off by default until
     measured on a GPU (bench `--fused-kernels`)."""
+    if attention not in ("kernel", "sdpa"):
+        raise ValueError(f"attention={attention!r}; choose 'kernel' or 'sdpa'")
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, (GuidedSwinBlock, ClassAggregation))}
     if enable:  # (a model with fake weights, being counted by catseg.memcount, runs no kernel)
         if not kernels.available() and not kernels.is_fake(next(model.parameters())):
@@ -394,17 +397,20 @@ def fused_kernels(model: CatSeg, enable: bool = True) -> CatSeg:
                              "CPU through Triton's interpreter)")
         for name, m in blocks.items():
             if isinstance(m, GuidedSwinBlock):
-                why = kernels.supports_swin_block(m)
+                why = kernels.supports_swin_block(m, attention)
             elif m.fuses_whole_block:
                 why = kernels.supports_class_aggregation(m)
             else:
                 why = kernels.supports(m.norm2, m.mlp)
             if why is not None:
                 raise ValueError(f"cannot fuse {name}: {why}")
-    if any(m.fused != enable for m in blocks.values()):
+    swin = [m for m in blocks.values() if isinstance(m, GuidedSwinBlock)]
+    if any(m.fused != enable for m in blocks.values()) or any(m.fused_attention != attention for m in swin):
         _GRAPHS.pop(model, None)  # graphs captured with the other path
     for m in blocks.values():
         m.fused = enable
+    for m in swin:
+        m.fused_attention = attention
     return model
 
 

@@ -275,6 +275,73 @@ def _window_output_kernel(o_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_pt
     tl.store(out_ptr + at, y.to(ydtype), mask=inside)
 
 
+@_helper
+def _shift_region(win, t, height, width, WINDOW: tl.constexpr, SHIFT: tl.constexpr):
+    """The region (0-8) of tokens t of windows `win` in a cyclically shifted map: tokens of one window attend to
+    tokens of their own region only (the shift mask of catseg.aggregation._shift_mask)."""
+    across = width // WINDOW
+    local = win % (across * (height // WINDOW))
+    i = local // across * WINDOW + t // WINDOW
+    j = local % across * WINDOW + t % WINDOW
+    ri = tl.where(i < height - WINDOW, 0, tl.where(i < height - SHIFT, 1, 2))
+    rj = tl.where(j < width - WINDOW, 0, tl.where(j < width - SHIFT, 1, 2))
+    return ri * 3 + rj
+
+
+def _window_block_kernel(q_ptr, k_ptr, v_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr,
+                         w2_ptr, b2_ptr, height, width, scale, eps2, C: tl.constexpr, D: tl.constexpr,
+                         HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
+                         TF32: tl.constexpr):
+    """The rest of a Swin block from its queries, keys and values (rows, C in window order, as window_qkv writes
+    them) for BLOCK_M tokens of one window: per head, softmax attention over the window's tokens (BLOCK_K keys at a
+    time, online softmax; in a shifted map only tokens of the same region), its share of the output projection; then
+    the residual at the tokens' unshifted positions and the feed-forward half (as _residual_mlp_tile), written into
+    out (M, H, W, C)."""
+    win = tl.program_id(0)
+    T: tl.constexpr = WINDOW * WINDOW
+    tq = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = tq[:, None] < T
+    rq = win * T + tq
+    c = tl.arange(0, C)
+    e = tl.arange(0, D)
+    dtype: tl.constexpr = q_ptr.dtype.element_ty
+    ydtype: tl.constexpr = out_ptr.dtype.element_ty
+    if SHIFT:
+        region_q = _shift_region(win, tq, height, width, WINDOW, SHIFT)
+    y = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+    for h in tl.static_range(C // D):
+        q = tl.load(q_ptr + rq[:, None] * C + h * D + e[None, :], mask=valid, other=0.0)
+        top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+        for start in range(0, T, BLOCK_K):
+            tk = start + tl.arange(0, BLOCK_K)
+            rk = (win * T + tk)[:, None] * C + h * D + e[None, :]
+            k = tl.load(k_ptr + rk, mask=tk[:, None] < T, other=0.0)
+            v = tl.load(v_ptr + rk, mask=tk[:, None] < T, other=0.0)
+            keep = tk[None, :] < T
+            if SHIFT:
+                keep = keep & (region_q[:, None] == _shift_region(win, tk, height, width, WINDOW, SHIFT)[None, :])
+            score = tl.where(keep, _dot(q, tl.trans(k), DOT_F32, TF32) * scale, float("-inf"))
+            new_top = tl.maximum(top, tl.max(score, axis=1))
+            base = tl.where(new_top == float("-inf"), 0.0, new_top)  # no key seen yet: nothing to scale
+            p = tl.exp(score - base[:, None])
+            shrink = tl.exp(top - base)
+            total = total * shrink + tl.sum(p, axis=1)
+            acc = acc * shrink[:, None] + _dot(p.to(dtype), v, DOT_F32, TF32)
+            top = new_top
+        o = (acc / total[:, None]).to(dtype)  # the attention's output, in its dtype
+        y += _dot(o, tl.load(wp_ptr + c[None, :] * C + (h * D + e)[:, None]), DOT_F32, TF32)
+    y = _round(y + tl.load(bp_ptr + c).to(tl.float32)[None, :], dtype)
+    m, i, j = _window_position(rq, height, width, WINDOW, SHIFT)
+    at = ((m * height + i) * width + j)[:, None] * C + c[None, :]
+    y = _round(tl.load(x_ptr + at, mask=valid, other=0.0).to(tl.float32) + y, ydtype)
+    y = _residual_mlp_tile(y, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, eps2, c, ydtype, BLOCK_M, C, HIDDEN,
+                           BLOCK_H, RELU, DOT_F32, TF32)
+    tl.store(out_ptr + at, y.to(ydtype), mask=valid)
+
+
 # Tried on the GPU at the first call for each key (widths, activation, TF32); the interpreter takes the first.
 # (meta-parameters, warps, pipeline stages). At the presets' widths (128 channels, 4 heads, bf16) none of these
 # spills registers on sm_90 (`python benchmarks/compile_kernels.py`, which compiles them without a GPU); larger tiles
@@ -289,10 +356,14 @@ _CONFIGS = {
                            [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)]],
     "_window_output_kernel": [(dict(BLOCK_M=m, BLOCK_H=h), w, s) for m, h, w, s in
                               [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 64, 4, 2)]],
+    "_window_block_kernel": [(dict(BLOCK_M=m, BLOCK_K=k, BLOCK_H=h), w, s) for m, k, h, w, s in
+                             [(16, 64, 64, 4, 2), (16, 32, 64, 4, 2), (16, 16, 64, 4, 2), (32, 64, 64, 8, 2),
+                              (32, 32, 64, 8, 2), (64, 64, 64, 8, 2)]],
 }
 _KEYS = {"_residual_mlp_kernel": ["C", "HIDDEN", "RELU", "TF32"], "_class_summary_kernel": ["C", "D", "TF32"],
          "_class_update_kernel": ["C", "D", "HIDDEN", "RELU", "TF32"], "_window_qkv_kernel": ["C", "WINDOW", "TF32"],
-         "_window_output_kernel": ["C", "D", "HIDDEN", "WINDOW", "RELU", "TF32"]}
+         "_window_output_kernel": ["C", "D", "HIDDEN", "WINDOW", "RELU", "TF32"],
+         "_window_block_kernel": ["C", "D", "HIDDEN", "WINDOW", "RELU", "TF32"]}
 
 
 def _round_like_the_gpu() -> None:
@@ -412,7 +483,21 @@ def _window_output_impl(o: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, bp: 
     return out
 
 
-# The kernels as custom operators (catseg::residual_mlp, class_summary, class_update, window_qkv, window_output):
+def _window_block_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, wp: torch.Tensor,
+                       bp: torch.Tensor, norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, w1: torch.Tensor,
+                       b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps2: float, heads: int, window: int,
+                       shift: int, relu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    maps, h, w, c = x.shape
+    d = c // heads
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _launch(_window_block_kernel, lambda meta: (q.shape[0], triton.cdiv(window * window, meta["BLOCK_M"])), x,
+            q, k, v, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, h, w, d ** -0.5, eps2, C=c, D=d,
+            HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
+    return out
+
+
+# The kernels as custom operators (catseg::residual_mlp, class_summary, class_update, window_qkv, window_output,
+# window_block):
 # torch.compile sees the Triton kernels inside them, and fake-tensor runs (catseg.memcount) see one operator each,
 # reading its inputs and writing its outputs, with the FLOPs of the matrix products it replaces
 # (torch.utils.flop_counter), so fused and unfused runs count the same arithmetic.
@@ -422,6 +507,7 @@ if triton is not None:
     _class_update_op = torch.library.triton_op("catseg::class_update", _class_update_impl, mutates_args=())
     _window_qkv_op = torch.library.triton_op("catseg::window_qkv", _window_qkv_impl, mutates_args=())
     _window_output_op = torch.library.triton_op("catseg::window_output", _window_output_impl, mutates_args=())
+    _window_block_op = torch.library.triton_op("catseg::window_block", _window_block_impl, mutates_args=())
 
     @register_flop_formula(torch.ops.catseg.residual_mlp)
     def _residual_mlp_flops(x_shape, nw_shape, nb_shape, w1_shape, *args, **kwargs) -> int:
@@ -448,6 +534,12 @@ if triton is not None:
     def _window_output_flops(o_shape, x_shape, wp, bp, n2w, n2b, w1_shape, *args, **kwargs) -> int:
         maps, h, w, c = x_shape
         return maps * h * w * (2 * c * c + 2 * 2 * c * w1_shape[0])  # the output projection, the MLP
+
+    @register_flop_formula(torch.ops.catseg.window_block)
+    def _window_block_flops(q_shape, k_shape, v_shape, x_shape, wp, bp, n2w, n2b, w1_shape, *args, **kwargs) -> int:
+        windows, t, c = q_shape
+        # the attention's two products (as the fused attention counts them), the output projection, the MLP
+        return windows * t * (2 * 2 * t * c + 2 * c * c + 2 * 2 * c * w1_shape[0])
 
 
 def supports(norm: nn.Module, mlp: nn.Module) -> Optional[str]:
@@ -551,12 +643,16 @@ def class_update(agg: nn.Module, xs: torch.Tensor, g: Optional[torch.Tensor], kv
         torch.promote_types(xs.dtype, dtype))
 
 
-def supports_swin_block(block: nn.Module) -> Optional[str]:
-    """None if `window_qkv` / `window_output` can run this GuidedSwinBlock, else why not."""
+def supports_swin_block(block: nn.Module, attention: str = "kernel") -> Optional[str]:
+    """None if `window_qkv` and `window_block` (attention "kernel") or `window_output` ("sdpa") can run this
+    GuidedSwinBlock, else why not."""
     why = supports(block.norm2, block.mlp)
     if why is None and not (isinstance(block.norm1, nn.LayerNorm) and block.norm1.weight is not None
                             and block.norm1.bias is not None):
         why = "its first norm is not a LayerNorm with weight and bias"
+    d = block.norm1.normalized_shape[-1] // block.attn.num_heads
+    if why is None and attention == "kernel" and (d < 16 or d & (d - 1)):  # the heads' products on tensor cores
+        why = f"its heads' width {d} is not a power of two of at least 16 (attention 'sdpa' can run it)"
     return why
 
 
@@ -594,3 +690,16 @@ def window_output(block: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> 
                              block.norm2.weight, block.norm2.bias, *_mlp_weights(block.mlp, dtype),
                              float(block.norm2.eps), block.window, block.shift, isinstance(block.mlp.act, nn.ReLU),
                              torch.promote_types(x.dtype, dtype))
+
+
+def window_block(block: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The rest of a GuidedSwinBlock as one kernel from its queries, keys and values (B*n*windows, T, C) of
+    `window_qkv`: the window attention (with the shift's regions), output projection, (reverse shift), residual and
+    feed-forward half -> the block's output (B*n, H, W, C)."""
+    _check_device(x, "window_block")
+    attn = block.attn
+    dtype = compute_dtype(x, attn.proj.weight)
+    return _window_block_op(q, k, v, x.contiguous(), attn.proj.weight.to(dtype), attn.proj.bias.to(dtype),
+                            block.norm2.weight, block.norm2.bias, *_mlp_weights(block.mlp, dtype),
+                            float(block.norm2.eps), attn.num_heads, block.window, block.shift,
+                            isinstance(block.mlp.act, nn.ReLU), torch.promote_types(x.dtype, dtype))

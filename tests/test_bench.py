@@ -81,6 +81,13 @@ def test_bench_counts_memory_on_fake_tensors(tmp_path):
     views = 5  # 4 crops + the global view
     assert many["cost embedding"] == 2 * views * 40 * model.grid ** 2 * len(model.clip.templates) * 49 \
         * model.config.embed_dim
+    # the Swin blocks, attention included (the CPU's fused attention counts as the GPU's): per token of every class
+    # map, the x halves of the q and k projections, v, the output projection, the MLP (ratio 4) and the window
+    # attention's two products; per token of each view, the guidance halves of q and k
+    cfg, tokens = model.config, views * model.grid ** 2
+    c, t, g = cfg.embed_dim, cfg.window_size ** 2, cfg.appearance_guidance_dim
+    assert many["spatial aggregation"] == cfg.num_layers * 2 * (tokens * 40 * (24 * c * c + 4 * t * c)
+                                                                + tokens * 2 * 2 * g * c)
 
 
 def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_path):

@@ -55,7 +55,8 @@ def _as_close_as_the_modules(fused, plain, exact):
 
 def _calls(monkeypatch) -> dict:
     """Count the calls of the fused kernels' entry points."""
-    calls = {"residual_mlp": 0, "class_summary": 0, "class_update": 0, "window_qkv": 0, "window_output": 0}
+    calls = {"residual_mlp": 0, "class_summary": 0, "class_update": 0, "window_qkv": 0, "window_output": 0,
+             "window_block": 0}
 
     def counted(name, fn):
         def call(*args):
@@ -63,7 +64,7 @@ def _calls(monkeypatch) -> dict:
             return fn(*args)
         return call
     monkeypatch.setattr(aggregation, "residual_mlp", counted("residual_mlp", kernels.residual_mlp))
-    for name in ("class_summary", "class_update", "window_qkv", "window_output"):
+    for name in ("class_summary", "class_update", "window_qkv", "window_output", "window_block"):
         monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
     return calls
 
@@ -107,12 +108,15 @@ def test_class_aggregation_kernels_equal_the_block(guidance, nhwc):
 
 
 @needs_kernels
-@pytest.mark.parametrize("guidance, shift", [(16, 2), (0, 0), (8, 0)])
-def test_swin_block_kernels_equal_the_block(guidance, shift):
-    """window_qkv + fused attention + window_output against the Swin block: shifted windows or not, with guidance
-    per image or none, 2 images x 3 classes of 8 x 12 maps in windows of 4, fp32 and bf16 autocast."""
+@pytest.mark.parametrize("guidance, shift", [(16, 2), (0, 0), (8, 0), (0, 2)])
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_swin_block_kernels_equal_the_block(guidance, shift, attention):
+    """window_qkv + window_block (the attention inside), or + fused attention + window_output, against the Swin
+    block: shifted windows or not, with guidance per image or none, 2 images x 3 classes of 8 x 12 maps in windows
+    of 4, fp32 and bf16 autocast."""
     torch.manual_seed(1)
     block = aggregation.GuidedSwinBlock(32, guidance, 2, 4, shift, 4.0).eval()
+    block.fused_attention = attention
     for p in block.parameters():
         nn.init.normal_(p, 1.0 if p.ndim == 1 and p.shape[0] == 32 and p is not block.attn.proj.bias else 0.0, 0.2)
     x = torch.randn(6, 8, 12, 32)
@@ -146,7 +150,8 @@ def test_model_with_fused_kernels_equals_the_plain_model(monkeypatch, preset, cl
         assert not any(calls.values())
         fused = inference.fused_kernels(model)(images, names)
     chunks, layers = len(aggregation.chunk_slices(classes, chunk)), len(model.layers)
-    swin = {"window_qkv": 2 * layers * chunks, "window_output": 2 * layers * chunks}  # two Swin blocks per layer
+    swin = {"window_qkv": 2 * layers * chunks, "window_block": 2 * layers * chunks,  # two Swin blocks per layer
+            "window_output": 0}
     if preset == "catseg_tiny":
         assert calls == {**swin, "residual_mlp": 0, "class_summary": layers * chunks, "class_update": layers * chunks}
     else:  # one more chunk: the padding classes
