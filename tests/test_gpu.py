@@ -99,13 +99,14 @@ def test_channels_last_matches_nchw_on_cuda():
     torch.testing.assert_close(after, before, rtol=0, atol=0.1)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_fused_mlp_kernels_match_the_modules_and_capture(compile):
-    """The Triton feed-forward kernels (catseg.inference.fused_kernels), autotuned at the first call, eager or inside
-    the compiled aggregation, captured in the inference graph: the plain model's scores within bf16 rounding."""
+@pytest.mark.parametrize("compile, attention", [(False, "kernel"), (True, "kernel"), (True, "sdpa")])
+def test_fused_kernels_match_the_modules_and_capture(compile, attention):
+    """The Triton kernels of the aggregation blocks (catseg.inference.fused_kernels), autotuned at the first call,
+    eager or inside the compiled aggregation, captured in the inference graph: the plain model's scores within bf16
+    rounding; in fp32 (TF32 off) its logits."""
     model = _model()
     eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
-    inference.fused_kernels(model)
+    inference.fused_kernels(model, attention=attention)
     if compile:
         inference.compile_aggregation(model)
     fused = _predict_without_capture_failure(Segmenter(model, device="cuda"))
@@ -115,7 +116,8 @@ def test_fused_mlp_kernels_match_the_modules_and_capture(compile):
     views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
     with torch.no_grad():
         plain = model(views, NAMES)
-        torch.testing.assert_close(inference.fused_kernels(model)(views, NAMES), plain, rtol=1e-4, atol=1e-4)
+        fused = inference.fused_kernels(model, attention=attention)(views, NAMES)
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
