@@ -156,7 +156,7 @@ class GuidedWindowAttention(nn.Module):
         return out.view(x.shape[0], x.shape[1], -1)
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                images: int = 1, windows: int = 1) -> torch.Tensor:
+                images: int, windows: int) -> torch.Tensor:
         """x (B*n*nW, T, C) windows of B images x n classes, nW = `windows` per map; guidance (B*nW, T, G) or None;
         bias (1, nW*heads, T, T) or None (shifted windows) -> (B*n*nW, T, C)."""
         q, k, v = self._qk(self.q, x, guidance, images), self._qk(self.k, x, guidance, images), self.v(x)

@@ -1,22 +1,28 @@
-"""Fused inference kernels (Triton) for the aggregation blocks: each block's work in one or two passes over memory.
+"""Fused inference kernels (Triton) for the aggregation blocks: each block's work in two passes over memory.
 
-- `residual_mlp(x, norm, mlp)`: `x + mlp(norm(x))` (LayerNorm, Linear, GELU or ReLU, Linear, residual add), the
-  feed-forward half of every Swin block. The hidden layer (4x wider than x) stays in the kernel's registers.
-- `class_summary` and `class_update`: a whole class aggregation block. Per pixel, the first reads the classes of a
-  chunk once and returns each head's key/value summary (d x d) and key sum; the second reads each class once more and
-  writes the block's output: queries, linear attention, output projection, residual and the feed-forward half.
+- `window_qkv` and `window_block`: a Swin block. The first reads the block's input at its (shifted) window positions
+  and writes the queries, keys and values; the second, per window and block of tokens, computes the attention over
+  the window (online softmax; the shift's regions from the token positions), the output projection, the residual at
+  the unshifted positions and the MLP, and writes the block's output. (`window_output`: the second without the
+  attention, after PyTorch's fused attention.)
+- `class_summary` and `class_update`: a class aggregation block. Per pixel, the first reads the classes of a chunk
+  and returns each head's key/value summary (d x d) and key sum; the second reads each class once more and writes
+  the block's output: queries, linear attention, output projection, residual and the MLP.
+- `residual_mlp(x, norm, mlp)`: `x + mlp(norm(x))`, the feed-forward half alone (the release variants of the class
+  aggregation block).
 
 Why: at the aggregation's width (128 channels) its matrix products are bound by memory traffic, not arithmetic (a
 128-wide bf16 linear does 64 FLOP per byte moved, a GPU ~165), and the compiled modules pass every intermediate
-through memory: the MLP's hidden layer twice per block (the first linear's output, then its activation), the
-attention's queries, keys, values and per-pixel products. Counted on fake tensors (`python -m catseg.bench
---count-memory --fused-kernels`), an eager 847-class ViT-B patch inference moves 205 GB instead of 345.
+through memory: the MLP's 4x wider hidden layer twice per block (the first linear's output, then its activation),
+the norms' outputs, the window partitions, the attention's per-pixel products. Counted on fake tensors (`python -m
+catseg.bench --count-memory --fused-kernels`), an eager 847-class ViT-B patch inference moves 145 GB instead of 345.
 
 Inference only (no backward). The kernels run on CUDA tensors; with `TRITON_INTERPRET=1` set before triton is
 imported they run on CPU tensors through Triton's interpreter (slow; what the CPU tests do). The matrix products take
 the weights' dtype as autocast gives them (bf16 under bf16 autocast) and accumulate in float32; values are rounded
-to that dtype where the unfused modules store them (norm outputs, linear outputs, activations), so the results
-match the modules' within their own rounding. `benchmarks/compile_kernels.py` compiles them for a GPU without one.
+to that dtype where the unfused modules store them (norm outputs, linear outputs, activations, the attention's
+output), so the results match the modules' within their own rounding. `benchmarks/compile_kernels.py` compiles them
+for a GPU without one and reports their registers.
 """
 from __future__ import annotations
 
@@ -458,7 +464,8 @@ def _class_update_impl(x: torch.Tensor, gq: torch.Tensor, kv: torch.Tensor, z: t
 
 def _window_qkv_impl(x: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, norm_weight: torch.Tensor,
                      norm_bias: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, bv: torch.Tensor,
-                     eps: float, classes: int, window: int, shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     eps: float, classes: int, window: int,
+                     shift: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     maps, h, w, c = x.shape
     assert gq.shape == gk.shape and gq.stride() == gk.stride(), "the guidance terms share one layout"
     rows = maps * h * w
@@ -470,9 +477,9 @@ def _window_qkv_impl(x: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, norm_w
     return q, k, v
 
 
-def _window_output_impl(o: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor, norm2_weight: torch.Tensor,
-                        norm2_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                        b2: torch.Tensor, eps2: float, window: int, shift: int, relu: bool,
+def _window_output_impl(o: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor,
+                        norm2_weight: torch.Tensor, norm2_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                        w2: torch.Tensor, b2: torch.Tensor, eps2: float, window: int, shift: int, relu: bool,
                         out_dtype: torch.dtype) -> torch.Tensor:
     maps, h, w, c = x.shape
     rows = maps * h * w
@@ -673,10 +680,11 @@ def window_qkv(block: nn.Module, x: torch.Tensor, guidance: Optional[torch.Tenso
     c = x.shape[-1]
     attn = block.attn
     dtype = compute_dtype(x, attn.q.weight)
-    return _window_qkv_op(x.contiguous(), _window_bias(attn.q, guidance, c, dtype), _window_bias(attn.k, guidance, c, dtype),
-                          block.norm1.weight, block.norm1.bias, attn.q.weight[:, :c].to(dtype),
-                          attn.k.weight[:, :c].to(dtype), attn.v.weight.to(dtype), attn.v.bias.to(dtype),
-                          float(block.norm1.eps), x.shape[0] // images, block.window, block.shift)
+    return _window_qkv_op(x.contiguous(), _window_bias(attn.q, guidance, c, dtype),
+                          _window_bias(attn.k, guidance, c, dtype), block.norm1.weight, block.norm1.bias,
+                          attn.q.weight[:, :c].to(dtype), attn.k.weight[:, :c].to(dtype), attn.v.weight.to(dtype),
+                          attn.v.bias.to(dtype), float(block.norm1.eps), x.shape[0] // images, block.window,
+                          block.shift)
 
 
 def window_output(block: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
