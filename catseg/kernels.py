@@ -418,6 +418,10 @@ def is_fake(t: torch.Tensor) -> bool:
 def _launch(fn, grid, x: torch.Tensor, *args, **meta) -> None:
     """Run kernel `fn` on `args`: through Triton's interpreter for CPU tensors (its first configuration), else
     autotuned, wrapped so that torch.compile and fake-tensor runs see it. grid(meta) -> the launch grid."""
+    for t in args:  # the kernels index in 32-bit integers
+        if torch.is_tensor(t) and sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2 ** 31:
+            raise ValueError(f"{fn.__name__.strip('_')}: a tensor of shape {tuple(t.shape)} spans 2^31 elements or "
+                             f"more; use smaller class chunks (class_chunk_size) or fewer images per call")
     if x.device.type == "cpu" and not is_fake(x):  # the interpreter (the public functions check it is on)
         first = _CONFIGS[fn.__name__][0][0]
         _kernel(fn, True)[grid(first)](*args, **meta, **first, DOT_F32=True, TF32=False)

@@ -228,6 +228,10 @@ def test_unsupported_blocks_and_devices_are_refused(monkeypatch):
     assert kernels.supports_class_aggregation(block) == "it has no output projection"
     assert "heads' width 8 is not" in kernels.supports_class_aggregation(aggregation.ClassAggregation(32, 0, 4, 4.0, 2))
 
+    huge = torch.empty(2 ** 31 // 32 + 1, 32, device="meta")  # 32-bit indices would overflow: refused, not wrapped
+    with pytest.raises(ValueError, match=r"residual_mlp_kernel: a tensor of shape \(67108865, 32\) spans 2\^31"):
+        kernels._launch(kernels._residual_mlp_kernel, lambda meta: (1,), huge, huge)
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter, no GPU: the CPU cannot run the kernels
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="need Triton and a CUDA device"):
