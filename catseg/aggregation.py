@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels
-from .kernels import residual_mlp
 from .ops import GroupNorm, LayerNorm, part, resize, tensor_cache, upsampled_conv3x3
 
 
@@ -323,7 +322,7 @@ class ClassAggregation(nn.Module):
         den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
         y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
         if self.fused and not torch.is_grad_enabled():
-            y = residual_mlp(y, self.norm2, self.mlp)
+            y = kernels.residual_mlp(y, self.norm2, self.mlp)
         else:
             y = y + self.mlp(self.norm2(y))
         return self._residual(xs, y - t0)

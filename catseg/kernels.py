@@ -553,9 +553,19 @@ if triton is not None:
         return windows * t * (2 * 2 * t * c + 2 * c * c + 2 * 2 * c * w1_shape[0])
 
 
+def _not_affine_layer_norm(norm: nn.Module) -> bool:
+    return not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None
+
+
+def _narrow_heads(width: int, heads: int) -> Optional[str]:
+    """Why heads of width / heads channels cannot run the kernels' per-head products on tensor cores, or None."""
+    d = width // heads
+    return f"its heads' width {d} is not a power of two of at least 16" if d < 16 or d & (d - 1) else None
+
+
 def supports(norm: nn.Module, mlp: nn.Module) -> Optional[str]:
     """None if `residual_mlp` can run this norm and MLP, else why not."""
-    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+    if _not_affine_layer_norm(norm):
         return "the norm is not a LayerNorm with weight and bias"
     c = norm.normalized_shape[-1]
     fc1, fc2, act = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None), getattr(mlp, "act", None)
@@ -604,18 +614,20 @@ def _mlp_weights(mlp: nn.Module, dtype: torch.dtype) -> list[torch.Tensor]:
     return [t.to(dtype) for t in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)]
 
 
+def _output_weights(proj: nn.Linear, norm2: nn.LayerNorm, mlp: nn.Module, dtype: torch.dtype) -> list[torch.Tensor]:
+    """A block's weights after its attention, as the kernels take them: the output projection's (in the products'
+    dtype), the second norm's (as stored), the MLP's."""
+    return [proj.weight.to(dtype), proj.bias.to(dtype), norm2.weight, norm2.bias, *_mlp_weights(mlp, dtype)]
+
+
 def supports_class_aggregation(agg: nn.Module) -> Optional[str]:
     """None if `class_summary` / `class_update` can run this ClassAggregation block, else why not."""
     why = supports(agg.norm2, agg.mlp)
-    if why is None and not (isinstance(agg.norm1, nn.LayerNorm) and agg.norm1.weight is not None
-                            and agg.norm1.bias is not None):
+    if why is None and _not_affine_layer_norm(agg.norm1):
         why = "its first norm is not a LayerNorm with weight and bias"
     if why is None and not isinstance(agg.proj, nn.Linear):
         why = "it has no output projection"
-    d = agg.norm1.normalized_shape[-1] // agg.num_heads
-    if why is None and (d < 16 or d & (d - 1)):  # the heads' products run on tensor cores
-        why = f"its heads' width {d} is not a power of two of at least 16"
-    return why
+    return why or _narrow_heads(agg.norm1.normalized_shape[-1], agg.num_heads)
 
 
 def _class_bias(linear: nn.Linear, g: Optional[torch.Tensor], n: int, c: int, dtype: torch.dtype) -> torch.Tensor:
@@ -648,22 +660,20 @@ def class_update(agg: nn.Module, xs: torch.Tensor, g: Optional[torch.Tensor], kv
     dtype = compute_dtype(xs, agg.q.weight)
     return _class_update_op(
         xs, _class_bias(agg.q, g, n, c, dtype), kv.reshape(b * h * w, c, -1), z.reshape(b * h * w, c),
-        agg.norm1.weight, agg.norm1.bias, agg.q.weight[:, :c].to(dtype), agg.proj.weight.to(dtype),
-        agg.proj.bias.to(dtype), agg.norm2.weight, agg.norm2.bias, *_mlp_weights(agg.mlp, dtype),
-        float(agg.norm1.eps), float(agg.norm2.eps), float(agg.eps), agg.num_heads, isinstance(agg.mlp.act, nn.ReLU),
-        torch.promote_types(xs.dtype, dtype))
+        agg.norm1.weight, agg.norm1.bias, agg.q.weight[:, :c].to(dtype),
+        *_output_weights(agg.proj, agg.norm2, agg.mlp, dtype), float(agg.norm1.eps), float(agg.norm2.eps),
+        float(agg.eps), agg.num_heads, isinstance(agg.mlp.act, nn.ReLU), torch.promote_types(xs.dtype, dtype))
 
 
 def supports_swin_block(block: nn.Module, attention: str = "kernel") -> Optional[str]:
     """None if `window_qkv` and `window_block` (attention "kernel") or `window_output` ("sdpa") can run this
     GuidedSwinBlock, else why not."""
     why = supports(block.norm2, block.mlp)
-    if why is None and not (isinstance(block.norm1, nn.LayerNorm) and block.norm1.weight is not None
-                            and block.norm1.bias is not None):
+    if why is None and _not_affine_layer_norm(block.norm1):
         why = "its first norm is not a LayerNorm with weight and bias"
-    d = block.norm1.normalized_shape[-1] // block.attn.num_heads
-    if why is None and attention == "kernel" and (d < 16 or d & (d - 1)):  # the heads' products on tensor cores
-        why = f"its heads' width {d} is not a power of two of at least 16 (attention 'sdpa' can run it)"
+    if why is None and attention == "kernel":
+        narrow = _narrow_heads(block.norm1.normalized_shape[-1], block.attn.num_heads)
+        why = None if narrow is None else f"{narrow} (attention 'sdpa' can run it)"
     return why
 
 
@@ -698,8 +708,7 @@ def window_output(block: nn.Module, attended: torch.Tensor, x: torch.Tensor) -> 
     _check_device(x, "window_output")
     attn = block.attn
     dtype = compute_dtype(x, attn.proj.weight)
-    return _window_output_op(attended, x.contiguous(), attn.proj.weight.to(dtype), attn.proj.bias.to(dtype),
-                             block.norm2.weight, block.norm2.bias, *_mlp_weights(block.mlp, dtype),
+    return _window_output_op(attended, x.contiguous(), *_output_weights(attn.proj, block.norm2, block.mlp, dtype),
                              float(block.norm2.eps), block.window, block.shift, isinstance(block.mlp.act, nn.ReLU),
                              torch.promote_types(x.dtype, dtype))
 
@@ -711,7 +720,6 @@ def window_block(block: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     _check_device(x, "window_block")
     attn = block.attn
     dtype = compute_dtype(x, attn.proj.weight)
-    return _window_block_op(q, k, v, x.contiguous(), attn.proj.weight.to(dtype), attn.proj.bias.to(dtype),
-                            block.norm2.weight, block.norm2.bias, *_mlp_weights(block.mlp, dtype),
+    return _window_block_op(q, k, v, x.contiguous(), *_output_weights(attn.proj, block.norm2, block.mlp, dtype),
                             float(block.norm2.eps), attn.num_heads, block.window, block.shift,
                             isinstance(block.mlp.act, nn.ReLU), torch.promote_types(x.dtype, dtype))

@@ -63,8 +63,7 @@ def _calls(monkeypatch) -> dict:
             calls[name] += 1
             return fn(*args)
         return call
-    monkeypatch.setattr(aggregation, "residual_mlp", counted("residual_mlp", kernels.residual_mlp))
-    for name in ("class_summary", "class_update", "window_qkv", "window_output", "window_block"):
+    for name in calls:
         monkeypatch.setattr(kernels, name, counted(name, getattr(kernels, name)))
     return calls
 
