@@ -50,10 +50,12 @@ def count_calls(code: str) -> dict:
             "library": dict(library.most_common())}
 
 
-def _build(preset: str) -> torch.nn.Module:
+def _build(preset: str, subpixel: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(preset)
     model.check_inputs = False
+    for stage in model.decoder:
+        stage.subpixel = subpixel  # UpStage: the factored upsampling convolution (bilinear stages only)
     model.config.class_chunk_size = None  # training runs all classes at once
     return model
 
@@ -78,10 +80,10 @@ def _step(model, batch: int, classes: int):
     return forward, backward
 
 
-def eager_operators(preset: str, batch: int, classes: int) -> dict:
+def eager_operators(preset: str, batch: int, classes: int, subpixel: bool = False) -> dict:
     """Operators of an eager forward and of the loss + backward, and the bytes the forward leaves for the backward,
     counted on fake tensors (the second step, after the one-off constant tensors of the first)."""
-    model = _build(preset)
+    model = _build(preset, subpixel)
     with mha_unfused(), counting(model) as counter:
         forward, backward = _step(model, batch, classes)
         for _ in range(2):
@@ -98,12 +100,14 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="catseg_tiny")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--classes", type=int, default=171)
+    p.add_argument("--subpixel-decoder", action="store_true", help="as the bench's flag: the bilinear decoder "
+                   "stages' upsampling and first convolution factored at the input's size (UpStage.subpixel)")
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
 
-    eager = eager_operators(args.preset, args.batch, args.classes)
+    eager = eager_operators(args.preset, args.batch, args.classes, args.subpixel_decoder)
     print(f"eager operators: forward {eager['forward']}, loss + backward {eager['backward']}")
-    model = _build(args.preset)
+    model = _build(args.preset, args.subpixel_decoder)
     forward, backward = _step(model, args.batch, args.classes)
     recorder = SavedForBackward()
     model.compile(backend=recorder)
@@ -111,7 +115,8 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     _, codes = run_and_get_code(lambda: backward(forward()))
     graphs = [count_calls(code) for code in codes]
-    result = {"preset": args.preset, "batch": args.batch, "classes": args.classes, "torch": torch.__version__,
+    result = {"preset": args.preset, "batch": args.batch, "classes": args.classes,
+              "subpixel_decoder": args.subpixel_decoder, "torch": torch.__version__,
               "compile_and_run_s": round(time.perf_counter() - t, 1), "eager_operators": eager, "graphs": graphs,
               "launches": sum(g["fused_kernels"] + g["library_calls"] for g in graphs),
               "compiled_saved_for_backward_bytes": recorder.bytes,

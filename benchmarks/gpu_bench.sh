@@ -37,7 +37,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile b_compile_fused b_infer b_fused tests b_compile_fused_sdpa b_model_cl b_model_cl_ro l_model_cl_ro l_compile l_compile_fused b_compile_sub b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"b_compile b_compile_fused b_compile_sub b_compile_fused_sub tests b_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub l_model_cl_ro b_infer b_fused b_compile_fused_sdpa l_compile l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
@@ -61,6 +61,8 @@ for v in $variants; do
             --compile --no-train --subpixel-decoder ;;
         b_compile_fused) bench b16_compile_fused_kernels 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
             --compile --no-train --fused-kernels --profile ;;
+        b_compile_fused_sub) bench b16_compile_fused_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --classes 20,150,847 --compile --no-train --fused-kernels --subpixel-decoder --profile ;;
         b_compile_fused_sdpa) bench b16_compile_fused_sdpa 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-attention sdpa ;;
         l_compile_fused) bench l14_compile_fused_kernels 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 \
@@ -92,6 +94,10 @@ for v in $variants; do
             --channels-last --no-inference --profile ;;
         b_model_cl_ro) bench b16_compile_model_cl_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --channels-last --compile-mode reduce-overhead --no-inference ;;
+        b_model_cl_ro_sub) bench b16_compile_model_cl_ro_subpixel 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --subpixel-decoder ;;
+        l_model_cl_ro_sub) bench l14_compile_model_cl_ro_subpixel 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \
+            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --subpixel-decoder ;;
         l_model_cl_ro) bench l14_compile_model_cl_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
             --channels-last --compile-mode reduce-overhead --no-inference ;;
         b_model_cl_cpp) bench b16_compile_model_cl_cpp 450 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \

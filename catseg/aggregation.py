@@ -391,8 +391,8 @@ class UpStage(nn.Module):
             self.conv = DoubleConv(cin + guidance_dim, cout)
 
     channels_last = False  # NHWC convolutions (see catseg.inference.decoder_channels_last)
-    # bilinear mode: upsampling and the first convolution as one convolution at the input's size
-    # (catseg.ops.upsampled_conv3x3); off until measured on a GPU (bench --subpixel-decoder)
+    # bilinear mode: the upsampling and the first convolution factored at the input's size
+    # (catseg.ops.upsampled_conv3x3; switched by catseg.inference.subpixel_decoder); off until measured on a GPU
     subpixel = False
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:

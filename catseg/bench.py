@@ -33,7 +33,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
 
 from . import create_model
 from . import inference, ops
-from .aggregation import RecomputedMlp, UpStage
+from .aggregation import RecomputedMlp
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
 from .memcount import TensorBytes, counting, mha_unfused
 from .ops import one_hot_bce_with_logits, resize
@@ -345,9 +345,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "then casts each of them on every call) instead of storing the matmul weights in bf16")
     p.add_argument("--no-channels-last", action="store_true", help="inference: run the convolutions NCHW instead of "
                    "channels-last as Segmenter does (guidance backbone, cost embedding, decoder)")
-    p.add_argument("--subpixel-decoder", action="store_true", help="bilinear decoder stages: upsampling and the "
-                   "first convolution as one convolution at the input's size (UpStage.subpixel) instead of convolving "
-                   "the upsampled map")
+    p.add_argument("--subpixel-decoder", action="store_true", help="bilinear decoder stages: the upsampling and the "
+                   "first convolution factored at the input's size (catseg.inference.subpixel_decoder) instead of "
+                   "convolving the upsampled map")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
                    "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
     p.add_argument("--fused-attention", choices=["kernel", "sdpa"], default="kernel", help="with --fused-kernels: "
@@ -400,11 +400,10 @@ def main(argv=None) -> dict:
         inference.compile_encoders(model, **compile_kwargs)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    inference.subpixel_decoder(model, args.subpixel_decoder)
     for m in model.modules():
         if isinstance(m, RecomputedMlp):
             m.recompute = not args.no_mlp_recompute
-        if isinstance(m, UpStage):
-            m.subpixel = args.subpixel_decoder
     if not args.count_memory:
         return _run(args, argv, model, device, precision, None)
     with mha_unfused(), counting(model) as counter:  # attention as a GPU runs it under autocast

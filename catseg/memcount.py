@@ -34,7 +34,8 @@ class TensorBytes(TorchDispatchMode):
 
     `moved` adds up, over every operator that makes tensors other than views of its inputs, the bytes of its tensor
     inputs and outputs: the memory traffic of the program if each operator reads its inputs and writes its outputs
-    once (what an unfused, eager run does; a broadcast input counts its storage, not its expanded size). `operators`
+    once (what an unfused, eager run does; a broadcast input counts its storage, not its expanded size; a gather
+    reads what it writes and an in-place scatter the elements it updates, not their whole tensors). `operators`
     counts those operators: about the kernels an eager run launches, each a fixed cost for the host.
     """
 
@@ -69,9 +70,22 @@ class TensorBytes(TorchDispatchMode):
             read = {id(t.untyped_storage()) for t in inputs}
             # a non-mutating operator whose outputs all alias its inputs is a view in effect (e.g. _unsafe_view)
             if func._schema.is_mutable or any(id(t.untyped_storage()) not in read for t in outputs):
-                self.moved += sum(_span(t) for t in inputs + outputs)
+                self.moved += self._moved(func, args, inputs, outputs)
                 self.operators += 1
         return out
+
+    @staticmethod
+    def _moved(func, args, inputs, outputs) -> int:
+        if func in _GATHERS:  # reads from its source only what it writes
+            return sum(_span(t) for t in inputs[1:]) + 2 * sum(_span(t) for t in outputs)
+        if func in _SCATTERS_IN_PLACE:  # reads and writes the indexed elements of its target, not all of it
+            values = args[2]
+            return sum(_span(t) for t in inputs[1:]) + 2 * values.numel() * values.element_size()
+        return sum(_span(t) for t in inputs + outputs)
+
+
+_GATHERS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default}
+_SCATTERS_IN_PLACE = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default}
 
 
 def _span(t: torch.Tensor) -> int:

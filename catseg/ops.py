@@ -94,43 +94,151 @@ def _upsample_phases(device: torch.device) -> torch.Tensor:
     return torch.stack([m[3:6, 1:4].t(), m[4:7, 1:4].t()])
 
 
+@tensor_cache(maxsize=16)
+def _phase_filters(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(4 * channels, 9, 3, 3), the grouped convolution's weight in `upsampled_conv3x3`: for output phase (p, q) and
+    kernel tap (r, u), the 3x3 filter A_p[:, r] A_q[:, u]^T over the input's neighbourhood. Its entries are multiples
+    of 1/16 below 1, exact in bfloat16 and float16."""
+    a = _upsample_phases(device)
+    g = torch.einsum("pir,qju->pqruij", a, a).reshape(4, 9, 3, 3)
+    return g.repeat(channels, 1, 1, 1).to(dtype)
+
+
+@tensor_cache(maxsize=32)
+def _border_matrix(n: int, corners: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(3 n, 2 n): row k n + i, column j: the weight of edge sample i of a kernel tap k in output sample j of the
+    upsampled edge (x2 bilinear) convolved with that tap, the taps at offsets -1, 0, +1. Outside the edge the upsampled
+    samples are the edge's own replicated (`corners`: the corners of the extended map) or zero."""
+    r = bilinear_matrix(2 * n, n, device, torch.float64)
+    pad = r[[0, -1]] if corners else torch.zeros_like(r[[0, -1]])
+    r = torch.cat([pad[:1], r, pad[1:]])
+    return torch.cat([r[k:k + 2 * n] for k in range(3)], dim=1).t().to(dtype)
+
+
 def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.conv2d(resize(x, (2H, 2W)), weight, padding=1)` for a 3x3 `weight` (Cout, C, 3, 3) without the upsampled
-    map: the convolution runs at x's size with 4 x Cout output channels, one per output phase, then pixel-shuffles.
+    map, and with a third of its arithmetic at the decoder's widths: both convolutions run at x's size.
 
-    Bilinear x2 upsampling (align_corners=False) is x padded by replicating its edges, then per output phase a
-    fixed 2-tap filter; the 3x3 convolution after it is therefore, per phase (p, q), a 3x3 convolution of the
-    edge-replicated x with the kernel A_p W A_q^T (`_upsample_phases`). That is exact except on the output's border
-    rows and columns: there the zero padding of the upsampled map differs from the edge-replicated extension the
-    phase kernels assume (the upsampled map's own edge), whose contribution is subtracted. Same arithmetic as the
-    plain convolution; it reads x instead of the 4x larger upsampled map and gives cuDNN 4x wider outputs (the
-    decoder's widths are 32-64). Under autocast the phase kernels are computed in float32 from the weight as autocast
-    casts it, and rounded to autocast's dtype (so weights stored in that dtype give the same result).
+    Bilinear x2 upsampling (align_corners=False) is x padded by replicating its edges, then per output phase (p, q)
+    a fixed filter; the 3x3 convolution after it is therefore, per phase, a 3x3 convolution of the edge-replicated x
+    with the kernel A_p W A_q^T (`_upsample_phases`). That kernel factors: first the channels are mixed by each of
+    the 9 taps of W (a 1x1 convolution to 9 x Cout channels at x's size: a quarter of the plain convolution's
+    products), then each output channel's 9 tap maps are combined by the fixed 3x3 phase filters (a grouped
+    convolution, 4 outputs from 9 inputs per channel) and pixel-shuffled. That is exact except on the output's
+    border rows and columns: there the zero padding of the upsampled map differs from the edge-replicated extension
+    the phase filters assume (the upsampled map's own edge), whose contribution is subtracted.
+
+    Multiply-adds per output pixel and channel: 9 C / 4 + 81 against the plain 9 C (C = 128: 369 vs 1152; C = 64:
+    225 vs 576), the 1x1 convolution's on x padded by one pixel. Under autocast it computes in autocast's dtype, with
+    the weight cast as autocast casts it (the phase filters are exact in bfloat16), so weights stored in that dtype
+    give the same result. The backward is written out (`_UpsampledConv3x3`): it keeps x and the weight only, and
+    adds the border's gradient into the tap maps' gradient in place, where autograd would build zero-filled
+    gradient maps for the gathered edges and add them.
     """
-    h, w = x.shape[-2:]
+    return _UpsampledConv3x3.apply(x, weight)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of x by weight computes in: autocast's (it leaves float64 alone), else the promoted."""
     device = x.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype == torch.float32:
-        weight = weight.to(torch.get_autocast_dtype(device))  # as autocast casts a convolution's weight
-    with torch.autocast(device, enabled=False):
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        a = _upsample_phases(weight.device).to(dtype)
-        k = torch.einsum("pit,octs,qjs->opqcij", a, weight.to(dtype), a).flatten(0, 2).to(weight.dtype)
-    y = F.pixel_shuffle(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k), 2)
-    # The border: subtract what the phase kernels took from outside the upsampled map, its edge rows and columns
-    # replicated. Those are x's first and last rows (columns) upsampled along the other axis; each of the four
-    # corrections is a 1-D convolution with one row (column) of the weight. Rows and columns go two at a time.
-    with torch.autocast(device, enabled=False):
-        rows = x[..., [0, h - 1], :] @ bilinear_matrix(2 * w, w, x.device, x.dtype).t()  # (B, C, 2, 2W)
-        cols = bilinear_matrix(2 * h, h, x.device, x.dtype) @ x[..., :, [0, w - 1]]  # (B, C, 2H, 2)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and dtype != torch.float64 else dtype
+
+
+class _UpsampledConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        dtype = _compute_dtype(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            x, weight = x.to(dtype), weight.to(dtype)
+            ctx.save_for_backward(x, weight)
+            return _upsampled_conv3x3(x, weight)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            return _upsampled_conv3x3_backward(gy.to(x.dtype), x, weight)
+
+
+def _edge_products(h: int, w: int, device: torch.device, dtype: torch.dtype):
+    # the corners outside the upsampled map go with the rows (`_border_matrix`)
+    return _border_matrix(w, True, device, dtype), _border_matrix(h, False, device, dtype)
+
+
+def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
     c = weight.shape[0]
-    # (the corners outside the map go with the rows: the columns' vertical padding is zero)
-    top_bottom = F.conv2d(F.pad(rows, (1, 1, 0, 0), mode="replicate"), torch.cat([weight[:, :, :1], weight[:, :, 2:]]))
-    left_right = F.conv2d(cols, torch.cat([weight[..., :1], weight[..., 2:]]), padding=(1, 0))
-    y[..., :1, :] -= top_bottom[:, :c, :1]
-    y[..., -1:, :] -= top_bottom[:, c:, 1:]
-    y[..., :, :1] -= left_right[:, :c, :, :1]
-    y[..., :, -1:] -= left_right[:, c:, :, 1:]
+    taps = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1))
+    y = F.pixel_shuffle(F.conv2d(taps, _phase_filters(c, x.device, x.dtype), groups=c), 2)
+    # The border: subtract what the phase filters took from outside the upsampled map, its edge rows and columns
+    # replicated. Those are x's first and last rows (columns) upsampled along the other axis, then convolved with
+    # one row (column) of the weight: the tap maps of that row (column) already hold the channel mixing, so what is
+    # left is a 1-D upsampling and 3-tap sum along the edge, one small product (`_border_matrix`). The four edges
+    # are subtracted by one accumulating index_put (CUDA's index_add has no deterministic mode); the columns' corner
+    # terms go to the rows, so no output sample is indexed twice.
+    # x's edge samples in every tap map (B, Cout, kernel row, kernel column, top W | bottom W | left H | right H):
+    t = taps.flatten(-2)[..., _edge_index(h, w, x.device)].unflatten(1, (c, 3, 3))
+    along_w, along_h = _edge_products(h, w, x.device, x.dtype)
+    top, bottom = (t[:, :, r, :, k * w:(k + 1) * w].flatten(-2) @ along_w for k, r in ((0, 0), (1, 2)))
+    left, right = (t[:, :, :, u, 2 * w + k * h:2 * w + (k + 1) * h].flatten(-2) @ along_h for k, u in ((0, 0), (1, 2)))
+    top, bottom = (torch.cat([e[..., :1] + left[..., k], e[..., 1:-1], e[..., -1:] + right[..., k]], -1)
+                   for e, k in ((top, slice(0, 1)), (bottom, slice(-1, None))))
+    border = torch.cat([top, bottom, left[..., 1:-1], right[..., 1:-1]], -1).movedim(-1, 0)
+    # in place (autograd does not record inside the Function); (4HW, B, Cout) views: the index goes first
+    y.view(*y.shape[:2], -1).movedim(-1, 0).index_put_((_border_index(h, w, y.device),), -border, accumulate=True)
     return y
+
+
+def _upsampled_conv3x3_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """The gradients of `_upsampled_conv3x3` with respect to x and the weight, for the output's gradient gy."""
+    h, w = x.shape[-2:]
+    c = weight.shape[0]
+    xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    taps_weight = weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1)
+    # the border terms' gradient, through the edge products, back onto x's edge samples in the tap maps
+    g = -gy.flatten(-2).movedim(-1, 0)[_border_index(h, w, x.device)].movedim(0, -1)
+    top, bottom, left, right = g.split([2 * w, 2 * w, 2 * h - 2, 2 * h - 2], -1)
+    left = torch.cat([top[..., :1], left, bottom[..., :1]], -1)
+    right = torch.cat([top[..., -1:], right, bottom[..., -1:]], -1)
+    along_w, along_h = _edge_products(h, w, x.device, x.dtype)
+    edges = x.new_zeros(*gy.shape[:2], 3, 3, 2 * (w + h))
+    for k, r, e in ((0, 0, top), (1, 2, bottom)):
+        edges[:, :, r, :, k * w:(k + 1) * w] = (e @ along_w.t()).unflatten(-1, (3, w))
+    for k, u, e in ((0, 0, left), (1, 2, right)):
+        edges[:, :, :, u, 2 * w + k * h:2 * w + (k + 1) * h] = (e @ along_h.t()).unflatten(-1, (3, h))
+    # the tap maps' gradient: the phase filters' transposed convolution of gy, plus the edges' (added in place)
+    g_taps = torch.nn.grad.conv2d_input((gy.shape[0], 9 * c, h + 2, w + 2), _phase_filters(c, x.device, x.dtype),
+                                        F.pixel_unshuffle(gy, 2), padding=0, groups=c)
+    g_taps.view(*g_taps.shape[:2], -1).movedim(-1, 0).index_put_(  # a view: in place
+        (_edge_index(h, w, x.device),), edges.flatten(1, 3).movedim(-1, 0), accumulate=True)
+    g_xp = torch.nn.grad.conv2d_input(xp.shape, taps_weight, g_taps)
+    g_weight = torch.nn.grad.conv2d_weight(xp, taps_weight.shape, g_taps)
+    # the edge padding's gradient: each padded row and column folds onto the edge it copied
+    g_rows = g_xp[..., 1:-1, :].clone()
+    g_rows[..., 0, :] += g_xp[..., 0, :]
+    g_rows[..., -1, :] += g_xp[..., -1, :]
+    g_x = g_rows[..., 1:-1].clone()
+    g_x[..., 0] += g_rows[..., 0]
+    g_x[..., -1] += g_rows[..., -1]
+    return g_x, g_weight.reshape(c, 3, 3, -1).permute(0, 3, 1, 2)
+
+
+@tensor_cache(maxsize=32)
+def _edge_index(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into an (h + 2, w + 2) map (an (h, w) map padded by one) of the inner map's top row, bottom row,
+    left column and right column."""
+    cols, rows = torch.arange(1, w + 1, device=device), torch.arange(1, h + 1, device=device) * (w + 2)
+    return torch.cat([cols + (w + 2), cols + h * (w + 2), rows + 1, rows + w])
+
+
+@tensor_cache(maxsize=32)
+def _border_index(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into a (2h, 2w) map of its top row, bottom row, then left and right columns without the
+    corners: the order of `upsampled_conv3x3`'s border terms."""
+    rows = torch.arange(1, 2 * h - 1, device=device) * 2 * w
+    return torch.cat([torch.arange(2 * w, device=device), torch.arange(2 * w, device=device) + (2 * h - 1) * 2 * w,
+                      rows, rows + 2 * w - 1])
 
 
 class _KeepsDtype:

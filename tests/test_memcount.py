@@ -50,6 +50,19 @@ def _tiny_peaks(fake: bool, precision: str) -> tuple[int, int]:
     return inference["peak_memory_bytes"], training["peak_memory_bytes"]
 
 
+
+def test_gathers_and_in_place_scatters_move_only_their_indexed_elements():
+    a = torch.ones(1000)  # 4000 bytes
+    idx = torch.arange(0, 1000, 100)  # 10 int64 indices: 80 bytes
+    with TensorBytes() as counter:
+        g = a[idx]  # reads the indices and 10 of a's elements, writes 10
+        assert counter.moved == 80 + 40 + 40
+        a.index_put_((idx,), g, accumulate=True)  # reads the indices and values, updates 10 elements
+        assert counter.moved == 160 + 80 + 40 + 2 * 40
+        b = a.index_put((idx,), g)  # out of place: copies all of a
+        assert counter.moved > 160 + 200 + 2 * 4000
+    assert (a[0], a[1], b[0]) == (2, 1, 1)  # b took the gathered values (ones) back
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fake_count_equals_count_of_the_real_run(precision):
     real = _tiny_peaks(False, precision)

@@ -118,20 +118,25 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
     """train.compile=true compiles the whole model: its forward is one graph with no break (the vocabulary's prompt
     tokens are cached, so the text tower, which trains in the tiny preset, runs inside the graph), and the compiled
     forward and backward give the same losses step by step and the same weight names in the checkpoint.
-    train.channels_last=true (the ResNet runs NHWC) gives the same losses too, and its checkpoint is written."""
-    runs = {"eager": "train.compile=false", "compiled": "train.compile=true", "channels_last": "train.channels_last=true"}
+    train.channels_last=true (the ResNet runs NHWC) gives the same losses too, and its checkpoint is written; so does
+    train.subpixel_decoder=true, compiled (the factored decoder convolution and its written-out backward in the graph).
+    """
+    runs = {"eager": "train.compile=false", "compiled": "train.compile=true",
+            "channels_last": "train.channels_last=true",
+            "compiled_subpixel": "train.compile=true train.subpixel_decoder=true"}
     results = {}
     for name, setting in runs.items():
         run_dir = tmp_path / name
         out = run([PYTHON, "training/train.py", "--config", QUICKSTART, "--run-dir", str(run_dir), "--set",
                    f"data.root={shards / 'train'}", "train.steps=3", "train.log_every=1", "data.workers=1",
-                   "train.deterministic=true", "schedule.warmup_steps=1", setting],
+                   "train.deterministic=true", "schedule.warmup_steps=1", *setting.split()],
                   tmp_path / f"{name}.txt", env=dict(base_env(), OMP_NUM_THREADS="2"))
         assert "catseg train: finished step 3/3" in out
-        assert ("torch.compile made 1 graph(s) with 0 graph break(s)" in out) == (name == "compiled"), out[-2000:]
+        assert ("torch.compile made 1 graph(s) with 0 graph break(s)" in out) == name.startswith("compiled"), \
+            out[-2000:]
         results[name] = (_losses(run_dir), load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     eager, a = results["eager"]
-    for name in ("compiled", "channels_last"):
+    for name in ("compiled", "channels_last", "compiled_subpixel"):
         losses, b = results[name]
         assert sorted(losses) == [1, 2, 3]
         assert all(abs(losses[s] - eager[s]) <= 1e-4 * abs(eager[s]) for s in eager), (name, eager, losses)

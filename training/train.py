@@ -181,6 +181,10 @@ class Trainer:
             from catseg.inference import channels_last
 
             channels_last(model)
+        if cfg.train.subpixel_decoder:
+            from catseg.inference import subpixel_decoder
+
+            subpixel_decoder(model)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
             kwargs = {"mode": cfg.train.compile_mode} if cfg.train.compile_mode else {}
             if cfg.train.compile_scope == "model":
