@@ -167,6 +167,8 @@ def _edge_products(h: int, w: int, device: torch.device, dtype: torch.dtype):
 
 
 def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _upsampled_conv3x3_gathered(x, weight)
     h, w = x.shape[-2:]
     c = weight.shape[0]
     taps = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1))
@@ -187,6 +189,39 @@ def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     border = torch.cat([top, bottom, left[..., 1:-1], right[..., 1:-1]], -1).movedim(-1, 0)
     # in place (autograd does not record inside the Function); (4HW, B, Cout) views: the index goes first
     y.view(*y.shape[:2], -1).movedim(-1, 0).index_put_((_border_index(h, w, y.device),), -border, accumulate=True)
+    return y
+
+
+@tensor_cache(maxsize=32)
+def _tap_samples(n: int, tap: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For the 2n outputs of a x2 bilinear upsampling of n samples read by a 3x3 kernel's tap at offset tap - 1
+    (zero outside the upsampled map): the two input samples each output reads and their weights (both 0 outside)."""
+    p = torch.arange(2 * n, device=device) + (tap - 1)
+    inside = ((p >= 0) & (p < 2 * n)).double()
+    src = ((p + 0.5) / 2 - 0.5).clamp(min=0)  # PyTorch's rule (align_corners=False), as in `bilinear_matrix`
+    i0 = src.floor().long().clamp(max=n - 1)
+    lam = src - i0
+    return i0, (i0 + 1).clamp(max=n - 1), (1 - lam) * inside, lam * inside
+
+
+def _upsampled_conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`_upsampled_conv3x3` as torch.compile runs it: the 1x1 tap convolution of x (no padding), then every output
+    sample as the sum over the 9 taps of that tap map's bilinear sample at the tap's upsampled position, zero outside
+    the map. Written as gathers from index tensors, which inductor fuses into one kernel that reads the tap maps and
+    writes the output: no grouped convolution, pixel shuffle or border correction (eagerly, the 36 gathers would
+    each fill a map of the output's size)."""
+    h, w = x.shape[-2:]
+    c = weight.shape[0]
+    taps = F.conv2d(x, weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1)).unflatten(1, (c, 3, 3))
+    y = 0
+    for r in range(3):
+        h0, h1, a0, a1 = (t[:, None] for t in _tap_samples(h, r, x.device))
+        a0, a1 = a0.to(x.dtype), a1.to(x.dtype)
+        for u in range(3):
+            w0, w1, b0, b1 = _tap_samples(w, u, x.device)
+            b0, b1 = b0.to(x.dtype), b1.to(x.dtype)
+            t = taps[:, :, r, u]
+            y = y + a0 * (b0 * t[:, :, h0, w0] + b1 * t[:, :, h0, w1]) + a1 * (b0 * t[:, :, h1, w0] + b1 * t[:, :, h1, w1])
     return y
 
 

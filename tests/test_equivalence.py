@@ -379,11 +379,20 @@ def test_upsampled_conv_equals_conv_of_the_upsampled_map(shape):
 
 def test_upsampled_conv_compiles_whole_forward_and_backward():
     """torch.compile captures the factored convolution and its written-out backward as one graph each (fullgraph),
-    with the eager function's values and gradients, also channels-last."""
+    with the eager function's values and gradients, also channels-last. Compiled, the forward is the tap
+    convolution and one fused kernel of gathers: no grouped convolution, no border products."""
+    from torch._inductor.utils import run_and_get_code
+
     from catseg.ops import upsampled_conv3x3
 
     g = torch.Generator().manual_seed(3)
     compiled = torch.compile(upsampled_conv3x3, fullgraph=True)
+    with torch.no_grad():
+        x, w = torch.randn(2, 8, 6, 5, generator=g), torch.randn(4, 8, 3, 3, generator=g)
+        out, (code,) = run_and_get_code(lambda: compiled(x, w))
+    torch.testing.assert_close(out, upsampled_conv3x3(x, w), rtol=1e-5, atol=1e-5)
+    call = code[code.index("def call("):]
+    assert call.count("extern_kernels.convolution(") == 1 and "extern_kernels.mm(" not in call, call
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 8, 6, 5, generator=g).contiguous(memory_format=memory_format).requires_grad_()
         w = torch.randn(4, 8, 3, 3, generator=g, requires_grad=True)
