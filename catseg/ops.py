@@ -176,20 +176,30 @@ def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # The border: subtract what the phase filters took from outside the upsampled map, its edge rows and columns
     # replicated. Those are x's first and last rows (columns) upsampled along the other axis, then convolved with
     # one row (column) of the weight: the tap maps of that row (column) already hold the channel mixing, so what is
-    # left is a 1-D upsampling and 3-tap sum along the edge, one small product (`_border_matrix`). The four edges
-    # are subtracted by one accumulating index_put (CUDA's index_add has no deterministic mode); the columns' corner
-    # terms go to the rows, so no output sample is indexed twice.
-    # x's edge samples in every tap map (B, Cout, kernel row, kernel column, top W | bottom W | left H | right H):
-    t = taps.flatten(-2)[..., _edge_index(h, w, x.device)].unflatten(1, (c, 3, 3))
-    along_w, along_h = _edge_products(h, w, x.device, x.dtype)
-    top, bottom = (t[:, :, r, :, k * w:(k + 1) * w].flatten(-2) @ along_w for k, r in ((0, 0), (1, 2)))
-    left, right = (t[:, :, :, u, 2 * w + k * h:2 * w + (k + 1) * h].flatten(-2) @ along_h for k, u in ((0, 0), (1, 2)))
-    top, bottom = (torch.cat([e[..., :1] + left[..., k], e[..., 1:-1], e[..., -1:] + right[..., k]], -1)
-                   for e, k in ((top, slice(0, 1)), (bottom, slice(-1, None))))
-    border = torch.cat([top, bottom, left[..., 1:-1], right[..., 1:-1]], -1).movedim(-1, 0)
-    # in place (autograd does not record inside the Function); (4HW, B, Cout) views: the index goes first
-    y.view(*y.shape[:2], -1).movedim(-1, 0).index_put_((_border_index(h, w, y.device),), -border, accumulate=True)
+    # left is a 1-D upsampling and 3-tap sum along the edge, one small product (`_border_matrix`). In place: autograd
+    # does not record inside the Function.
+    for edge, correction in zip(_edges(y), _border_terms(taps.unflatten(1, (c, 3, 3)), h, w)):
+        edge -= correction
     return y
+
+
+def _edges(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of a map's top row, bottom row, left column and right column."""
+    return t[..., 0, :], t[..., -1, :], t[..., :, 0], t[..., :, -1]
+
+
+def _edge_taps(taps: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Views of the tap maps (B, Cout, kernel row, kernel column, h + 2, w + 2) that the border terms read, in
+    `_edges`' order: the top kernel row's taps on x's first row, the bottom row's on its last, the left and right
+    kernel columns' on x's first and last columns."""
+    return (taps[:, :, 0, :, 1, 1:w + 1], taps[:, :, 2, :, h, 1:w + 1],
+            taps[:, :, :, 0, 1:h + 1, 1], taps[:, :, :, 2, 1:h + 1, w])
+
+
+def _border_terms(taps: torch.Tensor, h: int, w: int) -> list[torch.Tensor]:
+    """What the phase filters took from outside the upsampled map, for each of `_edges`: (B, Cout, 2w or 2h)."""
+    along = _edge_products(h, w, taps.device, taps.dtype)
+    return [t.flatten(-2) @ along[k // 2] for k, t in enumerate(_edge_taps(taps, h, w))]
 
 
 @tensor_cache(maxsize=32)
@@ -231,22 +241,14 @@ def _upsampled_conv3x3_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch
     c = weight.shape[0]
     xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
     taps_weight = weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1)
-    # the border terms' gradient, through the edge products, back onto x's edge samples in the tap maps
-    g = -gy.flatten(-2).movedim(-1, 0)[_border_index(h, w, x.device)].movedim(0, -1)
-    top, bottom, left, right = g.split([2 * w, 2 * w, 2 * h - 2, 2 * h - 2], -1)
-    left = torch.cat([top[..., :1], left, bottom[..., :1]], -1)
-    right = torch.cat([top[..., -1:], right, bottom[..., -1:]], -1)
-    along_w, along_h = _edge_products(h, w, x.device, x.dtype)
-    edges = x.new_zeros(*gy.shape[:2], 3, 3, 2 * (w + h))
-    for k, r, e in ((0, 0, top), (1, 2, bottom)):
-        edges[:, :, r, :, k * w:(k + 1) * w] = (e @ along_w.t()).unflatten(-1, (3, w))
-    for k, u, e in ((0, 0, left), (1, 2, right)):
-        edges[:, :, :, u, 2 * w + k * h:2 * w + (k + 1) * h] = (e @ along_h.t()).unflatten(-1, (3, h))
-    # the tap maps' gradient: the phase filters' transposed convolution of gy, plus the edges' (added in place)
+    # the tap maps' gradient: the phase filters' transposed convolution of gy, then the border terms' gradient
+    # through the edge products, added in place onto x's edge samples in the tap maps
     g_taps = torch.nn.grad.conv2d_input((gy.shape[0], 9 * c, h + 2, w + 2), _phase_filters(c, x.device, x.dtype),
                                         F.pixel_unshuffle(gy, 2), padding=0, groups=c)
-    g_taps.view(*g_taps.shape[:2], -1).movedim(-1, 0).index_put_(  # a view: in place
-        (_edge_index(h, w, x.device),), edges.flatten(1, 3).movedim(-1, 0), accumulate=True)
+    along = _edge_products(h, w, x.device, x.dtype)
+    g_edges = _edge_taps(g_taps.view(gy.shape[0], c, 3, 3, h + 2, w + 2), h, w)  # views: in place
+    for k, (g_edge, g_out) in enumerate(zip(g_edges, _edges(gy))):
+        g_edge -= (g_out @ along[k // 2].t()).unflatten(-1, g_edge.shape[-2:])
     g_xp = torch.nn.grad.conv2d_input(xp.shape, taps_weight, g_taps)
     g_weight = torch.nn.grad.conv2d_weight(xp, taps_weight.shape, g_taps)
     # the edge padding's gradient: each padded row and column folds onto the edge it copied
@@ -257,23 +259,6 @@ def _upsampled_conv3x3_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch
     g_x[..., 0] += g_rows[..., 0]
     g_x[..., -1] += g_rows[..., -1]
     return g_x, g_weight.reshape(c, 3, 3, -1).permute(0, 3, 1, 2)
-
-
-@tensor_cache(maxsize=32)
-def _edge_index(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Flat indices into an (h + 2, w + 2) map (an (h, w) map padded by one) of the inner map's top row, bottom row,
-    left column and right column."""
-    cols, rows = torch.arange(1, w + 1, device=device), torch.arange(1, h + 1, device=device) * (w + 2)
-    return torch.cat([cols + (w + 2), cols + h * (w + 2), rows + 1, rows + w])
-
-
-@tensor_cache(maxsize=32)
-def _border_index(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Flat indices into a (2h, 2w) map of its top row, bottom row, then left and right columns without the
-    corners: the order of `upsampled_conv3x3`'s border terms."""
-    rows = torch.arange(1, 2 * h - 1, device=device) * 2 * w
-    return torch.cat([torch.arange(2 * w, device=device), torch.arange(2 * w, device=device) + (2 * h - 1) * 2 * w,
-                      rows, rows + 2 * w - 1])
 
 
 class _KeepsDtype:
