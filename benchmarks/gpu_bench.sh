@@ -10,7 +10,7 @@
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
 # Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
-# the fused Triton kernels).
+# the fused Triton kernels); `decoder` times the decoder alone, plain and factored (benchmarks/bench_decoder.py).
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -37,9 +37,14 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile b_compile_fused b_compile_sub b_compile_fused_sub tests b_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub l_model_cl_ro b_infer b_fused b_compile_fused_sdpa l_compile l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"decoder b_compile b_compile_fused b_compile_sub b_compile_fused_sub tests b_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub l_model_cl_ro b_infer b_fused b_compile_fused_sdpa l_compile l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
+        decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
+                echo "== decoder$c: python benchmarks/bench_decoder.py $c"
+                timeout 200 python3 benchmarks/bench_decoder.py $c --json "$out/decoder$c.json" >"$out/decoder$c.log" 2>&1
+                echo "   exit $?"; tail -2 "$out/decoder$c.log"
+            done ;;
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;
@@ -122,7 +127,7 @@ print(f"\n{'run':22s} {'classes':>7s} {'batch':>5s} {'ms/img':>8s} {'img/s':>8s}
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     r = json.load(open(path))
     name = os.path.basename(path)[:-5]
-    for x in r["inference"]:
+    for x in r.get("inference", []):  # (the decoder bench's JSON has its own rows)
         print(f"{name:22s} {x['classes']:7d} {x['batch']:5d} {f(x['ms_per_image'], '8.2f')} {f(x['images_per_s'], '8.1f')} "
               f"{(x['peak_memory_bytes'] or 0) / 2**30:8.2f} {(x.get('steady_peak_memory_bytes') or 0) / 2**30:6.2f} "
               f"{f(x.get('first_call_s'), '7.1f')}")

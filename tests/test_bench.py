@@ -177,6 +177,24 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
         bench.parse_args(args)  # argparse exits (SystemExit) on a flag or combination it refuses
 
 
+def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_path):
+    """benchmarks/bench_decoder.py runs the preset's decoder alone, plain and factored, in inference and training,
+    and reports how far the factored result is from the plain one."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decoder.py"
+    spec = importlib.util.spec_from_file_location("bench_decoder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "decoder.json"
+    result = module.main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2", "--warmup", "1",
+                          "--json", str(out)])
+    assert json.loads(out.read_text()) == result and result["maps"] == 10
+    for name in ("plain", "factored"):
+        assert result[name]["inference_ms"] > 0 and result[name]["train_ms"] > 0
+    assert result["plain"]["max_abs_difference"] == 0 and 0 < result["factored"]["max_abs_difference"] < 1e-4
+
+
 def test_bench_subpixel_decoder_switch(tmp_path):
     """--subpixel-decoder runs the bilinear decoder stages as one convolution at the input's size: the decoder's
     resizing products are gone from the count (its convolution FLOPs stay), and the JSON says which ran."""
