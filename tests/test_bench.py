@@ -170,7 +170,8 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
     defined = dict(re.findall(r"^\s+(\w+)\) bench (.*?) ;;", script, flags=re.M))
     default = re.search(r'variants=\$\{\*:-"([^"]+)"\}', script).group(1).split()
     assert {"b_compile", "b_model_cl", "l_model_cl_ro"} <= defined.keys()
-    assert set(default) <= defined.keys() | {"tests"}, set(default) - defined.keys()
+    assert set(default) <= defined.keys() | {"tests", "decoder"}, set(default) - defined.keys()
+    assert re.search(r"^\s+decoder\) .*bench_decoder\.py", script, flags=re.M)  # the variant that runs no catseg.bench
     for name, line in defined.items():
         line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")
         args = shlex.split(line)[3:]  # json name, time limit, working folder
