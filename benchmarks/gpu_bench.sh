@@ -41,9 +41,10 @@ variants=${*:-"decoder b_compile b_compile_fused b_compile_sub b_compile_fused_s
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
-                echo "== decoder$c: python benchmarks/bench_decoder.py $c"
-                timeout 200 python3 benchmarks/bench_decoder.py $c --json "$out/decoder$c.json" >"$out/decoder$c.log" 2>&1
-                echo "   exit $?"; tail -2 "$out/decoder$c.log"
+                name=decoder${c:+_compiled}
+                echo "== $name: python benchmarks/bench_decoder.py $c"
+                timeout 200 python3 benchmarks/bench_decoder.py $c --json "$out/$name.json" >"$out/$name.log" 2>&1
+                echo "   exit $?"; tail -2 "$out/$name.log"
             done ;;
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
