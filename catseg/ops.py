@@ -166,8 +166,13 @@ def _edge_products(h: int, w: int, device: torch.device, dtype: torch.dtype):
     return _border_matrix(w, True, device, dtype), _border_matrix(h, False, device, dtype)
 
 
+# torch.compile runs `upsampled_conv3x3` as gathers (`_upsampled_conv3x3_gathered`); False: as it runs eagerly
+# (grouped convolution). Which is faster on a GPU is not yet measured (benchmarks/bench_decoder.py --compile).
+GATHER_WHEN_COMPILED = True
+
+
 def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if GATHER_WHEN_COMPILED and torch.compiler.is_compiling():
         return _upsampled_conv3x3_gathered(x, weight)
     h, w = x.shape[-2:]
     c = weight.shape[0]

@@ -377,14 +377,18 @@ def test_upsampled_conv_equals_conv_of_the_upsampled_map(shape):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-def test_upsampled_conv_compiles_whole_forward_and_backward():
+@pytest.mark.parametrize("gather", [True, False])
+def test_upsampled_conv_compiles_whole_forward_and_backward(gather, monkeypatch):
     """torch.compile captures the factored convolution and its written-out backward as one graph each (fullgraph),
     with the eager function's values and gradients, also channels-last. Compiled, the forward is the tap
-    convolution and one fused kernel of gathers: no grouped convolution, no border products."""
+    convolution and one fused kernel of gathers (no grouped convolution, no border products), or with
+    GATHER_WHEN_COMPILED off what runs eagerly: the tap and the grouped convolutions."""
     from torch._inductor.utils import run_and_get_code
 
+    from catseg import ops
     from catseg.ops import upsampled_conv3x3
 
+    monkeypatch.setattr(ops, "GATHER_WHEN_COMPILED", gather)
     g = torch.Generator().manual_seed(3)
     compiled = torch.compile(upsampled_conv3x3, fullgraph=True)
     with torch.no_grad():
@@ -392,7 +396,8 @@ def test_upsampled_conv_compiles_whole_forward_and_backward():
         out, (code,) = run_and_get_code(lambda: compiled(x, w))
     torch.testing.assert_close(out, upsampled_conv3x3(x, w), rtol=1e-5, atol=1e-5)
     call = code[code.index("def call("):]
-    assert call.count("extern_kernels.convolution(") == 1 and "extern_kernels.mm(" not in call, call
+    assert call.count("extern_kernels.convolution(") == (1 if gather else 2), call
+    assert ("extern_kernels.mm(" in call) != gather, call
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 8, 6, 5, generator=g).contiguous(memory_format=memory_format).requires_grad_()
         w = torch.randn(4, 8, 3, 3, generator=g, requires_grad=True)
