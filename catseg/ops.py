@@ -166,9 +166,10 @@ def _edge_products(h: int, w: int, device: torch.device, dtype: torch.dtype):
     return _border_matrix(w, True, device, dtype), _border_matrix(h, False, device, dtype)
 
 
-# torch.compile runs `upsampled_conv3x3` as gathers (`_upsampled_conv3x3_gathered`); False: as it runs eagerly
-# (grouped convolution). Which is faster on a GPU is not yet measured (benchmarks/bench_decoder.py --compile).
-GATHER_WHEN_COMPILED = True
+# True: torch.compile runs `upsampled_conv3x3` as gathers (`_upsampled_conv3x3_gathered`), not as it runs eagerly
+# (grouped convolution). On a 2-core CPU the grouped convolution was faster compiled too (benchmarks/results/
+# counted_2026-11-27b/decoder_cpu_compiled.log); a GPU has yet to choose (benchmarks/bench_decoder.py --compile).
+GATHER_WHEN_COMPILED = False
 
 
 def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -220,11 +221,11 @@ def _tap_samples(n: int, tap: int, device: torch.device) -> tuple[torch.Tensor, 
 
 
 def _upsampled_conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`_upsampled_conv3x3` as torch.compile runs it: the 1x1 tap convolution of x (no padding), then every output
-    sample as the sum over the 9 taps of that tap map's bilinear sample at the tap's upsampled position, zero outside
-    the map. Written as gathers from index tensors, which inductor fuses into one kernel that reads the tap maps and
-    writes the output: no grouped convolution, pixel shuffle or border correction (eagerly, the 36 gathers would
-    each fill a map of the output's size)."""
+    """`_upsampled_conv3x3` as torch.compile runs it with GATHER_WHEN_COMPILED: the 1x1 tap convolution of x (no
+    padding), then every output sample as the sum over the 9 taps of that tap map's bilinear sample at the tap's
+    upsampled position, zero outside the map. Written as gathers from index tensors, which inductor fuses into one
+    kernel that reads the tap maps and writes the output: no grouped convolution, pixel shuffle or border correction
+    (eagerly, the 36 gathers would each fill a map of the output's size)."""
     h, w = x.shape[-2:]
     c = weight.shape[0]
     taps = F.conv2d(x, weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1)).unflatten(1, (c, 3, 3))
