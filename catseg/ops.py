@@ -131,9 +131,9 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Multiply-adds per output pixel and channel: 9 C / 4 + 81 against the plain 9 C (C = 128: 369 vs 1152; C = 64:
     225 vs 576), the 1x1 convolution's on x padded by one pixel. Under autocast it computes in autocast's dtype, with
     the weight cast as autocast casts it (the phase filters are exact in bfloat16), so weights stored in that dtype
-    give the same result. The backward is written out (`_UpsampledConv3x3`): it keeps x and the weight only, and
-    adds the border's gradient into the tap maps' gradient in place, where autograd would build zero-filled
-    gradient maps for the gathered edges and add them.
+    give the same result. The backward is written out (`_UpsampledConv3x3`): it keeps x and the weight only (not
+    the 9 x Cout tap maps), and adds the border's gradient into the tap maps' gradient in place, where autograd
+    would build a zero-filled gradient map for each edge slice and add it.
     """
     return _UpsampledConv3x3.apply(x, weight)
 
@@ -237,7 +237,8 @@ def _upsampled_conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor) -> torch.
             w0, w1, b0, b1 = _tap_samples(w, u, x.device)
             b0, b1 = b0.to(x.dtype), b1.to(x.dtype)
             t = taps[:, :, r, u]
-            y = y + a0 * (b0 * t[:, :, h0, w0] + b1 * t[:, :, h0, w1]) + a1 * (b0 * t[:, :, h1, w0] + b1 * t[:, :, h1, w1])
+            y = y + a0 * (b0 * t[:, :, h0, w0] + b1 * t[:, :, h0, w1]) \
+                + a1 * (b0 * t[:, :, h1, w0] + b1 * t[:, :, h1, w1])
     return y
 
 
