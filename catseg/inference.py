@@ -359,12 +359,8 @@ def decoder_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     the model (a ViT-B training step: 684 class maps of 32-64 x 96 x 96), and with NCHW tensors cuDNN transposes each
     convolution's input and output (H200 profiles: 22 of the 180 ms of a compiled 847-class ViT-B patch inference,
     11.5 of the 84 ms of a compiled ViT-B training step). Part of `channels_last`."""
-    if model.cost_channels_last != enable or any(stage.channels_last != enable for stage in model.decoder):
-        _GRAPHS.pop(model, None)  # graphs captured in the other layout (a replay would still compute the same)
-    for stage in model.decoder:
-        stage.channels_last = enable
-    model.cost_channels_last = enable
-    return model
+    return _switch(model, [(model, "cost_channels_last", enable)]
+                   + [(stage, "channels_last", enable) for stage in model.decoder])
 
 
 def subpixel_decoder(model: CatSeg, enable: bool = True) -> CatSeg:
@@ -374,11 +370,7 @@ def subpixel_decoder(model: CatSeg, enable: bool = True) -> CatSeg:
     upsampled map: the ViT-B decoder's FLOPs fall from 5.7 to 3.1 GFLOP per class and view. Transposed-convolution
     stages (the release variants) are left as they are. Off by default until a GPU measures it (bench
     `--subpixel-decoder`); `train.subpixel_decoder` trains with it."""
-    if any(stage.subpixel != enable for stage in model.decoder):
-        _GRAPHS.pop(model, None)
-    for stage in model.decoder:
-        stage.subpixel = enable
-    return model
+    return _switch(model, [(stage, "subpixel", enable) for stage in model.decoder])
 
 
 def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
@@ -418,13 +410,17 @@ def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel")
                 why = kernels.supports(m.norm2, m.mlp)
             if why is not None:
                 raise ValueError(f"cannot fuse {name}: {why}")
-    swin = [m for m in blocks.values() if isinstance(m, GuidedSwinBlock)]
-    if any(m.fused != enable for m in blocks.values()) or any(m.fused_attention != attention for m in swin):
-        _GRAPHS.pop(model, None)  # graphs captured with the other path
-    for m in blocks.values():
-        m.fused = enable
-    for m in swin:
-        m.fused_attention = attention
+    return _switch(model, [(m, "fused", enable) for m in blocks.values()]
+                   + [(m, "fused_attention", attention) for m in blocks.values() if isinstance(m, GuidedSwinBlock)])
+
+
+def _switch(model: CatSeg, settings: list) -> CatSeg:
+    """Set each (module, attribute, value) of `settings` on `model`'s modules; returns the model. If any changes,
+    the CUDA graphs captured for the model are dropped: they replay the path they were captured with."""
+    if any(getattr(m, name) != value for m, name, value in settings):
+        _GRAPHS.pop(model, None)
+    for m, name, value in settings:
+        setattr(m, name, value)
     return model
 
 
