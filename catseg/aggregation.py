@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels
-from .ops import GroupNorm, LayerNorm, part, resize, tensor_cache, upsampled_conv3x3
+from .ops import GroupNorm, LayerNorm, compute_dtype, part, resize, tensor_cache, upsampled_conv3x3
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
@@ -204,7 +204,7 @@ class GuidedSwinBlock(nn.Module):
             if self.fused_attention == "kernel":
                 return kernels.window_block(self, *qkv, x)
             bias = _shift_bias(h, w, self.window, self.shift, self.attn.num_heads, x.device,
-                               kernels.compute_dtype(x, self.attn.q.weight)) if self.shift else None
+                               compute_dtype(x, self.attn.q.weight)) if self.shift else None
             return kernels.window_output(self, self.attn.attend(*qkv, bias, windows), x)
         y = self.norm1(x)
         if self.shift:

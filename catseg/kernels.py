@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from .ops import compute_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -587,12 +589,6 @@ def _check_device(x: torch.Tensor, what: str) -> None:
     if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu") and not is_fake(x):
         raise ValueError(f"{what} runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), got a "
                          f"{x.device.type} tensor")
-
-
-def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype nn.Linear computes in here: autocast's, else the weight's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def residual_mlp(x: torch.Tensor, norm: nn.LayerNorm, mlp: nn.Module) -> torch.Tensor:

@@ -138,17 +138,24 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _UpsampledConv3x3.apply(x, weight)
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype a convolution of x by weight computes in: autocast's (it leaves float64 alone), else the promoted."""
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer or convolution of x by weight computes in: autocast's (autocast leaves float64
+    alone), else the promoted one."""
     device = x.device.type
     dtype = torch.promote_types(x.dtype, weight.dtype)
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and dtype != torch.float64 else dtype
 
 
+def _tap_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 weight (Cout, C, 3, 3) as the 1x1 convolution to its 9 taps' maps: (9 Cout, C, 1, 1), channel 9 o + 3 r
+    + u for output o and kernel tap (r, u)."""
+    return weight.permute(0, 2, 3, 1).reshape(9 * weight.shape[0], -1, 1, 1)
+
+
 class _UpsampledConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
-        dtype = _compute_dtype(x, weight)
+        dtype = compute_dtype(x, weight)
         with torch.autocast(x.device.type, enabled=False):
             x, weight = x.to(dtype), weight.to(dtype)
             ctx.save_for_backward(x, weight)
@@ -177,7 +184,7 @@ def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _upsampled_conv3x3_gathered(x, weight)
     h, w = x.shape[-2:]
     c = weight.shape[0]
-    taps = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1))
+    taps = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), _tap_weight(weight))
     y = F.pixel_shuffle(F.conv2d(taps, _phase_filters(c, x.device, x.dtype), groups=c), 2)
     # The border: subtract what the phase filters took from outside the upsampled map, its edge rows and columns
     # replicated. Those are x's first and last rows (columns) upsampled along the other axis, then convolved with
@@ -228,7 +235,7 @@ def _upsampled_conv3x3_gathered(x: torch.Tensor, weight: torch.Tensor) -> torch.
     (eagerly, the 36 gathers would each fill a map of the output's size)."""
     h, w = x.shape[-2:]
     c = weight.shape[0]
-    taps = F.conv2d(x, weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1)).unflatten(1, (c, 3, 3))
+    taps = F.conv2d(x, _tap_weight(weight)).unflatten(1, (c, 3, 3))
     y = 0
     for r in range(3):
         h0, h1, a0, a1 = (t[:, None] for t in _tap_samples(h, r, x.device))
@@ -247,7 +254,7 @@ def _upsampled_conv3x3_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch
     h, w = x.shape[-2:]
     c = weight.shape[0]
     xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    taps_weight = weight.permute(0, 2, 3, 1).reshape(9 * c, -1, 1, 1)
+    taps_weight = _tap_weight(weight)
     # the tap maps' gradient: the phase filters' transposed convolution of gy, then the border terms' gradient
     # through the edge products, added in place onto x's edge samples in the tap maps
     g_taps = torch.nn.grad.conv2d_input((gy.shape[0], 9 * c, h + 2, w + 2), _phase_filters(c, x.device, x.dtype),
@@ -258,7 +265,9 @@ def _upsampled_conv3x3_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch
         g_edge -= (g_out @ along[k // 2].t()).unflatten(-1, g_edge.shape[-2:])
     g_xp = torch.nn.grad.conv2d_input(xp.shape, taps_weight, g_taps)
     g_weight = torch.nn.grad.conv2d_weight(xp, taps_weight.shape, g_taps)
-    # the edge padding's gradient: each padded row and column folds onto the edge it copied
+    # the edge padding's gradient: each padded row and column folds onto the edge it copied (not by
+    # replication_pad2d_backward: for channels-last inputs its CPU kernel and its shape function disagree on the
+    # output's layout, which torch.compile's generated code checks)
     g_rows = g_xp[..., 1:-1, :].clone()
     g_rows[..., 0, :] += g_xp[..., 0, :]
     g_rows[..., -1, :] += g_xp[..., -1, :]
