@@ -32,8 +32,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in _FLOAT32_OUTPUTS else f"*{dtype}"
-        else:
-            sig[name] = "fp32" if "eps" in name else "i32"
+        else:  # (float arguments are constexprs: torch.compile would type a runtime float fp64)
+            sig[name] = "i32"
     return sig
 
 
@@ -60,17 +60,18 @@ def compile_config(fn, dtype: str, arch: int, constexprs: dict, num_warps: int, 
 def widths(preset_width: int = 128, heads: int = 4, window: int = 12, mlp_ratio: int = 4) -> dict:
     """Each kernel's fixed constexprs at a preset's aggregation widths (the presets: 128 channels, 4 heads, windows
     of 12; the shifted-window variants)."""
-    hidden = preset_width * mlp_ratio
+    hidden, d = preset_width * mlp_ratio, preset_width // heads
     common = dict(DOT_F32=False, TF32=False)
     return {
-        "_residual_mlp_kernel": dict(C=preset_width, HIDDEN=hidden, RELU=False, **common),
-        "_class_summary_kernel": dict(C=preset_width, D=preset_width // heads, **common),
-        "_class_update_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, RELU=True, **common),
-        "_window_qkv_kernel": dict(C=preset_width, WINDOW=window, SHIFT=window // 2, **common),
-        "_window_output_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, WINDOW=window,
-                                      SHIFT=window // 2, RELU=False, **common),
-        "_window_block_kernel": dict(C=preset_width, D=preset_width // heads, HIDDEN=hidden, WINDOW=window,
-                                     SHIFT=window // 2, RELU=False, **common),
+        "_residual_mlp_kernel": dict(C=preset_width, HIDDEN=hidden, RELU=False, eps=1e-5, **common),
+        "_class_summary_kernel": dict(C=preset_width, D=d, eps=1e-5, **common),
+        "_class_update_kernel": dict(C=preset_width, D=d, HIDDEN=hidden, RELU=True, eps1=1e-5, eps2=1e-5,
+                                     attn_eps=1e-6, **common),
+        "_window_qkv_kernel": dict(C=preset_width, WINDOW=window, SHIFT=window // 2, eps=1e-5, **common),
+        "_window_output_kernel": dict(C=preset_width, D=d, HIDDEN=hidden, WINDOW=window, SHIFT=window // 2,
+                                      RELU=False, eps2=1e-5, **common),
+        "_window_block_kernel": dict(C=preset_width, D=d, HIDDEN=hidden, WINDOW=window, SHIFT=window // 2,
+                                     RELU=False, scale=d ** -0.5, eps2=1e-5, **common),
     }
 
 

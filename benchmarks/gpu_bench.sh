@@ -49,6 +49,9 @@ for v in $variants; do
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;
+        tests_fused) echo "== tests_fused: python -m pytest tests/test_gpu.py -k fused_kernels"
+            timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fused_kernels >"$out/tests_fused.log" 2>&1
+            echo "   exit $?"; tail -3 "$out/tests_fused.log" ;;
         b) bench b16 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --profile --trace "$out/b16_trace" ;;
         l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         b_batch) bench b16_batch 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;

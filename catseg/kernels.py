@@ -121,7 +121,7 @@ def _residual_mlp_tile(y, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, eps, c
     return y.to(tl.float32) + _round(acc + tl.load(b2_ptr + c).to(tl.float32)[None, :], dtype)
 
 
-def _residual_mlp_kernel(x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, eps,
+def _residual_mlp_kernel(x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, rows, eps: tl.constexpr,
                          C: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                          RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """out = x + fc2(act(fc1(layer_norm(x)))) for BLOCK_M rows of x (rows x C) per program."""
@@ -135,7 +135,7 @@ def _residual_mlp_kernel(x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
 
 
 def _class_summary_kernel(x_ptr, gk_ptr, nw_ptr, nb_ptr, wk_ptr, wv_ptr, bv_ptr, kv_ptr, z_ptr, n, width, pixels,
-                          sb, sn, sc, sh, sw, swk, eps, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          sb, sn, sc, sh, sw, swk, eps: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                           DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """The class aggregation's key/value summary of one pixel over the n classes of a chunk, head by head: with
     k = elu(key projection of layer_norm(x)) + 1 and v the value projection, kv[h] = sum_n k_h v_h^T (D x D) and
@@ -171,7 +171,8 @@ def _class_summary_kernel(x_ptr, gk_ptr, nw_ptr, nb_ptr, wk_ptr, wv_ptr, bv_ptr,
 
 def _class_update_kernel(x_ptr, out_ptr, gq_ptr, kv_ptr, z_ptr, n1w_ptr, n1b_ptr, wq_ptr, wp_ptr, bp_ptr, n2w_ptr,
                          n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, width, pixels, sb, sn, sc, sh, sw, ob, on, oc,
-                         oh, ow, swq, eps1, eps2, attn_eps, C: tl.constexpr, D: tl.constexpr, HIDDEN: tl.constexpr,
+                         oh, ow, swq, eps1: tl.constexpr, eps2: tl.constexpr, attn_eps: tl.constexpr,
+                         C: tl.constexpr, D: tl.constexpr, HIDDEN: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
                          TF32: tl.constexpr):
     """The class aggregation block's output for BLOCK_N classes of one pixel, given the summary (kv, z) of all
@@ -230,7 +231,7 @@ def _project(a, w_ptr, stride, rows, c, DOT_F32: tl.constexpr, TF32: tl.constexp
 
 
 def _window_qkv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, gq_ptr, gk_ptr, nw_ptr, nb_ptr, wq_ptr, wk_ptr, wv_ptr, bv_ptr,
-                       rows, classes, height, width, sgb, sgh, sgw, swq, swk, eps, C: tl.constexpr,
+                       rows, classes, height, width, sgb, sgh, sgw, swq, swk, eps: tl.constexpr, C: tl.constexpr,
                        WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                        DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """The first half of a Swin block up to the attention, for BLOCK_M rows of the windows: LayerNorm of x (maps
@@ -258,7 +259,7 @@ def _window_qkv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, gq_ptr, gk_ptr, nw_ptr, nb_pt
 
 
 def _window_output_kernel(o_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                          rows, height, width, som, sow, soh, sot, soe, eps2, C: tl.constexpr, D: tl.constexpr,
+                          rows, height, width, som, sow, soh, sot, soe, eps2: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
                           HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """The rest of a Swin block for BLOCK_M rows of the windows: the attention's output (maps, windows, heads, T, D
@@ -297,7 +298,7 @@ def _shift_region(win, t, height, width, WINDOW: tl.constexpr, SHIFT: tl.constex
 
 
 def _window_block_kernel(q_ptr, k_ptr, v_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr,
-                         w2_ptr, b2_ptr, height, width, scale, eps2, C: tl.constexpr, D: tl.constexpr,
+                         w2_ptr, b2_ptr, height, width, scale: tl.constexpr, eps2: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
                          HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
                          TF32: tl.constexpr):
@@ -420,7 +421,10 @@ def is_fake(t: torch.Tensor) -> bool:
 def _launch(fn, grid, x: torch.Tensor, *args, **meta) -> None:
     """Run kernel `fn` on `args`: through Triton's interpreter for CPU tensors (its first configuration), else
     autotuned, wrapped so that torch.compile and fake-tensor runs see it. grid(meta) -> the launch grid."""
-    for t in args:  # the kernels index in 32-bit integers
+    for t in args:
+        if isinstance(t, float):  # under torch.compile a runtime float is fp64 (fp32 in plain Triton launches)
+            raise TypeError(f"{fn.__name__.strip('_')}: pass float {t} as a constexpr keyword, not positionally")
+        # the kernels index in 32-bit integers
         if torch.is_tensor(t) and sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2 ** 31:
             raise ValueError(f"{fn.__name__.strip('_')}: a tensor of shape {tuple(t.shape)} spans 2^31 elements or "
                              f"more; use smaller class chunks (class_chunk_size) or fewer images per call")
@@ -438,7 +442,7 @@ def _residual_mlp_impl(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: to
     rows, c = x.shape
     out = torch.empty(rows, c, dtype=out_dtype, device=x.device)
     _launch(_residual_mlp_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), x,
-            x, out, norm_weight, norm_bias, w1, b1, w2, b2, rows, eps, C=c, HIDDEN=w1.shape[0], RELU=relu)
+            x, out, norm_weight, norm_bias, w1, b1, w2, b2, rows, eps=eps, C=c, HIDDEN=w1.shape[0], RELU=relu)
     return out
 
 
@@ -450,7 +454,7 @@ def _class_summary_impl(x: torch.Tensor, gk: torch.Tensor, norm_weight: torch.Te
     kv = torch.empty(b * h * w, c, d, dtype=torch.float32, device=x.device)
     z = torch.empty(b * h * w, c, dtype=torch.float32, device=x.device)
     _launch(_class_summary_kernel, lambda meta: (b * h * w,), x,
-            x, gk, norm_weight, norm_bias, wk, wv, bv, kv, z, n, w, h * w, *x.stride(), wk.stride(0), eps, C=c, D=d)
+            x, gk, norm_weight, norm_bias, wk, wv, bv, kv, z, n, w, h * w, *x.stride(), wk.stride(0), eps=eps, C=c, D=d)
     return kv, z
 
 
@@ -463,8 +467,8 @@ def _class_update_impl(x: torch.Tensor, gq: torch.Tensor, kv: torch.Tensor, z: t
     out = torch.empty_like(x, dtype=out_dtype)  # x's strides when x is dense (a permuted tensor), else contiguous
     _launch(_class_update_kernel, lambda meta: (b * h * w, triton.cdiv(n, meta["BLOCK_N"])), x,
             x, out, gq, kv, z, norm1_weight, norm1_bias, wq, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2,
-            n, w, h * w, *x.stride(), *out.stride(), wq.stride(0), eps1, eps2, attn_eps, C=c, D=c // heads,
-            HIDDEN=w1.shape[0], RELU=relu)
+            n, w, h * w, *x.stride(), *out.stride(), wq.stride(0), eps1=eps1, eps2=eps2, attn_eps=attn_eps, C=c,
+            D=c // heads, HIDDEN=w1.shape[0], RELU=relu)
     return out
 
 
@@ -479,7 +483,7 @@ def _window_qkv_impl(x: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, norm_w
     _launch(_window_qkv_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), x,
             x, q, k, v, gq, gk, norm_weight, norm_bias, wq, wk, wv, bv, rows, classes, h, w,
             *(0 if size == 1 else stride for size, stride in zip(gq.shape[:3], gq.stride()[:3])),  # (broadcast)
-            wq.stride(0), wk.stride(0), eps, C=c, WINDOW=window, SHIFT=shift)
+            wq.stride(0), wk.stride(0), eps=eps, C=c, WINDOW=window, SHIFT=shift)
     return q, k, v
 
 
@@ -491,7 +495,7 @@ def _window_output_impl(o: torch.Tensor, x: torch.Tensor, wp: torch.Tensor, bp: 
     rows = maps * h * w
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _launch(_window_output_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),), x,
-            o, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, rows, h, w, *o.stride(), eps2, C=c,
+            o, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, rows, h, w, *o.stride(), eps2=eps2, C=c,
             D=o.shape[-1], HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
     return out
 
@@ -504,7 +508,7 @@ def _window_block_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: tor
     d = c // heads
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _launch(_window_block_kernel, lambda meta: (q.shape[0], triton.cdiv(window * window, meta["BLOCK_M"])), x,
-            q, k, v, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, h, w, d ** -0.5, eps2, C=c, D=d,
+            q, k, v, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, h, w, scale=d ** -0.5, eps2=eps2, C=c, D=d,
             HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
     return out
 

@@ -230,6 +230,11 @@ def test_unsupported_blocks_and_devices_are_refused(monkeypatch):
     huge = torch.empty(2 ** 31 // 32 + 1, 32, device="meta")  # 32-bit indices would overflow: refused, not wrapped
     with pytest.raises(ValueError, match=r"residual_mlp_kernel: a tensor of shape \(67108865, 32\) spans 2\^31"):
         kernels._launch(kernels._residual_mlp_kernel, lambda meta: (1,), huge, huge)
+    # a runtime float argument would be fp32 in a plain Triton launch but fp64 under torch.compile (a different,
+    # slower kernel, or one that fails to compile): the kernels take floats as constexprs
+    x = torch.randn(4, 32)
+    with pytest.raises(TypeError, match=r"residual_mlp_kernel: pass float 1e-05 as a constexpr keyword"):
+        kernels._launch(kernels._residual_mlp_kernel, lambda meta: (1,), x, x, x, 4, 1e-5)
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter, no GPU: the CPU cannot run the kernels
     if not torch.cuda.is_available():
