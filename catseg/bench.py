@@ -164,7 +164,7 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
     if trace:
         prof.export_chrome_trace(trace)
     summary = timeline_summary([(e.device_type == DeviceType.CUDA, e.name, e.time_range.start, e.time_range.end)
-                                for e in prof.events()])
+                                for e in prof.events() if not _device_range(e)])
     if parts:
         summary += part_times(prof.events(), device.type == "cuda")
     events = prof.key_averages()
@@ -177,19 +177,26 @@ def profile_table(step: Callable[[], object], device: torch.device, rows: int = 
     return summary + events.table(row_limit=rows)
 
 
+def _device_range(e) -> bool:
+    """The device-side copy of a named range (record_function): it spans the range's kernels and the gaps between
+    them, so it is neither a kernel nor the device time of its part."""
+    return e.device_type != torch.autograd.DeviceType.CPU and bool(getattr(e, "is_user_annotation", False))
+
+
 def part_times(events, on_device: bool) -> str:
     """The time of each part of the model from the profiler's "catseg.<part>" ranges (`catseg.ops.part`): on a GPU
     the device time of the kernels launched inside each part's ranges, on a CPU the ranges' own time; the rest of
     the call is "other". Set against the part's FLOPs (`--count-memory`), this is each part's arithmetic rate."""
     totals: dict[str, float] = {}
     for e in events:
-        if e.name.startswith("catseg."):
+        if e.name.startswith("catseg.") and not _device_range(e):  # a CPU range: the device time of its kernels
             name = e.name[len("catseg."):]
             totals[name] = totals.get(name, 0.0) + (e.device_time_total if on_device else e.cpu_time_total)
     if not totals:
         return ""
     if on_device:  # the kernels' time, as the table's "Self CUDA time total"
-        whole = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        whole = sum(e.time_range.elapsed_us() for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not _device_range(e))
     else:
         whole = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
     text = ", ".join(f"{name} {t / 1e3:.2f}" for name, t in totals.items())

@@ -160,6 +160,24 @@ def test_timeline_summary_counts_overlapping_kernels_once_and_the_waits():
     assert bench.timeline_summary([(False, "aten::mm", 0.0, 1500.0)]) == "time line: 1.50 ms from first to last event\n"
 
 
+def test_part_times_count_kernels_not_the_device_copies_of_the_ranges():
+    """On a GPU the profiler gives each named range a device-side copy spanning its kernels and the gaps between them
+    (host-bound stretches included); the parts' times and the whole count only the kernels."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, start, end, device=DeviceType.CPU, annotation=False):
+        return FunctionEvent(0, name, 0, start, end, use_device="cuda", device_type=device,
+                             is_user_annotation=annotation)
+
+    decoder = event("catseg.decoder", 0, 50, annotation=True)
+    decoder.append_kernel("conv", 0, 100)
+    events = [decoder, event("catseg.decoder", 10, 910, DeviceType.CUDA, annotation=True),
+              event("conv", 10, 110, DeviceType.CUDA), event("copy", 900, 950, DeviceType.CUDA)]
+    assert bench.part_times(events, on_device=True) == "device time by part, ms: decoder 0.10, other 0.05\n"
+    assert [bench._device_range(e) for e in events] == [False, True, False, False]
+
+
 def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
     """benchmarks/gpu_bench.sh runs on a rented GPU machine: each of its variants' bench arguments must be ones
     catseg.bench accepts (a renamed flag would cost a device call), and each default variant must exist."""
