@@ -37,7 +37,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"decoder b_compile b_compile_fused b_compile_sub b_compile_fused_sub tests b_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub l_model_cl_ro b_infer b_fused b_compile_fused_sdpa l_compile l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"decoder b_compile b_compile_sub b_compile_fused tests l_compile b_compile_fused_sub b_model_cl_ro_sub l_model_cl_ro_sub b_model_cl_ro l_model_cl_ro b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
