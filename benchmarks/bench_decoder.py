@@ -1,7 +1,7 @@
 """The upsampling decoder alone: upsample-then-convolve against the factored convolution at the input's size
 (`catseg.inference.subpixel_decoder`), at a preset's widths, in inference and in a training forward + backward.
 
-    python benchmarks/bench_decoder.py [--preset catseg_vitb16_r101] [--maps 40] [--compile] [--json out.json]
+    python benchmarks/bench_decoder.py [--preset catseg_vitb16_r101] [--maps 40] [--compile] [--profile] [--json out.json]
 
 `--maps`: class maps through the decoder per call (a ViT-B patch inference runs 5 views x classes: 4235 at 847
 classes, in chunks of 128 x 5 = 640; a training step 4 images x 171 classes = 684). The maps are the preset's
@@ -9,7 +9,8 @@ cost-grid size with its embedding width, the guidance maps those of one image pe
 Segmenter and the trainer's `train.channels_last` run them; bf16 autocast on a GPU, float32 on a CPU. Reports the
 median milliseconds per call (CUDA events on a GPU) and the largest difference from the plain result. With
 `--compile` the factored decoder's inference is also timed with its sum over taps as gathers instead of the grouped
-convolution (`catseg.ops.GATHER_WHEN_COMPILED`).
+convolution (`catseg.ops.GATHER_WHEN_COMPILED`). The plain decoder is also timed with NCHW maps ("plain_nchw", what
+runs without `catseg.inference.decoder_channels_last`). `--profile`: each form's inference kernels, the largest first.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model, ops  # noqa: E402
-from catseg.bench import time_ms  # noqa: E402
+from catseg.bench import profile_table, time_ms  # noqa: E402
 from catseg.inference import decoder_channels_last, subpixel_decoder  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def main(argv=None) -> dict:
     p.add_argument("--maps", type=int, default=None, help="class maps per call (default: 640 on a GPU, 20 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (model.decode)")
     p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--profile", action="store_true", help="print each form's inference kernels, the largest first")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here")
@@ -58,11 +60,12 @@ def main(argv=None) -> dict:
                "precision": "bf16" if bf16 else "fp32", "compile": args.compile,
                "command": "python benchmarks/bench_decoder.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     reference = {}
-    forms = [("plain", False, False), ("factored", True, False)]
+    forms = [("plain", False, False, True), ("plain_nchw", False, False, False), ("factored", True, False, True)]
     if args.compile:  # compiled, the factored sum also as gathers (catseg.ops.GATHER_WHEN_COMPILED)
-        forms.append(("factored_gathers", True, True))
-    for name, factored, gather in forms:
+        forms.append(("factored_gathers", True, True, True))
+    for name, factored, gather, nhwc in forms:
         subpixel_decoder(model, factored)
+        decoder_channels_last(model, nhwc)
         ops.GATHER_WHEN_COMPILED = gather
 
         def infer():
@@ -73,7 +76,7 @@ def main(argv=None) -> dict:
         reference.setdefault("out", out)
         row = {"inference_ms": time_ms(infer, device, args.warmup, args.repeats),
                "max_abs_difference": (out - reference["out"]).abs().max().item()}
-        if not args.no_train and name != "factored_gathers":  # (compiling is slow)
+        if not args.no_train and name in ("plain", "factored"):  # (compiling is slow)
             xg = x.clone().requires_grad_()
 
             def train():
@@ -86,6 +89,8 @@ def main(argv=None) -> dict:
         print(f"{name:16s} inference {row['inference_ms']:9.2f} ms" +
               (f"   training forward + backward {row['train_ms']:9.2f} ms" if "train_ms" in row else "") +
               f"   max |difference| {row['max_abs_difference']:.2e}")
+        if args.profile:
+            print(profile_table(infer, device, rows=12))
     ops.GATHER_WHEN_COMPILED = False
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -42,8 +42,8 @@ for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
                 name=decoder${c:+_compiled}
-                echo "== $name: python benchmarks/bench_decoder.py $c"
-                timeout 200 python3 benchmarks/bench_decoder.py $c --json "$out/$name.json" >"$out/$name.log" 2>&1
+                echo "== $name: python benchmarks/bench_decoder.py $c --profile"
+                timeout 240 python3 benchmarks/bench_decoder.py $c --profile --json "$out/$name.json" >"$out/$name.log" 2>&1
                 echo "   exit $?"; tail -2 "$out/$name.log"
             done ;;
         tests) echo "== tests: python -m pytest tests/test_gpu.py"

@@ -196,9 +196,9 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
         bench.parse_args(args)  # argparse exits (SystemExit) on a flag or combination it refuses
 
 
-def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_path):
-    """benchmarks/bench_decoder.py runs the preset's decoder alone, plain and factored, in inference and training,
-    and reports how far the factored result is from the plain one."""
+def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_path, capsys):
+    """benchmarks/bench_decoder.py runs the preset's decoder alone, plain (NHWC and NCHW) and factored, in inference
+    and training, reports how far each result is from the plain one and, with --profile, each form's kernels."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decoder.py"
@@ -207,11 +207,15 @@ def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_
     spec.loader.exec_module(module)
     out = tmp_path / "decoder.json"
     result = module.main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2", "--warmup", "1",
-                          "--json", str(out)])
+                          "--profile", "--json", str(out)])
     assert json.loads(out.read_text()) == result and result["maps"] == 10
     for name in ("plain", "factored"):
         assert result[name]["inference_ms"] > 0 and result[name]["train_ms"] > 0
+    assert result["plain_nchw"]["inference_ms"] > 0 and "train_ms" not in result["plain_nchw"]
     assert result["plain"]["max_abs_difference"] == 0 and 0 < result["factored"]["max_abs_difference"] < 1e-4
+    assert result["plain_nchw"]["max_abs_difference"] < 1e-4
+    printed = capsys.readouterr().out
+    assert printed.count("time line:") == 3 and "aten::convolution" in printed
 
 
 def test_bench_subpixel_decoder_switch(tmp_path):
