@@ -50,12 +50,13 @@ def count_calls(code: str) -> dict:
             "library": dict(library.most_common())}
 
 
-def _build(preset: str, subpixel: bool = False) -> torch.nn.Module:
+def _build(preset: str, subpixel: bool = False, stencil: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(preset)
     model.check_inputs = False
     for stage in model.decoder:
         stage.subpixel = subpixel  # UpStage: the factored upsampling convolution (bilinear stages only)
+        stage.stencil = stencil  # UpStage: compiled, the x2 upsampling as a fused stencil
     model.config.class_chunk_size = None  # training runs all classes at once
     return model
 
@@ -102,12 +103,14 @@ def main(argv=None) -> dict:
     p.add_argument("--classes", type=int, default=171)
     p.add_argument("--subpixel-decoder", action="store_true", help="as the bench's flag: the bilinear decoder "
                    "stages' upsampling and first convolution factored at the input's size (UpStage.subpixel)")
+    p.add_argument("--stencil-upsampling", action="store_true", help="as the bench's flag: compiled, the decoder's "
+                   "x2 upsampling as a pointwise stencil (UpStage.stencil)")
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
 
     eager = eager_operators(args.preset, args.batch, args.classes, args.subpixel_decoder)
     print(f"eager operators: forward {eager['forward']}, loss + backward {eager['backward']}")
-    model = _build(args.preset, args.subpixel_decoder)
+    model = _build(args.preset, args.subpixel_decoder, args.stencil_upsampling)
     forward, backward = _step(model, args.batch, args.classes)
     recorder = SavedForBackward()
     model.compile(backend=recorder)
@@ -116,7 +119,8 @@ def main(argv=None) -> dict:
     _, codes = run_and_get_code(lambda: backward(forward()))
     graphs = [count_calls(code) for code in codes]
     result = {"preset": args.preset, "batch": args.batch, "classes": args.classes,
-              "subpixel_decoder": args.subpixel_decoder, "torch": torch.__version__,
+              "subpixel_decoder": args.subpixel_decoder, "stencil_upsampling": args.stencil_upsampling,
+              "torch": torch.__version__,
               "compile_and_run_s": round(time.perf_counter() - t, 1), "eager_operators": eager, "graphs": graphs,
               "launches": sum(g["fused_kernels"] + g["library_calls"] for g in graphs),
               "compiled_saved_for_backward_bytes": recorder.bytes,

@@ -10,7 +10,8 @@
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
 # Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
-# the fused Triton kernels); `decoder` times the decoder alone, plain and factored (benchmarks/bench_decoder.py).
+# compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones;
+# `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile).
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -37,7 +38,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"decoder b_compile b_compile_sub b_compile_fused tests l_compile b_compile_fused_sub b_model_cl_ro_sub l_model_cl_ro_sub b_model_cl_ro l_model_cl_ro b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"decoder b_compile b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
@@ -68,6 +69,12 @@ for v in $variants; do
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
         b_compile_sub) bench b16_compile_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
             --compile --no-train --subpixel-decoder ;;
+        b_compile_stencil) bench b16_compile_stencil 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
+            --compile --no-train --stencil-upsampling --profile ;;
+        b_model_cl_ro_stencil) bench b16_compile_model_cl_ro_stencil 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling ;;
+        l_model_cl_ro_stencil) bench l14_compile_model_cl_ro_stencil 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \
+            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling ;;
         b_compile_fused) bench b16_compile_fused_kernels 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
             --compile --no-train --fused-kernels --profile ;;
         b_compile_fused_sub) bench b16_compile_fused_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" \

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels
-from .ops import GroupNorm, LayerNorm, compute_dtype, part, resize, tensor_cache, upsampled_conv3x3
+from .ops import GroupNorm, LayerNorm, compute_dtype, part, resize, tensor_cache, upsample2x, upsampled_conv3x3
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
@@ -394,6 +394,9 @@ class UpStage(nn.Module):
     # bilinear mode: the upsampling and the first convolution factored at the input's size
     # (catseg.ops.upsampled_conv3x3; switched by catseg.inference.subpixel_decoder); off until measured on a GPU
     subpixel = False
+    # bilinear mode, compiled: the x2 upsampling as a pointwise stencil inductor fuses with its neighbours instead of
+    # two matrix products and a layout copy (catseg.ops.upsample2x; switched by catseg.inference.stencil_upsampling)
+    stencil = False
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """x (B*n, C, H, W); guidance (B, G, 2H, 2W), shared by the n classes of each image."""
@@ -406,7 +409,10 @@ class UpStage(nn.Module):
         if self.up is None and self.subpixel:  # conv_x(upsampled x) without the upsampled map
             y = upsampled_conv3x3(layout(x), wx)
         else:
-            x = self.up(layout(x)) if self.up is not None else resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+            if self.up is not None:
+                x = self.up(layout(x))
+            else:
+                x = upsample2x(x) if self.stencil else resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
             y = F.conv2d(layout(x), wx, None, first.stride, first.padding)
         y = layout(y)
         guidance = layout(guidance)

@@ -355,6 +355,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subpixel-decoder", action="store_true", help="bilinear decoder stages: the upsampling and the "
                    "first convolution factored at the input's size (catseg.inference.subpixel_decoder) instead of "
                    "convolving the upsampled map")
+    p.add_argument("--stencil-upsampling", action="store_true", help="compiled bilinear decoder stages: the x2 "
+                   "upsampling as a pointwise stencil fused with its neighbours (catseg.inference.stencil_upsampling)")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
                    "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
     p.add_argument("--fused-attention", choices=["kernel", "sdpa"], default="kernel", help="with --fused-kernels: "
@@ -408,6 +410,7 @@ def main(argv=None) -> dict:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     inference.subpixel_decoder(model, args.subpixel_decoder)
+    inference.stencil_upsampling(model, args.stencil_upsampling)
     for m in model.modules():
         if isinstance(m, RecomputedMlp):
             m.recompute = not args.no_mlp_recompute
@@ -428,6 +431,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "subpixel_decoder": args.subpixel_decoder,
+        "stencil_upsampling": args.stencil_upsampling,
         "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,

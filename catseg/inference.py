@@ -373,6 +373,18 @@ def subpixel_decoder(model: CatSeg, enable: bool = True) -> CatSeg:
     return _switch(model, [(stage, "subpixel", enable) for stage in model.decoder])
 
 
+def stencil_upsampling(model: CatSeg, enable: bool = True) -> CatSeg:
+    """Under torch.compile, run each bilinear decoder stage's x2 upsampling as a pointwise stencil
+    (`catseg.ops.upsample2x`), in place (`enable=False`: back to `catseg.ops.resize`'s two matrix products); returns
+    the model. Same function (exact to float64 rounding, gradients too). In the compiled code each stage's
+    upsampling becomes part of the kernel before it (the previous stage's GroupNorm and ReLU), written channels-last
+    for the convolution in one pass, where the matrix products take two library calls, their own passes over the
+    largest maps of the model and a copy to channels-last; its backward is fused likewise. Eager code is unchanged
+    (there the stencil would be several kernels). Off by default until a GPU measures it (bench
+    `--stencil-upsampling`); `train.stencil_upsampling` trains with it."""
+    return _switch(model, [(stage, "stencil", enable) for stage in model.decoder])
+
+
 def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     """Every convolution of the image path channels-last (NHWC), in place (`enable=False`: back to NCHW); returns the
     model: the guidance backbone (`backbone_channels_last`), the cost embedding and the decoder

@@ -135,8 +135,8 @@ def _residual_mlp_kernel(x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr,
 
 
 def _class_summary_kernel(x_ptr, gk_ptr, nw_ptr, nb_ptr, wk_ptr, wv_ptr, bv_ptr, kv_ptr, z_ptr, n, width, pixels,
-                          sb, sn, sc, sh, sw, swk, eps: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_F32: tl.constexpr, TF32: tl.constexpr):
+                          sb, sn, sc, sh, sw, swk, eps: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """The class aggregation's key/value summary of one pixel over the n classes of a chunk, head by head: with
     k = elu(key projection of layer_norm(x)) + 1 and v the value projection, kv[h] = sum_n k_h v_h^T (D x D) and
     z[h] = sum_n k_h. x (B, n, C, H, W) at any strides; gk (n, C): each class's key bias (text guidance term and
@@ -172,9 +172,8 @@ def _class_summary_kernel(x_ptr, gk_ptr, nw_ptr, nb_ptr, wk_ptr, wv_ptr, bv_ptr,
 def _class_update_kernel(x_ptr, out_ptr, gq_ptr, kv_ptr, z_ptr, n1w_ptr, n1b_ptr, wq_ptr, wp_ptr, bp_ptr, n2w_ptr,
                          n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, n, width, pixels, sb, sn, sc, sh, sw, ob, on, oc,
                          oh, ow, swq, eps1: tl.constexpr, eps2: tl.constexpr, attn_eps: tl.constexpr,
-                         C: tl.constexpr, D: tl.constexpr, HIDDEN: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
-                         TF32: tl.constexpr):
+                         C: tl.constexpr, D: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """The class aggregation block's output for BLOCK_N classes of one pixel, given the summary (kv, z) of all
     classes: head by head the queries, the linear attention and their share of the output projection; the residual,
     then the feed-forward half (as _residual_mlp_tile), written at the input's place in a tensor of the given
@@ -259,9 +258,10 @@ def _window_qkv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, gq_ptr, gk_ptr, nw_ptr, nb_pt
 
 
 def _window_output_kernel(o_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                          rows, height, width, som, sow, soh, sot, soe, eps2: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-                          HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr, TF32: tl.constexpr):
+                          rows, height, width, som, sow, soh, sot, soe, eps2: tl.constexpr, C: tl.constexpr,
+                          D: tl.constexpr, HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
+                          TF32: tl.constexpr):
     """The rest of a Swin block for BLOCK_M rows of the windows: the attention's output (maps, windows, heads, T, D
     at strides so*) through the output projection, added to x at the row's unshifted position, then the feed-forward
     half (as _residual_mlp_tile); written there into out (M, H, W, C)."""
@@ -298,10 +298,10 @@ def _shift_region(win, t, height, width, WINDOW: tl.constexpr, SHIFT: tl.constex
 
 
 def _window_block_kernel(q_ptr, k_ptr, v_ptr, x_ptr, out_ptr, wp_ptr, bp_ptr, n2w_ptr, n2b_ptr, w1_ptr, b1_ptr,
-                         w2_ptr, b2_ptr, height, width, scale: tl.constexpr, eps2: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-                         HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr, DOT_F32: tl.constexpr,
-                         TF32: tl.constexpr):
+                         w2_ptr, b2_ptr, height, width, scale: tl.constexpr, eps2: tl.constexpr, C: tl.constexpr,
+                         D: tl.constexpr, HIDDEN: tl.constexpr, WINDOW: tl.constexpr, SHIFT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, RELU: tl.constexpr,
+                         DOT_F32: tl.constexpr, TF32: tl.constexpr):
     """The rest of a Swin block from its queries, keys and values (rows, C in window order, as window_qkv writes
     them) for BLOCK_M tokens of one window: per head, softmax attention over the window's tokens (BLOCK_K keys at a
     time, online softmax; in a shifted map only tokens of the same region), its share of the output projection; then
@@ -508,7 +508,8 @@ def _window_block_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: tor
     d = c // heads
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _launch(_window_block_kernel, lambda meta: (q.shape[0], triton.cdiv(window * window, meta["BLOCK_M"])), x,
-            q, k, v, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, h, w, scale=d ** -0.5, eps2=eps2, C=c, D=d,
+            q, k, v, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, h, w, scale=d ** -0.5, eps2=eps2, C=c,
+            D=d,
             HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
     return out
 

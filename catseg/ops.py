@@ -86,6 +86,49 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return torch.matmul(rh, x @ rw.t())
 
 
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """`resize(x, (2H, 2W))`: x2 bilinear upsampling of the last two dims (align_corners=False).
+
+    Eagerly the two matrix products of `resize`. Under torch.compile the stencil it amounts to: along each axis,
+    output sample i is 3/4 of input sample i // 2 and 1/4 of its neighbour on i's side (the edge sample repeated
+    past the edge). That is a pointwise expression of x, which inductor fuses with the kernel producing x (the
+    decoder's GroupNorm and ReLU) and writes in the layout its consumer asks for (channels-last for the decoder's
+    convolution) in one pass; the matrix products are library calls, each with its own passes over memory, and a
+    copy to channels-last after them. The backward is the stencil's adjoint, pointwise too (autograd's would add
+    into the input's gradient with scattered, atomic, adds)."""
+    if not torch.compiler.is_compiling():
+        return resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+    return _Upsample2xAxis.apply(_Upsample2xAxis.apply(x, -1), -2)
+
+
+def _upsample2x_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    i = torch.arange(2 * x.shape[dim], device=x.device)
+    near = i // 2
+    far = (near + 2 * (i % 2) - 1).clamp(0, x.shape[dim] - 1)
+    return 0.75 * x.index_select(dim, near) + 0.25 * x.index_select(dim, far)
+
+
+def _upsample2x_axis_adjoint(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """The gradient of `_upsample2x_axis` along `dim` of length 2n: input k is the near sample of outputs 2k and
+    2k + 1 and the far one of outputs 2k - 1 and 2k + 2, or, at the edges, of the edge output itself."""
+    k = torch.arange(g.shape[dim] // 2, device=g.device)
+    last = g.shape[dim] - 1
+    near = g.index_select(dim, 2 * k) + g.index_select(dim, 2 * k + 1)
+    far = g.index_select(dim, (2 * k - 1).clamp(0, last)) + g.index_select(dim, (2 * k + 2).clamp(0, last))
+    return 0.75 * near + 0.25 * far
+
+
+class _Upsample2xAxis(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim = dim
+        return _upsample2x_axis(x, dim)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _upsample2x_axis_adjoint(g, ctx.dim), None
+
+
 @tensor_cache(maxsize=16)
 def _upsample_phases(device: torch.device) -> torch.Tensor:
     """(2, 3, 3) float64: for the even (0) and odd (1) output samples of a x2 bilinear upsampling, the weight of the

@@ -432,6 +432,56 @@ def test_upsampled_conv_does_a_third_of_the_arithmetic(cin, cout, size):
     assert expected <= fast < 1.03 * expected and fast < 0.4 * plain, (fast, plain, expected)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 2, 3), (2, 4, 7, 5), (1, 3, 24, 24)])
+def test_upsample_stencil_and_its_adjoint_equal_bilinear_upsampling(shape):
+    """The x2 bilinear upsampling as a stencil along each axis (catseg.ops.upsample2x under torch.compile) and its
+    written-out adjoint: F.interpolate's values and gradients to float64 rounding, edges and 1-pixel maps too."""
+    from catseg.ops import _Upsample2xAxis
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    out = _Upsample2xAxis.apply(_Upsample2xAxis.apply(x, -1), -2)
+    ref = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    up = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(torch.autograd.grad((out * up).sum(), x)[0],
+                               torch.autograd.grad((ref * up).sum(), x)[0], rtol=0, atol=1e-13)
+
+
+def test_compiled_decoder_with_the_stencil_upsampling_fuses_it():
+    """With `stencil_upsampling`, the compiled decoder (channels-last, as inference and training run it) gives the
+    plain decoder's output and input gradient, and its compiled forward has no matrix products (the plain one has
+    two per stage for the upsampling) and its backward no scattered adds."""
+    from torch._inductor.utils import run_and_get_code
+
+    from catseg.inference import decoder_channels_last, stencil_upsampling
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False)
+    decoder_channels_last(model)
+    cfg, g = model.config, torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, cfg.embed_dim, model.grid, model.grid, generator=g, requires_grad=True)
+    feats = [torch.randn(2, d, model.grid * 2 ** (i + 1), model.grid * 2 ** (i + 1), generator=g) if d else None
+             for i, d in enumerate(cfg.decoder_guidance_dims)]
+    up = torch.randn(2, 3, 4 * model.grid, 4 * model.grid, generator=g)
+
+    def step(decode):
+        out = decode(x, feats)
+        return out, torch.autograd.grad((out * up).sum(), x)[0]
+
+    reference = step(model.decode)
+    assert stencil_upsampling(model) is model and all(stage.stencil for stage in model.decoder)
+    assert step(model.decode)[0].equal(reference[0])  # eagerly: unchanged (resize's matrix products)
+    torch._dynamo.reset()
+    result, (forward, backward) = run_and_get_code(lambda: step(torch.compile(model.decode, fullgraph=True)))
+    for a, b in zip(result, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    forward, backward = forward[forward.index("def call("):], backward[backward.index("def call("):]
+    assert "extern_kernels.mm(" not in forward and "extern_kernels.bmm(" not in forward, forward
+    assert forward.count("extern_kernels.convolution(") == 3 * len(model.decoder) + 1  # x, guidance, second; head
+    assert "index_put" not in backward and "scatter" not in backward, backward
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_subpixel_decoder_equals_upsample_then_convolve(channels_last):
     """The bilinear decoder stages with `subpixel` give the logits and gradients of upsampling first and convolving

@@ -119,11 +119,13 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
     tokens are cached, so the text tower, which trains in the tiny preset, runs inside the graph), and the compiled
     forward and backward give the same losses step by step and the same weight names in the checkpoint.
     train.channels_last=true (the ResNet runs NHWC) gives the same losses too, and its checkpoint is written; so does
-    train.subpixel_decoder=true, compiled (the factored decoder convolution and its written-out backward in the graph).
+    train.subpixel_decoder=true, compiled (the factored decoder convolution and its written-out backward in the graph),
+    and train.stencil_upsampling=true, compiled (the decoder's upsampling and its adjoint fused into pointwise kernels).
     """
     runs = {"eager": "train.compile=false", "compiled": "train.compile=true",
             "channels_last": "train.channels_last=true",
-            "compiled_subpixel": "train.compile=true train.subpixel_decoder=true"}
+            "compiled_subpixel": "train.compile=true train.subpixel_decoder=true",
+            "compiled_stencil": "train.compile=true train.stencil_upsampling=true"}
     results = {}
     for name, setting in runs.items():
         run_dir = tmp_path / name
@@ -136,7 +138,7 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
             out[-2000:]
         results[name] = (_losses(run_dir), load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     eager, a = results["eager"]
-    for name in ("compiled", "channels_last", "compiled_subpixel"):
+    for name in ("compiled", "channels_last", "compiled_subpixel", "compiled_stencil"):
         losses, b = results[name]
         assert sorted(losses) == [1, 2, 3]
         assert all(abs(losses[s] - eager[s]) <= 1e-4 * abs(eager[s]) for s in eager), (name, eager, losses)

@@ -115,6 +115,7 @@ class TrainConfig:
     compile_mode: str = ""  # torch.compile mode; empty = its default; reduce-overhead adds its CUDA graphs
     channels_last: bool = False  # the convolutions (ResNet, cost embedding, decoder) run NHWC, cuDNN's bf16 layout
     subpixel_decoder: bool = False  # decoder upsampling + first convolution factored at the input's size (same result)
+    stencil_upsampling: bool = False  # compiled: the decoder's x2 upsampling as a fused pointwise stencil (same result)
     log_every: int = 20  # steps between logged metrics
     ckpt_every: int = 1000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted

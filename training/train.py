@@ -185,6 +185,10 @@ class Trainer:
             from catseg.inference import subpixel_decoder
 
             subpixel_decoder(model)
+        if cfg.train.stencil_upsampling:
+            from catseg.inference import stencil_upsampling
+
+            stencil_upsampling(model)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
             kwargs = {"mode": cfg.train.compile_mode} if cfg.train.compile_mode else {}
             if cfg.train.compile_scope == "model":
