@@ -509,8 +509,7 @@ def _window_block_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: tor
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     _launch(_window_block_kernel, lambda meta: (q.shape[0], triton.cdiv(window * window, meta["BLOCK_M"])), x,
             q, k, v, x, out, wp, bp, norm2_weight, norm2_bias, w1, b1, w2, b2, h, w, scale=d ** -0.5, eps2=eps2, C=c,
-            D=d,
-            HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
+            D=d, HIDDEN=w1.shape[0], WINDOW=window, SHIFT=shift, RELU=relu)
     return out
 
 
