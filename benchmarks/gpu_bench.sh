@@ -10,7 +10,8 @@
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
 # Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
-# compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones;
+# compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones,
+# `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs);
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile).
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
@@ -50,6 +51,10 @@ for v in $variants; do
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;
+        tests_train) echo "== tests_train: python -m pytest tests/test_gpu.py -k 'whole_model or never_waits'"
+            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "whole_model or never_waits" \
+                >"$out/tests_train.log" 2>&1
+            echo "   exit $?"; tail -3 "$out/tests_train.log" ;;
         tests_fused) echo "== tests_fused: python -m pytest tests/test_gpu.py -k fused_kernels"
             timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k fused_kernels >"$out/tests_fused.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests_fused.log" ;;
