@@ -379,6 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "--compile-model")
     if args.trace and not args.profile:
         p.error("--trace writes the traces of the profiled calls: add --profile")
+    if args.stencil_upsampling and not (args.compile or args.compile_model):
+        p.error("--stencil-upsampling acts on compiled code only: add --compile or --compile-model")
     if args.compile_mode in ("reduce-overhead", "max-autotune") and (args.compile or args.compile_encoders) \
             and not (args.no_inference or args.no_cuda_graphs):
         p.error(f"--compile-mode {args.compile_mode} makes torch.compile replay its own CUDA graphs, which the "

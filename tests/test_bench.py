@@ -124,6 +124,9 @@ def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(SystemExit):
             bench.main(["--preset", "catseg_tiny", "--compile", "--compile-mode", mode])
+    with pytest.raises(SystemExit):  # the stencil upsampling is compiled code's: refused without compiling
+        bench.parse_args(["--preset", "catseg_tiny", "--stencil-upsampling"])
+    assert bench.parse_args(["--stencil-upsampling", "--compile"]).stencil_upsampling
 
 
 def test_compiled_launch_count_reads_the_generated_code():

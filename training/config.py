@@ -128,6 +128,8 @@ class TrainConfig:
                f"train.mixed_precision = {self.mixed_precision!r}; choose one of: '' (launcher's), no, bf16, fp16")
         _choice("train.compile_scope", self.compile_scope, COMPILE_SCOPES)
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
+        _check(self.compile or not self.stencil_upsampling,
+               "train.stencil_upsampling = true acts on compiled code only; set train.compile: true as well")
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size = {self.batch_size} is not divisible by train.grad_accum = {self.grad_accum}")
 
