@@ -32,7 +32,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from catseg import create_model  # noqa: E402
+from catseg import create_model, inference  # noqa: E402
 from catseg.memcount import SavedForBackward, counting, mha_unfused  # noqa: E402
 from catseg.ops import one_hot_bce_with_logits, resize  # noqa: E402
 
@@ -54,9 +54,8 @@ def _build(preset: str, subpixel: bool = False, stencil: bool = False) -> torch.
     torch.manual_seed(0)
     model = create_model(preset)
     model.check_inputs = False
-    for stage in model.decoder:
-        stage.subpixel = subpixel  # UpStage: the factored upsampling convolution (bilinear stages only)
-        stage.stencil = stencil  # UpStage: compiled, the x2 upsampling as a fused stencil
+    inference.subpixel_decoder(model, subpixel)
+    inference.stencil_upsampling(model, stencil)
     model.config.class_chunk_size = None  # training runs all classes at once
     return model
 

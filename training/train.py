@@ -143,6 +143,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: str = "auto"):
         import catseg
+        from catseg import inference
 
         self.cfg, self.run_dir = cfg, cfg.run_dir()
         self.stop = StopRequest()  # from here on a signal means "checkpoint and stop", not "die"
@@ -178,17 +179,9 @@ class Trainer:
         if acc.num_processes > 1:
             freeze_unused(model, model.image_size, self.class_names, acc.device)
         if cfg.train.channels_last:
-            from catseg.inference import channels_last
-
-            channels_last(model)
-        if cfg.train.subpixel_decoder:
-            from catseg.inference import subpixel_decoder
-
-            subpixel_decoder(model)
-        if cfg.train.stencil_upsampling:
-            from catseg.inference import stencil_upsampling
-
-            stencil_upsampling(model)
+            inference.channels_last(model)
+        inference.subpixel_decoder(model, cfg.train.subpixel_decoder)
+        inference.stencil_upsampling(model, cfg.train.stencil_upsampling)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
             kwargs = {"mode": cfg.train.compile_mode} if cfg.train.compile_mode else {}
             if cfg.train.compile_scope == "model":
@@ -197,9 +190,7 @@ class Trainer:
                 # benchmarks/count_compiled_launches.py), autocast's weight casts folded into them.
                 model.compile(**kwargs)
             else:
-                from catseg.inference import compile_aggregation
-
-                compile_aggregation(model, **kwargs)
+                inference.compile_aggregation(model, **kwargs)
         with torch.no_grad():
             model.text_embeddings(self.class_names)  # the training vocabulary, encoded once and cached in the model
         optimizer = build_optimizer(model.parameter_groups(), cfg.optim)
