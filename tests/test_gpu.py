@@ -45,8 +45,8 @@ def test_graph_capture_succeeds_and_replays_the_eager_result(compile, subpixel, 
     the plain eager model computes."""
     model = _model()
     eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
-    for stage in model.decoder:
-        stage.subpixel, stage.stencil = subpixel, stencil
+    inference.subpixel_decoder(model, subpixel)
+    inference.stencil_upsampling(model, stencil)
     if compile:
         inference.compile_aggregation(model)
     graphed = _predict_without_capture_failure(Segmenter(model, device="cuda"))
