@@ -39,7 +39,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"decoder b_compile b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"decoder b_compile b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
@@ -84,6 +84,10 @@ for v in $variants; do
             --compile --no-train --fused-kernels --profile ;;
         b_compile_fused_sub) bench b16_compile_fused_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 20,150,847 --compile --no-train --fused-kernels --subpixel-decoder --profile ;;
+        b_compile_fused_class) bench b16_compile_fused_class 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --classes 150,847 --compile --no-train --fused-kernels --fused-parts class --profile ;;
+        b_compile_fused_spatial) bench b16_compile_fused_spatial 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --classes 150,847 --compile --no-train --fused-kernels --fused-parts spatial --profile ;;
         b_compile_fused_sdpa) bench b16_compile_fused_sdpa 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-attention sdpa ;;
         l_compile_fused) bench l14_compile_fused_kernels 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 \

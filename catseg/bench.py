@@ -359,6 +359,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "upsampling as a pointwise stencil fused with its neighbours (catseg.inference.stencil_upsampling)")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
                    "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
+    p.add_argument("--fused-parts", default=",".join(inference.FUSED_PARTS), help="with --fused-kernels: which "
+                   "blocks run as kernels, comma-separated: spatial (the Swin blocks), class (the class aggregation "
+                   "blocks); default both")
     p.add_argument("--fused-attention", choices=["kernel", "sdpa"], default="kernel", help="with --fused-kernels: "
                    "the Swin windows' attention inside the Triton kernel (kernel) or PyTorch's fused attention between "
                    "two kernels (sdpa)")
@@ -377,6 +380,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cpp_wrapper and not (args.compile or args.compile_encoders or args.compile_model):
         p.error("--cpp-wrapper changes how compiled code launches its kernels: add --compile, --compile-encoders or "
                 "--compile-model")
+    parts = args.fused_parts.split(",")
+    if not parts or not set(parts) <= set(inference.FUSED_PARTS):
+        p.error(f"--fused-parts {args.fused_parts}: give a comma-separated list of {', '.join(inference.FUSED_PARTS)}")
+    if args.fused_parts != ",".join(inference.FUSED_PARTS) and not args.fused_kernels:
+        p.error("--fused-parts chooses which blocks --fused-kernels runs as kernels: add --fused-kernels")
+    args.fused_parts = parts
     if args.trace and not args.profile:
         p.error("--trace writes the traces of the profiled calls: add --profile")
     if args.stencil_upsampling and not (args.compile or args.compile_model):
@@ -438,6 +447,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,
         "fused_attention": args.fused_attention if args.fused_kernels else None,
+        "fused_parts": args.fused_parts if args.fused_kernels else None,
         "inference": [], "training": None,
         "command": "python -m catseg.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -447,7 +457,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
     inference.channels_last(model, result["channels_last_inference"])  # as Segmenter does
-    inference.fused_kernels(model, args.fused_kernels, args.fused_attention)
+    inference.fused_kernels(model, args.fused_kernels, args.fused_attention, args.fused_parts)
     for batch in batches:
         for n in counts:
             profile = args.profile and batch == batches[0] and n == counts[-1]

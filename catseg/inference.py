@@ -394,9 +394,14 @@ def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     return decoder_channels_last(backbone_channels_last(model, enable), enable)
 
 
-def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel") -> CatSeg:
+FUSED_PARTS = ("spatial", "class")
+
+
+def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel",
+                  parts: Sequence[str] = FUSED_PARTS) -> CatSeg:
     """Run the aggregation blocks as Triton kernels in inference, in place (`enable=False`: back to the PyTorch
-    modules); returns the model. Each Swin block runs as two kernels: LayerNorm, shift, window partition and the
+    modules); returns the model. `parts` chooses which blocks are switched: "spatial" (the Swin blocks), "class"
+    (the class aggregation blocks) or both; the others are left as they are. Each Swin block runs as two kernels: LayerNorm, shift, window partition and the
     query / key / value projections (`catseg.kernels.window_qkv`), then the window attention, output projection,
     reverse shift, residual and the feed-forward half (`window_block`); with attention="sdpa" PyTorch's fused
     attention runs between the two and the second kernel starts from its output (`window_output`). Each class
@@ -408,7 +413,10 @@ def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel")
     Off by default until measured on a GPU (bench `--fused-kernels`)."""
     if attention not in ("kernel", "sdpa"):
         raise ValueError(f"attention={attention!r}; choose 'kernel' or 'sdpa'")
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, (GuidedSwinBlock, ClassAggregation))}
+    if isinstance(parts, str) or not set(parts) <= set(FUSED_PARTS):
+        raise ValueError(f"parts={parts!r}; choose a list of {', '.join(map(repr, FUSED_PARTS))}")
+    kinds = tuple(kind for part, kind in zip(FUSED_PARTS, (GuidedSwinBlock, ClassAggregation)) if part in parts)
+    blocks = {name: m for name, m in model.named_modules() if kinds and isinstance(m, kinds)}
     if enable:  # (a model with fake weights, being counted by catseg.memcount, runs no kernel)
         if not kernels.available() and not kernels.is_fake(next(model.parameters())):
             raise ValueError("fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1 to run them on the "

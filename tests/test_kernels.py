@@ -13,7 +13,7 @@ from torch import nn
 
 import catseg
 from catseg import aggregation, inference, kernels
-from catseg.bench import main as bench_main
+from catseg.bench import main as bench_main, parse_args as bench_parse_args
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="needs triton (and a GPU or its interpreter)")
 
@@ -161,6 +161,44 @@ def test_model_with_fused_kernels_equals_the_plain_model(monkeypatch, preset, cl
 
 
 @needs_kernels
+@pytest.mark.parametrize("parts", [("class",), ("spatial",)])
+def test_fused_kernels_of_one_part(monkeypatch, parts):
+    """`parts` switches the blocks of one part only: the other part's blocks keep the modules (no kernel of theirs
+    is called), and the logits still equal the plain model's; switching that part off again leaves the rest."""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=4).eval()
+    images, names = torch.rand(1, 3, 128, 128), [f"class {i}" for i in range(6)]
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        plain = model(images, names)
+        fused = inference.fused_kernels(model, parts=parts)(images, names)
+    swin = calls["window_qkv"] + calls["window_block"]
+    klass = calls["class_summary"] + calls["class_update"]
+    assert (swin > 0, klass > 0) == ("spatial" in parts, "class" in parts)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    inference.fused_kernels(model, parts=("spatial", "class"))
+    inference.fused_kernels(model, False, parts=parts)
+    other = aggregation.ClassAggregation if parts == ("spatial",) else aggregation.GuidedSwinBlock
+    switched = aggregation.GuidedSwinBlock if parts == ("spatial",) else aggregation.ClassAggregation
+    assert all(m.fused for m in model.modules() if isinstance(m, other))
+    assert not any(m.fused for m in model.modules() if isinstance(m, switched))
+
+
+def test_fused_parts_are_checked():
+    model = catseg.create_model("catseg_tiny")
+    for parts in ("class", ["decoder"], ("spatial", "klass")):  # a bare string would be read letter by letter
+        with pytest.raises(ValueError, match=r"parts=.*choose a list of 'spatial', 'class'"):
+            inference.fused_kernels(model, parts=parts)
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+    for argv in (["--fused-parts", "class"], ["--fused-kernels", "--fused-parts", "class,decoder"],
+                 ["--fused-kernels", "--fused-parts", ""]):
+        with pytest.raises(SystemExit):  # without --fused-kernels, or a part that does not exist
+            bench_parse_args(["--preset", "catseg_tiny", *argv])
+    assert bench_parse_args(["--fused-kernels", "--fused-parts", "class"]).fused_parts == ["class"]
+    assert bench_parse_args(["--fused-kernels"]).fused_parts == ["spatial", "class"]
+
+
+@needs_kernels
 def test_segmenter_with_fused_kernels_predicts_what_the_modules_do():
     torch.manual_seed(0)
     model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=4)
@@ -248,11 +286,13 @@ def test_counted_traffic_with_fused_kernels():
     """Counted on fake tensors (no kernel runs, no GPU needed): the same FLOPs (the operator declares those of its
     two products), fewer operators and fewer bytes moved, a lower peak (no hidden layer is ever stored)."""
     args = ["--preset", "catseg_tiny", "--count-memory", "--classes", "40", "--no-train"]
-    plain, fused = (bench_main(args + extra)["inference"][0] for extra in ([], ["--fused-kernels"]))
+    plain, fused, klass = (bench_main(args + extra)["inference"][0] for extra in
+                           ([], ["--fused-kernels"], ["--fused-kernels", "--fused-parts", "class"]))
     assert fused["flops"] == plain["flops"] and fused["flops_by_part"] == plain["flops_by_part"]
     assert fused["operators"] < plain["operators"]
     assert fused["bytes_moved"] < 0.9 * plain["bytes_moved"]
     assert fused["peak_memory_bytes"] <= plain["peak_memory_bytes"]
+    assert fused["bytes_moved"] < klass["bytes_moved"] < plain["bytes_moved"]  # the class blocks' share only
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs triton")
