@@ -50,12 +50,13 @@ def count_calls(code: str) -> dict:
             "library": dict(library.most_common())}
 
 
-def _build(preset: str, subpixel: bool = False, stencil: bool = False) -> torch.nn.Module:
+def _build(preset: str, subpixel: bool = False, stencil: bool = False, reductions: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(preset)
     model.check_inputs = False
     inference.subpixel_decoder(model, subpixel)
     inference.stencil_upsampling(model, stencil)
+    inference.class_attention_reductions(model, reductions)
     model.config.class_chunk_size = None  # training runs all classes at once
     return model
 
@@ -104,12 +105,14 @@ def main(argv=None) -> dict:
                    "stages' upsampling and first convolution factored at the input's size (UpStage.subpixel)")
     p.add_argument("--stencil-upsampling", action="store_true", help="as the bench's flag: compiled, the decoder's "
                    "x2 upsampling as a pointwise stencil (UpStage.stencil)")
+    p.add_argument("--class-attention-reductions", action="store_true", help="as the bench's flag: compiled, the "
+                   "class aggregation's linear attention as fused reductions (ClassAggregation.reductions)")
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
 
     eager = eager_operators(args.preset, args.batch, args.classes, args.subpixel_decoder)
     print(f"eager operators: forward {eager['forward']}, loss + backward {eager['backward']}")
-    model = _build(args.preset, args.subpixel_decoder, args.stencil_upsampling)
+    model = _build(args.preset, args.subpixel_decoder, args.stencil_upsampling, args.class_attention_reductions)
     forward, backward = _step(model, args.batch, args.classes)
     recorder = SavedForBackward()
     model.compile(backend=recorder)
@@ -119,6 +122,7 @@ def main(argv=None) -> dict:
     graphs = [count_calls(code) for code in codes]
     result = {"preset": args.preset, "batch": args.batch, "classes": args.classes,
               "subpixel_decoder": args.subpixel_decoder, "stencil_upsampling": args.stencil_upsampling,
+              "class_attention_reductions": args.class_attention_reductions,
               "torch": torch.__version__,
               "compile_and_run_s": round(time.perf_counter() - t, 1), "eager_operators": eager, "graphs": graphs,
               "launches": sum(g["fused_kernels"] + g["library_calls"] for g in graphs),

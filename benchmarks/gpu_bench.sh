@@ -13,6 +13,8 @@
 # compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones,
 # `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs);
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile).
+# `*_forms` variants take the compiled forms not yet measured together (the decoder's stencil upsampling, the class
+# attention's reductions): each acts on its own part, so the profile's time by part tells them apart.
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -39,7 +41,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"decoder b_compile b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"tests_train b_compile b_compile_forms b_model_cl_ro_forms decoder b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
@@ -76,6 +78,14 @@ for v in $variants; do
             --compile --no-train --subpixel-decoder ;;
         b_compile_stencil) bench b16_compile_stencil 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
             --compile --no-train --stencil-upsampling --profile ;;
+        b_compile_forms) bench b16_compile_forms 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
+            --compile --no-train --stencil-upsampling --class-attention-reductions --profile ;;
+        b_model_cl_ro_forms) bench b16_compile_model_cl_ro_forms 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling \
+            --class-attention-reductions ;;
+        l_model_cl_ro_forms) bench l14_compile_model_cl_ro_forms 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \
+            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling \
+            --class-attention-reductions ;;
         b_model_cl_ro_stencil) bench b16_compile_model_cl_ro_stencil 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling ;;
         l_model_cl_ro_stencil) bench l14_compile_model_cl_ro_stencil 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \

@@ -262,6 +262,10 @@ class ClassAggregation(nn.Module):
     # (`fuses_whole_block` False, or a pooling block) its feed-forward half alone
     fused = False
     fuses_whole_block = True
+    # compiled: the linear attention's products as multiply-and-sum reductions, which inductor fuses with the feature
+    # map, the normalisation and the layout changes into one kernel per pass, instead of batched 32 x 32 matrix
+    # products per pixel and head between layout copies (switched by catseg.inference.class_attention_reductions)
+    reductions = False
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, eps: float = 1e-6):
         super().__init__()
@@ -309,6 +313,8 @@ class ClassAggregation(nn.Module):
         t = self.norm1(self._tokens(xs))
         k = _elu_feature_map(rearrange(self._qk(self.k, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
         v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=self.num_heads)
+        if self._reducing():
+            return (k.unsqueeze(-1) * v.unsqueeze(-2)).sum(dim=2), k.sum(dim=2)
         return torch.einsum("bpnhd,bpnhe->bphde", k, v), k.sum(dim=2)
 
     def update(self, xs: torch.Tensor, g: Optional[torch.Tensor], kv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -318,14 +324,22 @@ class ClassAggregation(nn.Module):
         t0 = self._tokens(xs)
         t = self.norm1(t0)
         q = _elu_feature_map(rearrange(self._qk(self.q, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
-        num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
-        den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
+        if self._reducing():
+            num = (q.unsqueeze(-1) * kv.unsqueeze(2)).sum(dim=-2)
+            den = (q * z.unsqueeze(2)).sum(dim=-1, keepdim=True) + self.eps
+        else:
+            num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
+            den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
         y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
         if self.fused and not torch.is_grad_enabled():
             y = kernels.residual_mlp(y, self.norm2, self.mlp)
         else:
             y = y + self.mlp(self.norm2(y))
         return self._residual(xs, y - t0)
+
+    def _reducing(self) -> bool:
+        # eagerly the broadcast products would be stored whole (n x d x d per pixel and head): compiled code only
+        return self.reductions and torch.compiler.is_compiling()
 
     def _whole_block_kernels(self) -> bool:
         return (self.fused and self.fuses_whole_block and not torch.is_grad_enabled()

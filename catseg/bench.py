@@ -357,6 +357,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "convolving the upsampled map")
     p.add_argument("--stencil-upsampling", action="store_true", help="compiled bilinear decoder stages: the x2 "
                    "upsampling as a pointwise stencil fused with its neighbours (catseg.inference.stencil_upsampling)")
+    p.add_argument("--class-attention-reductions", action="store_true", help="compiled class aggregation: the "
+                   "linear attention's products as fused multiply-and-sum reductions instead of batched matrix "
+                   "products (catseg.inference.class_attention_reductions)")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
                    "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
     p.add_argument("--fused-parts", default=",".join(inference.FUSED_PARTS), help="with --fused-kernels: which "
@@ -390,6 +393,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--trace writes the traces of the profiled calls: add --profile")
     if args.stencil_upsampling and not (args.compile or args.compile_model):
         p.error("--stencil-upsampling acts on compiled code only: add --compile or --compile-model")
+    if args.class_attention_reductions and not (args.compile or args.compile_model):
+        p.error("--class-attention-reductions acts on compiled code only: add --compile or --compile-model")
     if args.compile_mode in ("reduce-overhead", "max-autotune") and (args.compile or args.compile_encoders) \
             and not (args.no_inference or args.no_cuda_graphs):
         p.error(f"--compile-mode {args.compile_mode} makes torch.compile replay its own CUDA graphs, which the "
@@ -422,6 +427,7 @@ def main(argv=None) -> dict:
         model.set_grad_checkpointing(True)
     inference.subpixel_decoder(model, args.subpixel_decoder)
     inference.stencil_upsampling(model, args.stencil_upsampling)
+    inference.class_attention_reductions(model, args.class_attention_reductions)
     for m in model.modules():
         if isinstance(m, RecomputedMlp):
             m.recompute = not args.no_mlp_recompute
@@ -442,7 +448,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "subpixel_decoder": args.subpixel_decoder,
-        "stencil_upsampling": args.stencil_upsampling,
+        "stencil_upsampling": args.stencil_upsampling, "class_attention_reductions": args.class_attention_reductions,
         "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,

@@ -385,6 +385,19 @@ def stencil_upsampling(model: CatSeg, enable: bool = True) -> CatSeg:
     return _switch(model, [(stage, "stencil", enable) for stage in model.decoder])
 
 
+def class_attention_reductions(model: CatSeg, enable: bool = True) -> CatSeg:
+    """Under torch.compile, compute the class aggregation's linear attention (the key/value summary S = sum_n
+    phi(k_n) v_n^T per pixel and head, and the queries' phi(q) S and phi(q) z) as multiply-and-sum reductions
+    instead of batched matrix products, in place; returns the model. Inductor then fuses each pass, feature map,
+    normalisation and layout changes included, into one kernel, where the products were library calls on 32 x 32
+    matrices per pixel and head (5 views x 576 pixels x 4 heads = 11520 per class chunk for the presets) with
+    layout copies around them (in the H200's compiled 847-class profile the batched products, these among them,
+    took 14 ms). Same function; eager code keeps the products (there the broadcast product would be stored
+    whole). Off by default until a GPU measures it (bench
+    `--class-attention-reductions`); `train.class_attention_reductions` trains with it."""
+    return _switch(model, [(m, "reductions", enable) for m in model.modules() if isinstance(m, ClassAggregation)])
+
+
 def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
     """Every convolution of the image path channels-last (NHWC), in place (`enable=False`: back to NCHW); returns the
     model: the guidance backbone (`backbone_channels_last`), the cost embedding and the decoder

@@ -127,6 +127,9 @@ def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
     with pytest.raises(SystemExit):  # the stencil upsampling is compiled code's: refused without compiling
         bench.parse_args(["--preset", "catseg_tiny", "--stencil-upsampling"])
     assert bench.parse_args(["--stencil-upsampling", "--compile"]).stencil_upsampling
+    with pytest.raises(SystemExit):  # so do the class attention's reductions
+        bench.parse_args(["--preset", "catseg_tiny", "--class-attention-reductions"])
+    assert bench.parse_args(["--class-attention-reductions", "--compile-model"]).class_attention_reductions
 
 
 def test_compiled_launch_count_reads_the_generated_code():
@@ -191,7 +194,9 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
     defined = dict(re.findall(r"^\s+(\w+)\) bench (.*?) ;;", script, flags=re.M))
     default = re.search(r'variants=\$\{\*:-"([^"]+)"\}', script).group(1).split()
     assert {"b_compile", "b_model_cl", "l_model_cl_ro"} <= defined.keys()
-    assert set(default) <= defined.keys() | {"tests", "decoder"}, set(default) - defined.keys()
+    cases = set(re.findall(r"^\s+(\w+)\)", script, flags=re.M))  # the bench variants and the others (tests, ...)
+    assert {"tests", "tests_train", "decoder"} <= cases - defined.keys()
+    assert set(default) <= cases, set(default) - cases
     assert "benchmarks/bench_decoder.py" in script.split("\n        decoder)")[1].split(";;")[0]  # runs no catseg.bench
     for name, line in defined.items():
         line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")

@@ -482,6 +482,52 @@ def test_compiled_decoder_with_the_stencil_upsampling_fuses_it():
     assert "index_put" not in backward and "scatter" not in backward, backward
 
 
+def test_compiled_class_attention_reductions_equal_the_products(guidance=16):
+    """With `class_attention_reductions`, the compiled class aggregation block (two chunks: the summary accumulated
+    over them, then each chunk's update) gives the products' output and gradients, and its compiled code has no
+    batched matrix product left (the plain compiled block has one per pass); eagerly nothing changes."""
+    from torch._inductor.utils import run_and_get_code
+
+    from catseg.aggregation import ClassAggregation
+    from catseg.inference import class_attention_reductions
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny")
+    block = ClassAggregation(32, guidance, 4, 4.0, 2).eval()
+    g = torch.Generator().manual_seed(4)
+    for p in block.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    xs = [torch.randn(2, n, 32, 6, 5, generator=g, requires_grad=True) for n in (3, 4)]
+    text = torch.randn(7, guidance, generator=g) if guidance else None
+    chunks = [slice(0, 3), slice(3, 7)]
+    up = [torch.randn(x.shape, generator=g) for x in xs]
+
+    def step():
+        out = block(xs, text, chunks)
+        loss = sum((o * u).sum() for o, u in zip(out, up))
+        return out, torch.autograd.grad(loss, xs)
+
+    reference = step()
+    assert class_attention_reductions(model) is model
+    assert all(m.reductions for m in model.modules() if isinstance(m, ClassAggregation))
+    block.reductions = True
+    for a, b in zip(step()[0], reference[0]):  # eagerly: the products, unchanged
+        assert a.equal(b)
+    codes = []
+    for reductions in (False, True):
+        block.reductions = reductions
+        torch._dynamo.reset()
+        block.summary = torch.compile(ClassAggregation.summary.__get__(block), fullgraph=True)
+        block.update = torch.compile(ClassAggregation.update.__get__(block), fullgraph=True)
+        result, code = run_and_get_code(step)
+        for a, b in zip([*result[0], *result[1]], [*reference[0], *reference[1]]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        codes.append("".join(c[c.index("def call("):] for c in code))
+        del block.summary, block.update
+    assert "extern_kernels.bmm(" in codes[0]
+    assert "bmm(" not in codes[1], codes[1]
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_subpixel_decoder_equals_upsample_then_convolve(channels_last):
     """The bilinear decoder stages with `subpixel` give the logits and gradients of upsampling first and convolving

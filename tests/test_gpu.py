@@ -37,16 +37,17 @@ def _predict_without_capture_failure(seg: Segmenter, names=NAMES):
     return out
 
 
-@pytest.mark.parametrize("compile, subpixel, stencil", [(False, False, False), (True, False, False),
-                                                      (False, True, False), (True, True, False), (True, False, True)])
-def test_graph_capture_succeeds_and_replays_the_eager_result(compile, subpixel, stencil):
+@pytest.mark.parametrize("compile, subpixel, forms", [(False, False, False), (True, False, False),
+                                                   (False, True, False), (True, True, False), (True, False, True)])
+def test_graph_capture_succeeds_and_replays_the_eager_result(compile, subpixel, forms):
     """Eager or compiled, plain or sub-pixel decoder (UpStage.subpixel: replicate padding and pixel shuffle in bf16,
-    its phase matrices built on the GPU), compiled with the stencil upsampling: the graph captures and replays what
-    the plain eager model computes."""
+    its phase matrices built on the GPU), compiled with the stencil upsampling and the class attention's
+    reductions: the graph captures and replays what the plain eager model computes."""
     model = _model()
     eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
     inference.subpixel_decoder(model, subpixel)
-    inference.stencil_upsampling(model, stencil)
+    inference.stencil_upsampling(model, forms)
+    inference.class_attention_reductions(model, forms)
     if compile:
         inference.compile_aggregation(model)
     graphed = _predict_without_capture_failure(Segmenter(model, device="cuda"))

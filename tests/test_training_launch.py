@@ -120,12 +120,13 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
     forward and backward give the same losses step by step and the same weight names in the checkpoint.
     train.channels_last=true (the ResNet runs NHWC) gives the same losses too, and its checkpoint is written; so does
     train.subpixel_decoder=true, compiled (the factored decoder convolution and its written-out backward in the graph),
-    and train.stencil_upsampling=true, compiled (the decoder's upsampling and its adjoint fused into pointwise kernels).
+    and, compiled together, train.stencil_upsampling=true (the decoder's upsampling and its adjoint fused into
+    pointwise kernels) and train.class_attention_reductions=true (the class attention's products as reductions).
     """
     runs = {"eager": "train.compile=false", "compiled": "train.compile=true",
             "channels_last": "train.channels_last=true",
             "compiled_subpixel": "train.compile=true train.subpixel_decoder=true",
-            "compiled_stencil": "train.compile=true train.stencil_upsampling=true"}
+            "compiled_forms": "train.compile=true train.stencil_upsampling=true train.class_attention_reductions=true"}
     results = {}
     for name, setting in runs.items():
         run_dir = tmp_path / name
@@ -138,7 +139,7 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
             out[-2000:]
         results[name] = (_losses(run_dir), load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     eager, a = results["eager"]
-    for name in ("compiled", "channels_last", "compiled_subpixel", "compiled_stencil"):
+    for name in ("compiled", "channels_last", "compiled_subpixel", "compiled_forms"):
         losses, b = results[name]
         assert sorted(losses) == [1, 2, 3]
         assert all(abs(losses[s] - eager[s]) <= 1e-4 * abs(eager[s]) for s in eager), (name, eager, losses)
