@@ -12,7 +12,8 @@
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
 # compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones,
 # `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs);
-# `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile).
+# `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile);
+# `class_aggregation` one class aggregation block alone: products, reductions, Triton kernels (bench_class_aggregation.py).
 # `*_forms` variants take the compiled forms not yet measured together (the decoder's stencil upsampling, the class
 # attention's reductions): each acts on its own part, so the profile's time by part tells them apart.
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
@@ -41,7 +42,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"tests_train b_compile b_compile_forms b_model_cl_ro_forms decoder b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"tests_train class_aggregation b_compile b_compile_forms b_model_cl_ro_forms decoder b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
@@ -50,6 +51,10 @@ for v in $variants; do
                 timeout 240 python3 benchmarks/bench_decoder.py $c --profile --json "$out/$name.json" >"$out/$name.log" 2>&1
                 echo "   exit $?"; tail -2 "$out/$name.log"
             done ;;
+        class_aggregation) echo "== class_aggregation: python benchmarks/bench_class_aggregation.py --compile --profile"
+            timeout 240 python3 benchmarks/bench_class_aggregation.py --compile --profile --json "$out/$v.json" \
+                >"$out/$v.log" 2>&1
+            echo "   exit $?"; grep "max |difference|" "$out/$v.log" ;;
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;

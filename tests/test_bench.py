@@ -195,26 +195,30 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
     default = re.search(r'variants=\$\{\*:-"([^"]+)"\}', script).group(1).split()
     assert {"b_compile", "b_model_cl", "l_model_cl_ro"} <= defined.keys()
     cases = set(re.findall(r"^\s+(\w+)\)", script, flags=re.M))  # the bench variants and the others (tests, ...)
-    assert {"tests", "tests_train", "decoder"} <= cases - defined.keys()
+    assert {"tests", "tests_train", "decoder", "class_aggregation"} <= cases - defined.keys()
     assert set(default) <= cases, set(default) - cases
     assert "benchmarks/bench_decoder.py" in script.split("\n        decoder)")[1].split(";;")[0]  # runs no catseg.bench
+    assert "benchmarks/bench_class_aggregation.py --compile" in script.split("\n        class_aggregation)")[1]
     for name, line in defined.items():
         line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")
         args = shlex.split(line)[3:]  # json name, time limit, working folder
         bench.parse_args(args)  # argparse exits (SystemExit) on a flag or combination it refuses
 
 
+def _benchmark_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_path, capsys):
     """benchmarks/bench_decoder.py runs the preset's decoder alone, plain (NHWC and NCHW) and factored, in inference
     and training, reports how far each result is from the plain one and, with --profile, each form's kernels."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decoder.py"
-    spec = importlib.util.spec_from_file_location("bench_decoder", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "decoder.json"
-    result = module.main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2", "--warmup", "1",
+    result = _benchmark_script("bench_decoder").main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2", "--warmup", "1",
                           "--profile", "--json", str(out)])
     assert json.loads(out.read_text()) == result and result["maps"] == 10
     for name in ("plain", "factored"):
@@ -225,6 +229,22 @@ def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_
     printed = capsys.readouterr().out
     tables = printed.split("time line:")[1:]  # one per form, its kernels the largest first
     assert len(tables) == 3 and all("convolution" in table for table in tables), printed
+
+
+def test_class_aggregation_bench_times_products_against_reductions(tmp_path, capsys):
+    """benchmarks/bench_class_aggregation.py runs one class aggregation block alone over class chunks, compiled as
+    products and as reductions, in inference and training; the two agree, and the profile shows the products'
+    batched matrix products in the first form only."""
+    out = tmp_path / "class.json"
+    result = _benchmark_script("bench_class_aggregation").main(
+        ["--preset", "catseg_tiny", "--classes", "9", "--class-chunk", "4", "--train-classes", "5", "--compile",
+         "--repeats", "2", "--warmup", "1", "--profile", "--json", str(out)])
+    assert json.loads(out.read_text()) == result and result["chunks"] == [3, 3, 3]
+    for name in ("products", "reductions"):
+        assert result[name]["inference_ms"] > 0 and result[name]["train_ms"] > 0
+    assert result["products"]["max_abs_difference"] == 0 and result["reductions"]["max_abs_difference"] < 1e-4
+    tables = capsys.readouterr().out.split("time line:")[1:]
+    assert len(tables) == 2 and "aten::bmm" in tables[0] and "bmm" not in tables[1], tables
 
 
 def test_bench_subpixel_decoder_switch(tmp_path):

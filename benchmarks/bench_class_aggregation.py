@@ -1,0 +1,121 @@
+"""One class aggregation block alone, in each of its forms, at a preset's widths: the linear attention as batched
+matrix products (the modules, eager or compiled), as multiply-and-sum reductions (compiled only,
+`catseg.inference.class_attention_reductions`) and, on a GPU, as catseg's Triton kernels
+(`catseg.inference.fused_kernels`, inference only).
+
+    python benchmarks/bench_class_aggregation.py [--preset catseg_vitb16_r101] [--classes 847] [--compile] [--profile]
+
+The block runs as a patch inference runs it: 5 views of the preset's cost grid, the classes in chunks (847 classes:
+7 x 121), the key/value summary accumulated over the chunks, then each chunk's update; text guidance of the
+preset's width. Training: forward + backward with the training's 2x2 pooling, the classes in one chunk as the
+trainer runs them (`--train-classes`, 4 images). bf16 autocast on a GPU, float32 on a CPU; compiled as
+`catseg.inference.compile_aggregation` compiles it (the summary and the update, each on one chunk). Reports the
+median milliseconds per call (CUDA events on a GPU) and the largest difference from the products' result.
+`--profile`: each form's inference kernels, the largest first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from catseg import create_model, kernels  # noqa: E402
+from catseg.aggregation import ClassAggregation, chunk_slices  # noqa: E402
+from catseg.bench import profile_table, time_ms  # noqa: E402
+from catseg.inference import DEFAULT_CLASS_CHUNK  # noqa: E402
+
+
+def _compiled(block: ClassAggregation, compile: bool) -> None:
+    """The block's summary and update compiled afresh (the form switches are read while tracing), or eager."""
+    for name in ("summary", "update"):
+        block.__dict__.pop(name, None)
+    if compile:
+        torch._dynamo.reset()
+        for name in ("summary", "update"):
+            setattr(block, name, torch.compile(getattr(block, name)))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="catseg_vitb16_r101")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--classes", type=int, default=None, help="inference classes (default: 847 on a GPU, 24 on a CPU)")
+    p.add_argument("--class-chunk", type=int, default=DEFAULT_CLASS_CHUNK)
+    p.add_argument("--train-classes", type=int, default=None, help="training classes (default: 171 on a GPU, 12 on "
+                   "a CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the block (and add the reductions form)")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--profile", action="store_true", help="print each form's inference kernels, the largest first")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    classes = args.classes or (847 if gpu else 24)
+    train_classes = args.train_classes or (171 if gpu else 12)
+
+    torch.manual_seed(0)
+    model = create_model(args.preset).to(device)
+    block = model.layers[0].klass
+    cfg, grid = model.config, model.grid
+    g = torch.Generator(device=device).manual_seed(1)
+    chunks = chunk_slices(classes, args.class_chunk)
+    xs = [torch.randn(5, sl.stop - sl.start, cfg.embed_dim, grid, grid, device=device, generator=g) for sl in chunks]
+    text = torch.randn(classes, cfg.text_guidance_dim, device=device, generator=g) if cfg.text_guidance_dim else None
+    x_train = torch.randn(4, train_classes, cfg.embed_dim, grid, grid, device=device, generator=g)
+    text_train = text[:train_classes] if text is not None else None
+    results = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if gpu
+               else platform.processor() or platform.machine(), "torch": torch.__version__, "classes": classes,
+               "chunks": [sl.stop - sl.start for sl in chunks], "train_classes": train_classes,
+               "precision": "bf16" if gpu else "fp32", "compile": args.compile,
+               "command": "python benchmarks/bench_class_aggregation.py " +
+                          " ".join(argv if argv is not None else sys.argv[1:])}
+    # name, reductions, Triton kernels
+    forms = [("products", False, False)]
+    if args.compile:
+        forms.append(("reductions", True, False))
+    if gpu and kernels.available():
+        forms.append(("kernels", False, True))
+    reference = None
+    for name, reductions, fused in forms:
+        block.reductions, block.fused = reductions, fused
+        _compiled(block, args.compile)
+
+        def infer():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                return block.eval()(xs, text, chunks)
+
+        out = torch.cat([o.float() for o in infer()], dim=1)
+        reference = out if reference is None else reference
+        row = {"inference_ms": time_ms(infer, device, args.warmup, args.repeats),
+               "max_abs_difference": (out - reference).abs().max().item()}
+        if not args.no_train and not fused:  # (the kernels are for inference)
+            xg = x_train.clone().requires_grad_()
+
+            def train():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                    y = block.train()([xg], text_train, [slice(0, train_classes)])[0]
+                y.float().square().mean().backward()
+
+            row["train_ms"] = time_ms(train, device, args.warmup, args.repeats)
+        results[name] = row
+        print(f"{name:12s} inference {row['inference_ms']:9.2f} ms" +
+              (f"   training forward + backward {row['train_ms']:9.2f} ms" if "train_ms" in row else "") +
+              f"   max |difference| {row['max_abs_difference']:.2e}", flush=True)
+        if args.profile:
+            print(profile_table(infer, device, rows=12))
+    block.reductions = block.fused = False
+    _compiled(block, False)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
