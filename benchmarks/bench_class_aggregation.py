@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model, kernels  # noqa: E402
 from catseg.aggregation import ClassAggregation, chunk_slices  # noqa: E402
-from catseg.bench import profile_table, time_ms  # noqa: E402
+from catseg.bench import add_form_bench_args, report_form, time_ms  # noqa: E402
 from catseg.inference import DEFAULT_CLASS_CHUNK  # noqa: E402
 
 
@@ -49,11 +49,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train-classes", type=int, default=None, help="training classes (default: 171 on a GPU, 12 on "
                    "a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the block (and add the reductions form)")
-    p.add_argument("--no-train", action="store_true", help="inference only")
-    p.add_argument("--profile", action="store_true", help="print each form's inference kernels, the largest first")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", help="write the results here")
+    add_form_bench_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -105,11 +101,7 @@ def main(argv=None) -> dict:
 
             row["train_ms"] = time_ms(train, device, args.warmup, args.repeats)
         results[name] = row
-        print(f"{name:12s} inference {row['inference_ms']:9.2f} ms" +
-              (f"   training forward + backward {row['train_ms']:9.2f} ms" if "train_ms" in row else "") +
-              f"   max |difference| {row['max_abs_difference']:.2e}", flush=True)
-        if args.profile:
-            print(profile_table(infer, device, rows=12))
+        report_form(name, row, infer, device, args.profile)
     block.reductions = block.fused = False
     _compiled(block, False)
     if args.json:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model, ops  # noqa: E402
-from catseg.bench import profile_table, time_ms  # noqa: E402
+from catseg.bench import add_form_bench_args, report_form, time_ms  # noqa: E402
 from catseg.inference import decoder_channels_last, stencil_upsampling, subpixel_decoder  # noqa: E402
 
 
@@ -35,11 +35,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--maps", type=int, default=None, help="class maps per call (default: 640 on a GPU, 20 on a CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (model.decode)")
-    p.add_argument("--no-train", action="store_true", help="inference only")
-    p.add_argument("--profile", action="store_true", help="print each form's inference kernels, the largest first")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", help="write the results here")
+    add_form_bench_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     maps = args.maps or (640 if device.type == "cuda" else 20)
@@ -90,11 +86,7 @@ def main(argv=None) -> dict:
 
             row["train_ms"] = time_ms(train, device, args.warmup, args.repeats)
         results[name] = row
-        print(f"{name:16s} inference {row['inference_ms']:9.2f} ms" +
-              (f"   training forward + backward {row['train_ms']:9.2f} ms" if "train_ms" in row else "") +
-              f"   max |difference| {row['max_abs_difference']:.2e}")
-        if args.profile:
-            print(profile_table(infer, device, rows=12))
+        report_form(name, row, infer, device, args.profile)
     ops.GATHER_WHEN_COMPILED = False
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

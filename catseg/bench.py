@@ -119,6 +119,26 @@ class PeakMemory:
         self.seconds = time.perf_counter() - self._t0
 
 
+def add_form_bench_args(p: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time one part of the model in each of its forms (benchmarks/
+    bench_decoder.py, bench_class_aggregation.py)."""
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--profile", action="store_true", help="print each form's inference kernels, the largest first")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", help="write the results here")
+
+
+def report_form(name: str, row: dict, infer: Callable[[], object], device: torch.device, profile: bool) -> None:
+    """Print one form's line (inference, training forward + backward, difference from the first form) and, with
+    `profile`, its inference kernels."""
+    print(f"{name:16s} inference {row['inference_ms']:9.2f} ms" +
+          (f"   training forward + backward {row['train_ms']:9.2f} ms" if "train_ms" in row else "") +
+          f"   max |difference| {row['max_abs_difference']:.2e}", flush=True)
+    if profile:
+        print(profile_table(infer, device, rows=12))
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Median milliseconds of fn() after warm-up (CUDA events on a GPU, perf_counter on CPU)."""
     for _ in range(warmup):
