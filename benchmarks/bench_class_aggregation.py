@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     train_classes = args.train_classes or (171 if gpu else 12)
 
     torch.manual_seed(0)
-    model = create_model(args.preset).to(device)
+    model = create_model(args.preset, zero_init_residual=False).to(device)  # (zero branches: equal by construction)
     block = model.layers[0].klass
     cfg, grid = model.config, model.grid
     g = torch.Generator(device=device).manual_seed(1)
