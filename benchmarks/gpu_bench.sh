@@ -83,7 +83,7 @@ for v in $variants; do
             --compile --no-train --subpixel-decoder ;;
         b_compile_stencil) bench b16_compile_stencil 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
             --compile --no-train --stencil-upsampling --profile ;;
-        b_compile_forms) bench b16_compile_forms 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
+        b_compile_forms) bench b16_compile_forms 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
             --compile --no-train --stencil-upsampling --class-attention-reductions --profile ;;
         b_model_cl_ro_forms) bench b16_compile_model_cl_ro_forms 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling \
