@@ -386,15 +386,14 @@ def stencil_upsampling(model: CatSeg, enable: bool = True) -> CatSeg:
 
 
 def class_attention_reductions(model: CatSeg, enable: bool = True) -> CatSeg:
-    """Under torch.compile, compute the class aggregation's linear attention (the key/value summary S = sum_n
-    phi(k_n) v_n^T per pixel and head, and the queries' phi(q) S and phi(q) z) as multiply-and-sum reductions
-    instead of batched matrix products, in place; returns the model. Inductor then fuses each pass, feature map,
-    normalisation and layout changes included, into one kernel, where the products were library calls on 32 x 32
-    matrices per pixel and head (5 views x 576 pixels x 4 heads = 11520 per class chunk for the presets) with
-    layout copies around them (in the H200's compiled 847-class profile the batched products, these among them,
-    took 14 ms). Same function; eager code keeps the products (there the broadcast product would be stored
-    whole). Off by default until a GPU measures it (bench
-    `--class-attention-reductions`); `train.class_attention_reductions` trains with it."""
+    """Under torch.compile, compute the class aggregation's linear attention (the key/value summary S = sum_n phi(k_n)
+    v_n^T per pixel and head, and the queries' phi(q) S and phi(q) z) as multiply-and-sum reductions instead of
+    batched matrix products, in place; returns the model. Inductor then fuses each pass, feature map, normalisation
+    and layout changes included, into one kernel, where the products were library calls on 32 x 32 matrices per pixel
+    and head (5 views x 576 pixels x 4 heads = 11520 per class chunk for the presets) with layout copies around them
+    (in the H200's compiled 847-class profile the batched products, these among them, took 14 ms). Same function;
+    eager code keeps the products (there the broadcast product would be stored whole). Off by default until a GPU
+    measures it (bench `--class-attention-reductions`); `train.class_attention_reductions` trains with it."""
     return _switch(model, [(m, "reductions", enable) for m in model.modules() if isinstance(m, ClassAggregation)])
 
 
@@ -413,17 +412,17 @@ FUSED_PARTS = ("spatial", "class")
 def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel",
                   parts: Sequence[str] = FUSED_PARTS) -> CatSeg:
     """Run the aggregation blocks as Triton kernels in inference, in place (`enable=False`: back to the PyTorch
-    modules); returns the model. `parts` chooses which blocks are switched: "spatial" (the Swin blocks), "class"
-    (the class aggregation blocks) or both; the others are left as they are. Each Swin block runs as two kernels: LayerNorm, shift, window partition and the
-    query / key / value projections (`catseg.kernels.window_qkv`), then the window attention, output projection,
-    reverse shift, residual and the feed-forward half (`window_block`); with attention="sdpa" PyTorch's fused
-    attention runs between the two and the second kernel starts from its output (`window_output`). Each class
-    aggregation block runs as two: the key/value summary over the classes and the queries' update with the
-    feed-forward half (`class_summary`, `class_update`; the release variants of the block fuse their feed-forward
-    half only, `residual_mlp`). The MLPs' hidden layers, the norms' outputs, the layout copies and the class
-    attention's intermediates then never go through memory. Training (autograd on) always takes the modules. Needs
-    Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse raises ValueError.
-    Off by default until measured on a GPU (bench `--fused-kernels`)."""
+    modules); returns the model. `parts` chooses which blocks are switched: "spatial" (the Swin blocks), "class" (the
+    class aggregation blocks) or both; the others are left as they are. Each Swin block runs as two kernels:
+    LayerNorm, shift, window partition and the query / key / value projections (`catseg.kernels.window_qkv`), then
+    the window attention, output projection, reverse shift, residual and the feed-forward half (`window_block`); with
+    attention="sdpa" PyTorch's fused attention runs between the two and the second kernel starts from its output
+    (`window_output`). Each class aggregation block runs as two: the key/value summary over the classes and the
+    queries' update with the feed- forward half (`class_summary`, `class_update`; the release variants of the block
+    fuse their feed-forward half only, `residual_mlp`). The MLPs' hidden layers, the norms' outputs, the layout
+    copies and the class attention's intermediates then never go through memory. Training (autograd on) always takes
+    the modules. Needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse
+    raises ValueError. Off by default until measured on a GPU (bench `--fused-kernels`)."""
     if attention not in ("kernel", "sdpa"):
         raise ValueError(f"attention={attention!r}; choose 'kernel' or 'sdpa'")
     if isinstance(parts, str) or not set(parts) <= set(FUSED_PARTS):

@@ -208,7 +208,8 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
 def _benchmark_script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -218,8 +219,8 @@ def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_
     """benchmarks/bench_decoder.py runs the preset's decoder alone, plain (NHWC and NCHW) and factored, in inference
     and training, reports how far each result is from the plain one and, with --profile, each form's kernels."""
     out = tmp_path / "decoder.json"
-    result = _benchmark_script("bench_decoder").main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2", "--warmup", "1",
-                          "--profile", "--json", str(out)])
+    result = _benchmark_script("bench_decoder").main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2",
+                                                      "--warmup", "1", "--profile", "--json", str(out)])
     assert json.loads(out.read_text()) == result and result["maps"] == 10
     for name in ("plain", "factored"):
         assert result[name]["inference_ms"] > 0 and result[name]["train_ms"] > 0
