@@ -418,7 +418,7 @@ def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel",
     the window attention, output projection, reverse shift, residual and the feed-forward half (`window_block`); with
     attention="sdpa" PyTorch's fused attention runs between the two and the second kernel starts from its output
     (`window_output`). Each class aggregation block runs as two: the key/value summary over the classes and the
-    queries' update with the feed- forward half (`class_summary`, `class_update`; the release variants of the block
+    queries' update with the feed-forward half (`class_summary`, `class_update`; the release variants of the block
     fuse their feed-forward half only, `residual_mlp`). The MLPs' hidden layers, the norms' outputs, the layout
     copies and the class attention's intermediates then never go through memory. Training (autograd on) always takes
     the modules. Needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse
