@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from catseg import inference
 from catseg.inference import (Segmenter, crop_offsets, labels_from_probs, patch_inference, predict_labels,
                               to_image_tensor)
 
@@ -188,6 +189,13 @@ def test_compiled_aggregation_segments_like_the_eager_model():
     compiled = segmenter.predict(image, more)[0]  # chunks of 3, 3, 4, 4
     segmenter.predict(image, names[:5] + more[:4])  # chunks of 3, 3, 3
     assert counters["stats"]["unique_graphs"] == graphs
+    np.testing.assert_allclose(compiled.scores, eager_more.scores, rtol=1e-4, atol=1e-6)
+
+    # the compiled forms not on by default (the decoder's stencil upsampling, the class attention's reductions):
+    # switched on, the compiled code is traced again and still segments as the eager model does
+    inference.class_attention_reductions(inference.stencil_upsampling(model))
+    compiled = segmenter.predict(image, more)[0]
+    assert counters["stats"]["unique_graphs"] > graphs
     np.testing.assert_allclose(compiled.scores, eager_more.scores, rtol=1e-4, atol=1e-6)
 
 
