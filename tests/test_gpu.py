@@ -123,10 +123,12 @@ def test_fused_kernels_match_the_modules_and_capture(compile, attention):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_whole_model_compiled_training_follows_the_eager_steps(mode):
+@pytest.mark.parametrize("mode, forms", [(None, False), ("reduce-overhead", False), (None, True)])
+def test_whole_model_compiled_training_follows_the_eager_steps(mode, forms):
     """As the trainer's train.compile: true (and the bench's --compile-model [--compile-mode reduce-overhead]):
-    forward and backward compiled as one graph each, bf16 autocast, fused AdamW; losses step by step as eager."""
+    forward and backward compiled as one graph each, bf16 autocast, fused AdamW; losses step by step as eager. Also
+    with the compiled forms not on by default (train.stencil_upsampling, train.class_attention_reductions), whose
+    generated GPU kernels only a GPU compiles."""
     from torch._dynamo.utils import counters
 
     losses = {}
@@ -137,6 +139,7 @@ def test_whole_model_compiled_training_follows_the_eager_steps(mode):
         model.config.class_chunk_size = None
         model.check_inputs = False
         model.text_embeddings(NAMES)  # the vocabulary encoded (and its prompts tokenized) first, as the trainer does
+        inference.class_attention_reductions(inference.stencil_upsampling(model, forms), forms)
         if compiled:
             model.compile(**({"mode": mode} if mode else {}))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
