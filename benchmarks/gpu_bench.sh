@@ -59,7 +59,7 @@ for v in $variants; do
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;
         tests_train) echo "== tests_train: python -m pytest tests/test_gpu.py -k 'whole_model or never_waits'"
-            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "whole_model or never_waits" \
+            timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "whole_model or never_waits" \
                 >"$out/tests_train.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests_train.log" ;;
         tests_fused) echo "== tests_fused: python -m pytest tests/test_gpu.py -k fused_kernels"
