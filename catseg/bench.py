@@ -382,9 +382,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "products (catseg.inference.class_attention_reductions)")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
                    "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
-    p.add_argument("--fused-parts", default=",".join(inference.FUSED_PARTS), help="with --fused-kernels: which "
-                   "blocks run as kernels, comma-separated: spatial (the Swin blocks), class (the class aggregation "
-                   "blocks); default both")
+    p.add_argument("--fused-parts", help="with --fused-kernels: which blocks run as kernels, comma-separated: "
+                   "spatial (the Swin blocks), class (the class aggregation blocks); default both")
     p.add_argument("--fused-attention", choices=["kernel", "sdpa"], default="kernel", help="with --fused-kernels: "
                    "the Swin windows' attention inside the Triton kernel (kernel) or PyTorch's fused attention between "
                    "two kernels (sdpa)")
@@ -403,18 +402,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cpp_wrapper and not (args.compile or args.compile_encoders or args.compile_model):
         p.error("--cpp-wrapper changes how compiled code launches its kernels: add --compile, --compile-encoders or "
                 "--compile-model")
-    parts = args.fused_parts.split(",")
-    if not parts or not set(parts) <= set(inference.FUSED_PARTS):
-        p.error(f"--fused-parts {args.fused_parts}: give a comma-separated list of {', '.join(inference.FUSED_PARTS)}")
-    if args.fused_parts != ",".join(inference.FUSED_PARTS) and not args.fused_kernels:
+    if args.fused_parts is not None and not args.fused_kernels:
         p.error("--fused-parts chooses which blocks --fused-kernels runs as kernels: add --fused-kernels")
+    parts = list(inference.FUSED_PARTS) if args.fused_parts is None else args.fused_parts.split(",")
+    if not set(parts) <= set(inference.FUSED_PARTS):
+        p.error(f"--fused-parts {args.fused_parts}: give a comma-separated list of {', '.join(inference.FUSED_PARTS)}")
     args.fused_parts = parts
     if args.trace and not args.profile:
         p.error("--trace writes the traces of the profiled calls: add --profile")
-    if args.stencil_upsampling and not (args.compile or args.compile_model):
-        p.error("--stencil-upsampling acts on compiled code only: add --compile or --compile-model")
-    if args.class_attention_reductions and not (args.compile or args.compile_model):
-        p.error("--class-attention-reductions acts on compiled code only: add --compile or --compile-model")
+    for form in ("stencil_upsampling", "class_attention_reductions"):  # forms of compiled code
+        if getattr(args, form) and not (args.compile or args.compile_model):
+            p.error(f"--{form.replace('_', '-')} acts on compiled code only: add --compile or --compile-model")
     if args.compile_mode in ("reduce-overhead", "max-autotune") and (args.compile or args.compile_encoders) \
             and not (args.no_inference or args.no_cuda_graphs):
         p.error(f"--compile-mode {args.compile_mode} makes torch.compile replay its own CUDA graphs, which the "

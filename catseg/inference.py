@@ -428,7 +428,7 @@ def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel",
     if isinstance(parts, str) or not set(parts) <= set(FUSED_PARTS):
         raise ValueError(f"parts={parts!r}; choose a list of {', '.join(map(repr, FUSED_PARTS))}")
     kinds = tuple(kind for part, kind in zip(FUSED_PARTS, (GuidedSwinBlock, ClassAggregation)) if part in parts)
-    blocks = {name: m for name, m in model.named_modules() if kinds and isinstance(m, kinds)}
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
     if enable:  # (a model with fake weights, being counted by catseg.memcount, runs no kernel)
         if not kernels.available() and not kernels.is_fake(next(model.parameters())):
             raise ValueError("fused kernels need Triton and a CUDA device (or TRITON_INTERPRET=1 to run them on the "
