@@ -482,7 +482,7 @@ def test_compiled_decoder_with_the_stencil_upsampling_fuses_it():
     assert "index_put" not in backward and "scatter" not in backward, backward
 
 
-def test_compiled_class_attention_reductions_equal_the_products(guidance=16):
+def test_compiled_class_attention_reductions_equal_the_products():
     """With `class_attention_reductions`, the compiled class aggregation block (two chunks: the summary accumulated
     over them, then each chunk's update) gives the products' output and gradients, and its compiled code has no
     batched matrix product left (the plain compiled block has one per pass); eagerly nothing changes."""
@@ -493,12 +493,12 @@ def test_compiled_class_attention_reductions_equal_the_products(guidance=16):
 
     torch.manual_seed(0)
     model = catseg.create_model("catseg_tiny")
-    block = ClassAggregation(32, guidance, 4, 4.0, 2).eval()
+    block = ClassAggregation(32, 16, 4, 4.0, 2).eval()  # text guidance 16 wide
     g = torch.Generator().manual_seed(4)
     for p in block.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.2
     xs = [torch.randn(2, n, 32, 6, 5, generator=g, requires_grad=True) for n in (3, 4)]
-    text = torch.randn(7, guidance, generator=g) if guidance else None
+    text = torch.randn(7, 16, generator=g)
     chunks = [slice(0, 3), slice(3, 7)]
     up = [torch.randn(x.shape, generator=g) for x in xs]
 
