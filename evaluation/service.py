@@ -239,8 +239,8 @@ class EvaluationService:
             # The service died during every attempt (killed for memory, say): do not let it die again.
             message = f"the service ended during each of {entry['attempts']} attempts"
             log.error("evaluation of %s failed: %s; giving up on it", name, message)
+            self._report_failure(ckpt, None, message)  # before the ledger's "failed", which ends the matter
             self.ledger.update(name, status="failed", errors=entry.get("errors", []) + [message])
-            self._report_failure(ckpt, None, message)
             return None
         attempt = int(entry.get("attempts", 0)) + 1
         self.ledger.update(name, status="running", attempts=attempt, started=_now())
@@ -269,9 +269,9 @@ class EvaluationService:
                 "giving up on it" if final else "will retry at the next poll",
             )
             errors = self.ledger.get(name).get("errors", []) + [message[:2000]]
-            self.ledger.update(name, status="failed" if final else "retry", errors=errors)
-            if final:
+            if final:  # reported before the ledger says "failed", as a success is logged before "done"
                 self._report_failure(ckpt, info, message)
+            self.ledger.update(name, status="failed" if final else "retry", errors=errors)
             return None
         finally:
             self._free_memory()
