@@ -42,7 +42,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"tests_train class_aggregation b_compile b_compile_forms b_model_cl_ro_forms decoder b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial l_compile b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"b_compile b_compile_forms decoder tests_train l_compile class_aggregation b_model_cl_ro_forms b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
