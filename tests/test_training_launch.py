@@ -127,17 +127,26 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
             "channels_last": "train.channels_last=true",
             "compiled_subpixel": "train.compile=true train.subpixel_decoder=true",
             "compiled_forms": "train.compile=true train.stencil_upsampling=true train.class_attention_reductions=true"}
+    # the runs are independent processes, started together: compiling is mostly one core's work per process
+    procs = {name: start([PYTHON, "training/train.py", "--config", QUICKSTART, "--run-dir", str(tmp_path / name),
+                          "--set", f"data.root={shards / 'train'}", "train.steps=3", "train.log_every=1",
+                          "data.workers=1", "train.deterministic=true", "schedule.warmup_steps=1", *setting.split()],
+                         tmp_path / f"{name}.txt", env=dict(base_env(), OMP_NUM_THREADS="1"))
+             for name, setting in runs.items()}
     results = {}
-    for name, setting in runs.items():
-        run_dir = tmp_path / name
-        out = run([PYTHON, "training/train.py", "--config", QUICKSTART, "--run-dir", str(run_dir), "--set",
-                   f"data.root={shards / 'train'}", "train.steps=3", "train.log_every=1", "data.workers=1",
-                   "train.deterministic=true", "schedule.warmup_steps=1", *setting.split()],
-                  tmp_path / f"{name}.txt", env=dict(base_env(), OMP_NUM_THREADS="2"))
-        assert "catseg train: finished step 3/3" in out
-        assert ("torch.compile made 1 graph(s) with 0 graph break(s)" in out) == name.startswith("compiled"), \
-            out[-2000:]
-        results[name] = (_losses(run_dir), load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
+    try:
+        for name, proc in procs.items():
+            run_dir = tmp_path / name
+            out = finish(proc, tmp_path / f"{name}.txt", timeout=900)
+            assert proc.returncode == 0 and "catseg train: finished step 3/3" in out, out[-4000:]
+            assert ("torch.compile made 1 graph(s) with 0 graph break(s)" in out) == name.startswith("compiled"), \
+                out[-2000:]
+            weights = load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors")
+            results[name] = (_losses(run_dir), weights)
+    finally:  # a failed run leaves none of the others running
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     eager, a = results["eager"]
     for name in ("compiled", "channels_last", "compiled_subpixel", "compiled_forms"):
         losses, b = results[name]
