@@ -63,9 +63,11 @@ def main(argv=None) -> dict:
     g = torch.Generator(device=device).manual_seed(1)
     chunks = chunk_slices(classes, args.class_chunk)
     xs = [torch.randn(5, sl.stop - sl.start, cfg.embed_dim, grid, grid, device=device, generator=g) for sl in chunks]
-    text = torch.randn(classes, cfg.text_guidance_dim, device=device, generator=g) if cfg.text_guidance_dim else None
+    # one text guidance row per class of the larger vocabulary, inference's and training's its first rows
+    rows = max(classes, train_classes)
+    texts = torch.randn(rows, cfg.text_guidance_dim, device=device, generator=g) if cfg.text_guidance_dim else None
+    text, text_train = (None, None) if texts is None else (texts[:classes], texts[:train_classes])
     x_train = torch.randn(4, train_classes, cfg.embed_dim, grid, grid, device=device, generator=g)
-    text_train = text[:train_classes] if text is not None else None
     results = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if gpu
                else platform.processor() or platform.machine(), "torch": torch.__version__, "classes": classes,
                "chunks": [sl.stop - sl.start for sl in chunks], "train_classes": train_classes,
