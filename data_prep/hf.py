@@ -71,6 +71,15 @@ class HuggingFaceConfig:
             raise ValueError(f"class_names has {len(self.class_names)} entries; at most 65535 are supported")
         if self.ignore_value < 0:
             raise ValueError(f"ignore_value must be >= 0, got {self.ignore_value}")
+        num = len(self.class_names)
+        classes = range(1, num + 1) if self.reduce_zero_label else range(num)
+        if self.ignore_value in classes:
+            index = self.ignore_value - 1 if self.reduce_zero_label else self.ignore_value
+            raise ValueError(
+                f"ignore_value {self.ignore_value} is the raw value of class {index} ({self.class_names[index]!r}) of "
+                f"the {num} class names (raw class values {classes.start}..{classes.stop - 1}); pass --ignore-value "
+                f"with the value your labels use for unlabelled pixels, outside that range (e.g. {max(65535, num + 1)})"
+            )
         try:
             shards.make_key(self.name, "x", "0")
         except shards.ShardFormatError as error:

@@ -295,6 +295,7 @@ class Summary:
     shards_total: int = 0  # in the whole split
     seconds: float = 0.0
     bad: list[dict] = field(default_factory=list)  # every bad sample known (this run and complete shards)
+    outdated: list[str] = field(default_factory=list)  # shards of another sample list or shard size: redone or removed
     finished: bool = False  # dataset.json written: every shard of every part is complete
 
     @property
@@ -309,6 +310,13 @@ class Summary:
             f"({self.shards_skipped} already complete, {self.shards_total} in the split), "
             f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
         ]
+        if self.outdated:
+            names = ", ".join(self.outdated[:3]) + (", ..." if len(self.outdated) > 3 else "")
+            lines.append(
+                f"{len(self.outdated)} earlier shards ({names}) do not hold what the current file list and shard size "
+                "put there (files were added or removed, or --shard-size changed); they are redone or, past the last "
+                "shard, removed"
+            )
         if self.bad:
             lines.append(f"{len(self.bad)} bad samples (see {self.folder / 'report.json'}):")
             lines += [f"  {b['file']}: {b['error']}" for b in self.bad[:20]]
@@ -385,7 +393,12 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     refs = source.list_samples(split)
     if not refs:
         raise ConversionError(f"no {split} samples found for {source.name} under {source.root}; check --root")
-    keys = [source.key(split, ref.stem) for ref in refs]
+    keys = []
+    for ref in refs:
+        try:
+            keys.append(source.key(split, ref.stem))
+        except shards.ShardFormatError as error:
+            raise ConversionError(f"{source.root / ref.image}: {error}") from None
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ConversionError(f"{source.name} {split}: several files share the sample key(s) {', '.join(dupes)}")
@@ -397,13 +410,29 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     for i in mine:  # leftovers of a killed run; other parts' temporaries may be in use
         for stale in folder.glob(f".{paths[i].name}.tmp-*"):
             stale.unlink(missing_ok=True)
+    outdated: list[str] = []
     records: dict[int, shards.ShardRecord] = {}
     for i in range(num_shards):
         record = shards.read_shard_record(paths[i])
-        if record is not None:
+        if record is None:
+            continue
+        if sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]):
             records[i] = record
+        else:  # made from another sample list or shard size: its part redoes it
+            outdated.append(paths[i].name)
+    extra = num_shards  # shards past the plan: left by a run with a longer sample list or smaller shards
+    while (folder / shards.shard_name(source.name, split, extra)).exists():
+        outdated.append(shards.shard_name(source.name, split, extra))
+        shards.sidecar_path(folder / outdated[-1]).unlink(missing_ok=True)
+        (folder / outdated[-1]).unlink(missing_ok=True)
+        extra += 1
+    if outdated:  # the split's lists describe the old shards until every shard is complete again
+        (folder / shards.SIZES_FILE).unlink(missing_ok=True)
+        (folder / shards.DATASET_FILE).unlink(missing_ok=True)
     pending = [i for i in mine if i not in records]
-    summary = Summary(folder, shards_total=num_shards, shards_skipped=len([i for i in mine if i in records]))
+    summary = Summary(
+        folder, shards_total=num_shards, shards_skipped=len([i for i in mine if i in records]), outdated=outdated
+    )
 
     bad_this_run: list[dict] = []
     work = [ref for i in pending for ref in refs[i * size : (i + 1) * size]]

@@ -212,6 +212,10 @@ class ShardRecord:
     keys: list[str] = field(default_factory=list)  # sample keys in tar order
     skipped: list[dict] = field(default_factory=list)  # bad samples left out: {"key", "file", "error"}
 
+    def sample_keys(self) -> list[str]:
+        """Return the keys of every sample the shard was made from: those in the tar, then those skipped."""
+        return self.keys + [bad["key"] for bad in self.skipped]
+
     def to_json(self) -> dict:
         """Return the record as a JSON-ready dict."""
         return {

@@ -351,6 +351,24 @@ def test_hf_dataset_from_disk_and_parquet(tmp_path):
         np.testing.assert_array_equal(samples[f"hf_train_{i:08d}"][1], raw)
 
 
+def test_hf_ignore_value_that_is_a_class_value_is_refused(tmp_path, capsys):
+    from data_prep.hf import HuggingFaceConfig
+
+    names = [f"class {i}" for i in range(300)]
+    with pytest.raises(ValueError, match=r"ignore_value 255 is the raw value of class 255 \('class 255'\) of the 300"):
+        HuggingFaceConfig(path="unused", class_names=names)  # the default 255 would swallow class 255
+    with pytest.raises(ValueError, match=r"ignore_value 255 is the raw value of class 254 \('class 254'\).*1\.\.255"):
+        HuggingFaceConfig(path="unused", class_names=names[:255], reduce_zero_label=True)
+    with pytest.raises(ValueError, match=r"ignore_value 0 is the raw value of class 0"):
+        HuggingFaceConfig(path="unused", class_names=names[:3], ignore_value=0)
+    assert HuggingFaceConfig(path="unused", class_names=names, ignore_value=65535).ignore_value == 65535
+    assert HuggingFaceConfig(path="unused", class_names=names[:3], ignore_value=0, reduce_zero_label=True)
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    with pytest.raises(SystemExit) as exit_info:
+        convert("hf", "--root", str(tmp_path), "--class-names", str(tmp_path / "names.json"), "--out", str(tmp_path / "out"))
+    assert exit_info.value.code == 2 and "pass --ignore-value" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset-specific bad labels
 

@@ -201,6 +201,33 @@ def test_fixing_a_bad_file_and_rerunning_completes_identically(tmp_path):
     assert folder_bytes(out) == folder_bytes(clean)
 
 
+def test_shards_of_another_file_list_or_shard_size_are_redone(tmp_path):
+    raw = coco_tree(tmp_path / "raw", 6)
+    out = tmp_path / "out"
+    args = ("coco_stuff", "--root", str(raw), "--out", str(out), "--split", "train")
+    assert convert(*args, "--shard-size", "2") == 0
+    for path in (raw / "images/train2017/000000000002.jpg", raw / "annotations/train2017/000000000002.png"):
+        path.unlink()  # every later sample moves one place up: shards 1 and 2 no longer hold what the plan puts there
+    clean = tmp_path / "clean"
+    for size in ("2", "3"):
+        assert convert(*args[:4], str(clean / size), *args[5:], "--shard-size", size) == 0
+        assert convert(*args, "--shard-size", size) == 0
+        assert folder_bytes(out) == folder_bytes(clean / size)
+    samples = [s["__key__"] for s in shards.iter_raw_samples(out / "coco_stuff/train")]
+    assert samples == [f"coco_stuff_train_{i:012d}" for i in (0, 1, 3, 4, 5)]
+    assert not (out / "coco_stuff/train/coco_stuff-train-000002.tar").exists()  # past the 2 shards of size 3
+
+
+def test_a_file_name_unfit_for_a_sample_key_is_named(tmp_path, capsys):
+    raw = coco_tree(tmp_path / "raw", 2)
+    image = raw / "images/train2017/000000000001.jpg"
+    image.rename(image.with_name("a b.jpg"))
+    (raw / "annotations/train2017/000000000001.png").rename(raw / "annotations/train2017/a b.png")
+    assert convert("coco_stuff", "--root", str(raw), "--out", str(tmp_path / "out"), "--split", "train") == 2
+    err = capsys.readouterr().err
+    assert f"{image.with_name('a b.jpg')}: sample key" in err and "rename the file" in err
+
+
 def test_unwritable_output_folder_is_named(tmp_path):
     raw = coco_tree(tmp_path / "raw", 2)
     blocker = tmp_path / "a-file"
