@@ -49,6 +49,8 @@ log = logging.getLogger("evaluation.service")
 
 STATE_FILE = "service-state.json"
 LOCK_FILE = "service.lock"
+LOG_FILE = "service.log"
+OWNER_FILE = ".service-run"  # in a reports root: the run folder whose reports it holds
 LOGGED_METRICS = ("miou", "macc", "pacc", "fwiou")
 # MLflow's rule for metric keys; anything else is rejected by the tracking server.
 _METRIC_KEY = re.compile(r"^[A-Za-z0-9_\-./ :]{1,250}$")
@@ -82,7 +84,7 @@ class ServiceConfig:
     compile: bool = False  # torch.compile the aggregation and decoder
     once: bool = False  # evaluate what is there (with retries), then exit instead of watching
     retries: int = 1  # further attempts after a failed evaluation
-    out: Path | None = None  # report folders go to <out>/<checkpoint>; None: RUN_DIR/eval
+    out: Path | None = None  # report folders go to <out>/<checkpoint>; None: RUN_DIR/eval (state, lock, log stay there)
 
     def __post_init__(self):
         self.watch = Path(self.watch)
@@ -94,9 +96,14 @@ class ServiceConfig:
             raise ValueError(f"ServiceConfig.interval must be > 0 seconds, got {self.interval!r}")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"ServiceConfig.retries must be an integer >= 0, got {self.retries!r}")
-        self.out = Path(self.out) if self.out is not None else self.watch / "eval"
+        self.out = Path(self.out) if self.out is not None else self.state_dir
         # Validates benchmarks, shard folders, limit and rule with the evaluation's own messages.
         self.eval_config(self.watch)
+
+    @property
+    def state_dir(self) -> Path:
+        """The run's service folder, RUN_DIR/eval: state, lock and log, whatever the reports root."""
+        return self.watch / "eval"
 
     def eval_config(self, checkpoint: Path) -> EvalConfig:
         """The evaluation of one checkpoint."""
@@ -158,17 +165,38 @@ class EvaluationService:
     def __init__(self, cfg: ServiceConfig, stop: threading.Event | None = None):
         self.cfg = cfg
         self.stop = stop or threading.Event()
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(cfg.out / LOCK_FILE, "a+")
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(cfg.state_dir / LOCK_FILE, "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
             raise RuntimeError(
-                f"another evaluation service is watching {cfg.watch} (it holds {cfg.out / LOCK_FILE}); stop it first"
+                f"another evaluation service is watching {cfg.watch} (it holds {cfg.state_dir / LOCK_FILE}); stop it first"
             ) from None
-        self.ledger = Ledger(cfg.out / STATE_FILE)
+        try:
+            self._claim_reports_root()
+            self.ledger = Ledger(cfg.state_dir / STATE_FILE)
+        except BaseException:
+            self._lock.close()
+            raise
         self._state = None
+
+    def _claim_reports_root(self) -> None:
+        """Refuse a reports root that holds another run's reports (their step_N folders would be overwritten)."""
+        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        owner_file = self.cfg.out / OWNER_FILE
+        run = str(self.cfg.watch.resolve())
+        owner = owner_file.read_text().strip() if owner_file.is_file() else None
+        if owner is None:
+            tmp = owner_file.with_name(f".tmp-{os.getpid()}-{OWNER_FILE}")
+            tmp.write_text(run + "\n")
+            os.replace(tmp, owner_file)
+        elif owner != run:
+            raise ValueError(
+                f"--out {self.cfg.out} holds the reports of run {owner}; give each run its own reports root "
+                f"(the default is RUN_DIR/eval)"
+            )
 
     def close(self) -> None:
         """Release the run folder's lock."""
@@ -426,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"service: error: {e}", file=sys.stderr)
         return 2
-    handler = logging.FileHandler(cfg.out / "service.log")
+    handler = logging.FileHandler(cfg.state_dir / LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
 

@@ -287,6 +287,23 @@ def test_one_service_per_run_folder(tmp_path, shards_root):
     finally:
         first.close()
     EvaluationService(cfg).close()  # free again once the first let go
+    # a reports root elsewhere: the state and lock stay in the run folder, and the root serves this run only
+    reports = tmp_path / "reports"
+    shared = ServiceConfig(watch=tmp_path, benchmarks="synthetic", shards=shards_root, out=reports)
+    first = EvaluationService(shared)
+    try:
+        with pytest.raises(RuntimeError, match="another evaluation service is watching"):
+            EvaluationService(cfg)
+    finally:
+        first.close()
+    assert (tmp_path / "eval" / "service.lock").is_file() and not (reports / "service.lock").exists()
+    other_run = tmp_path / "other-run"
+    (other_run / "checkpoints").mkdir(parents=True)
+    other = ServiceConfig(watch=other_run, benchmarks="synthetic", shards=shards_root, out=reports)
+    with pytest.raises(ValueError, match=f"--out {reports} holds the reports of run {tmp_path.resolve()}"):
+        EvaluationService(other)
+    EvaluationService(other_run_config := ServiceConfig(watch=other_run, benchmarks="synthetic", shards=shards_root)).close()
+    assert other_run_config.out == other_run / "eval"
     with pytest.raises(ValueError, match="ServiceConfig.watch: run folder .* does not exist"):
         ServiceConfig(watch=tmp_path / "missing", benchmarks="synthetic", shards=shards_root)
     with pytest.raises(ValueError, match="ServiceConfig.interval must be > 0"):
