@@ -119,6 +119,9 @@ class CatSegConfig:
         if len(self.decoder_dims) != len(self.decoder_guidance_dims):
             raise ValueError(f"decoder_dims {self.decoder_dims} and decoder_guidance_dims "
                              f"{self.decoder_guidance_dims} must have the same length (one per decoder stage)")
+        if self.backbone in ("resnet", "swin") and len(self.backbone_indices) != len(self.decoder_dims) + 1:
+            raise ValueError(f"backbone_indices {self.backbone_indices} must name {len(self.decoder_dims) + 1} feature "
+                             f"stages: the guidance stage and one per decoder stage (decoder_dims {self.decoder_dims})")
         if self.backbone == "clip" and len(self.clip_guidance_layers) != len(self.decoder_dims):
             raise ValueError(f"backbone='clip' needs one clip_guidance_layers entry per decoder stage "
                              f"({len(self.decoder_dims)}), got {self.clip_guidance_layers}")
@@ -128,6 +131,9 @@ class CatSegConfig:
             raise ValueError(f"top_k_classes={self.top_k_classes} must be a positive integer or None")
         if self.inference_size < self.image_size:
             raise ValueError(f"inference_size={self.inference_size} must be >= image_size={self.image_size}")
+        if self.inference_stride > self.image_size:
+            raise ValueError(f"inference_stride={self.inference_stride} must be <= image_size={self.image_size}, or "
+                             f"the crops leave pixels uncovered")
 
     @classmethod
     def field_names(cls) -> list[str]:

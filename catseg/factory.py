@@ -22,6 +22,9 @@ def create_model(name: str, pretrained: Union[bool, str, os.PathLike] = False, *
     pretrained=False: random weights, no network. True: the preset's open_clip and timm weights (from
     `weights_dir` when set, else downloaded by name). A path: a .safetensors file written by save_weights.
     """
+    if not isinstance(pretrained, (bool, str, os.PathLike)) and pretrained is not None:
+        raise TypeError(f"pretrained must be False, True or a .safetensors path, got {type(pretrained).__name__} "
+                        f"{pretrained!r}")
     cfg = get_config(name, **overrides)
     if pretrained is True:
         return _with_pretrained_parts(cfg)

@@ -190,7 +190,7 @@ def _graphed_probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torc
     """
     amp, amp_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     cfg = model.config
-    key = (tuple(views.shape), views.dtype, views.device, tuple(names), amp, amp_dtype, model._text_version,
+    key = (tuple(views.shape), views.dtype, views.device, tuple(names), amp, amp_dtype, model.text_state(),
            cfg.class_chunk_size)
     cache = _GRAPHS.setdefault(model, OrderedDict())
     entry = cache.get(key)

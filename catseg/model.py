@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from .aggregation import AggregationLayer, ClassAggregation, GuidedSwinBlock, UpStage, cat_chunks, chunk_slices
-from .clip import ClipEncoder
+from .clip import ClipEncoder, split_synonyms
 from .config import CatSegConfig
 from .ops import part, resize
 
@@ -21,6 +21,9 @@ PRUNED_LOGIT = -100.0  # logit given to classes removed by optional top-k prunin
 
 
 def _conv_relu(cin: int, cout: int) -> nn.Sequential:
+    # The guidance projections (P^V of Eq. 4 and the decoder's feature projections): the paper calls them linear
+    # projections; the authors' code, whose released checkpoints these presets load, uses a 3x3 convolution and a
+    # ReLU (and a linear layer with a ReLU for the text guidance P^L). The presets follow that code.
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
 
 
@@ -220,13 +223,19 @@ class CatSeg(nn.Module):
         self._text_cache.clear()
         self._text_version += 1
 
+    def text_state(self) -> tuple:
+        """What the cached text embeddings depend on beyond the vocabulary: loads, and in-place updates (optimizer
+        steps) of the text tower's trainable parameters, which bump their version counters."""
+        trained = tuple(p._version for p in self.clip.model.transformer.parameters() if p.requires_grad)
+        return self._text_version, trained
+
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
-        """(N, P, C) normalised text embeddings; cached per vocabulary while the text tower does not train."""
+        """(N, P, C) normalised text embeddings; cached per vocabulary and text-tower state outside training."""
         text_trains = self.training and any(p.requires_grad for p in self.clip.model.transformer.parameters())
         if text_trains:
             return self.clip.encode_text(list(class_names))
         device = self.clip.model.token_embedding.weight.device
-        key = (tuple(class_names), str(device), self._text_version)
+        key = (tuple(class_names), str(device), self.text_state())
         hit = self._text_cache.get(key)
         if hit is None:
             with torch.no_grad():
@@ -264,9 +273,10 @@ class CatSeg(nn.Module):
             raise TypeError(f"class_names must be a list of strings, got {type(class_names).__name__}")
         if len(class_names) == 0:
             raise ValueError("class_names is empty; give at least one class name")
-        bad = [n for n in class_names if not isinstance(n, str) or not n.strip()]
+        bad = [n for n in class_names if not isinstance(n, str) or not split_synonyms(n)]
         if bad:
-            raise ValueError(f"class names must be non-empty strings, got {bad[:5]}")
+            raise ValueError(f"class names must be non-empty strings naming at least one class (not blank, not only "
+                             f"commas), got {bad[:5]}")
         seen, dups = set(), []
         for n in class_names:
             (dups.append(n) if n.strip() in seen else seen.add(n.strip()))

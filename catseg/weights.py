@@ -32,8 +32,11 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
 
 def read_preset(path: str | os.PathLike) -> Optional[str]:
     """The preset name stored in a weights file (None if it has none)."""
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("preset")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("preset")
+    except Exception as error:  # safetensors raises its own SafetensorError for a torn or foreign file
+        raise ValueError(f"{str(path)!r} is not a readable safetensors weights file ({error})") from error
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -49,6 +52,13 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{str(path)!r} holds weights of preset {preset!r}, not {model.config.name!r}; "
                          f"build the model with create_model({preset!r}, pretrained=...)")
     state = load_file(str(path), device=str(next(model.parameters()).device))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{str(path)!r} does not fit preset {model.config.name!r} as configured: {len(wrong)} tensors "
+                         f"differ in shape, e.g. {'; '.join(wrong[:3])}; were the weights written with other "
+                         f"overrides (embed_dim, prompt_templates, ...)?")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{str(path)!r} does not match preset {model.config.name!r}: missing "

@@ -278,6 +278,14 @@ def test_load_refuses_other_preset_and_pickles(tmp_path):
         catseg.create_model("catseg_tiny", pretrained=str(tmp_path / "w.pth"))
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         catseg.create_model("catseg_tiny", pretrained=str(tmp_path / "missing.safetensors"))
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{torn}' is not a readable safetensors weights file"):
+        catseg.create_model("catseg_tiny", pretrained=str(torn))
+    mine = catseg.save_weights(catseg.create_model("catseg_tiny"), tmp_path / "mine.safetensors")
+    with pytest.raises(ValueError, match=r"does not fit preset 'catseg_tiny' as configured: \d+ tensors differ in shape, "
+                       r"e.g. cost_embed.bias \(32,\) \(model \(16,\)\); cost_embed.weight \(32, 4, 7, 7\)"):
+        catseg.create_model("catseg_tiny", pretrained=str(mine), embed_dim=16, num_heads=2)
 
 
 def test_pretrained_parts_from_weights_dir(tmp_path):
@@ -343,6 +351,22 @@ def test_text_cache_cleared_when_weights_change(tmp_path):
     after = model.text_embeddings(["cat"])
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, other.eval().text_embeddings(["cat"]))
+
+
+def test_text_cache_follows_in_place_updates_of_a_training_text_tower():
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg2_tiny").eval()  # the later design trains the text tower's q/v projections
+    trained = [p for p in model.clip.model.transformer.parameters() if p.requires_grad]
+    assert trained
+    before = model.text_embeddings(["cat", "dog"])
+    assert model.text_embeddings(["cat", "dog"]) is before  # cached while nothing changes
+    with torch.no_grad():  # an optimizer step, in place as optimizers do
+        for p in trained:
+            p.add_(torch.randn_like(p))
+    after = model.text_embeddings(["cat", "dog"])
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        torch.testing.assert_close(after, model.clip.encode_text(["cat", "dog"]).float())
 
 
 def test_synonyms_are_averaged(tiny_model):
@@ -423,6 +447,8 @@ def test_bad_input(tiny_model):
         tiny_model(images(1), "cat")
     with pytest.raises(ValueError, match="non-empty"):
         tiny_model(images(1), ["cat", " "])
+    with pytest.raises(ValueError, match=r"not only commas\), got \[' , '\]"):
+        tiny_model(images(1), ["cat", " , "])  # no synonym left: its embedding would be 0 / 0
 
 
 def test_config_validation():
@@ -433,6 +459,12 @@ def test_config_validation():
     with pytest.raises(ValueError, match="window_size=3 must divide the cost grid 8"):
         catseg.create_model("catseg_tiny", window_size=3)
     assert math.isclose(get_config("catseg_tiny").mlp_ratio, 4.0)
+    with pytest.raises(ValueError, match="inference_stride=200 must be <= image_size=128"):
+        catseg.create_model("catseg_tiny", inference_size=400, inference_stride=200)
+    with pytest.raises(ValueError, match=r"backbone_indices \(2, 3\) must name 3 feature stages"):
+        catseg.create_model("catseg_tiny", backbone_indices=(2, 3))
+    with pytest.raises(TypeError, match="pretrained must be False, True or a .safetensors path, got int 1"):
+        catseg.create_model("catseg_tiny", pretrained=1)
 
 
 def test_zero_init_blocks_start_as_identity():
