@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +36,52 @@ def load_vocabulary(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--vocab {spec!r} is neither a file nor a benchmark; benchmarks: {', '.join(VOCABS)}")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
     if path.suffix == ".json":
-        names = json.loads(text)
+        try:
+            names = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{spec}: not valid JSON ({e}); a JSON vocabulary is a list of strings") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{spec}: a JSON vocabulary must be a list of strings")
-        return names
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return [n.strip() for n in names]
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
-def collect_images(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expanded to the images inside (sorted)."""
-    out: list[Path] = []
+def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple[Path, str]]:
+    """(image, the name its outputs take in the output folder), in input order.
+
+    Files as given, folders expanded to the images inside (sorted). Outputs are named by the image's stem; images
+    whose stems clash are named by their path inside the folder given, suffix included, with `_` for `/` and `.`
+    (sub/photo.jpg -> sub_photo_jpg). A file named twice is taken once, and the images inside `out_dir` (earlier
+    outputs) are left out. Raises if two images would still write the same outputs.
+    """
+    found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
+                      if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
         else:
-            out.append(p)
-    return out
+            found.append((p, Path(p.name)))
+    outputs = out_dir.resolve() if out_dir is not None else None
+    seen, images = set(), []
+    for path, rel in found:
+        real = path.resolve()
+        if real in seen or (outputs is not None and real.is_relative_to(outputs)):
+            continue
+        seen.add(real)
+        images.append((path, rel))
+    stems = Counter(path.stem for path, _ in images)
+    names = [path.stem if stems[path.stem] == 1 else rel.as_posix().replace("/", "_").replace(".", "_")
+             for path, rel in images]
+    clashes = {n for n, c in Counter(names).items() if c > 1}
+    if clashes:
+        same = [str(path) for (path, _), n in zip(images, names) if n in clashes]
+        raise ValueError(f"images {same[:4]} would write the same output files; give them different names or "
+                         f"segment them into different --out folders")
+    return [(path, name) for (path, _), name in zip(images, names)]
 
 
 def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str], alpha: float = 0.5) -> Image.Image:
@@ -85,7 +113,7 @@ def _atomic_save(img: Image.Image, path: Path) -> None:
 def resolve_model(preset: str | None, checkpoint: str | None):
     """Build the model: a checkpoint (file or training checkpoint folder) fixes the preset."""
     from . import create_model
-    from .weights import read_preset
+    from .weights import check_weights_file, read_preset
     if checkpoint is None:
         if preset is None:
             raise ValueError("give --checkpoint (trained weights) or at least --model PRESET")
@@ -97,7 +125,7 @@ def resolve_model(preset: str | None, checkpoint: str | None):
         path = path / "model.safetensors"
     if not path.is_file():
         raise ValueError(f"checkpoint {checkpoint!r} not found (a .safetensors file or a checkpoint folder)")
-    stored = read_preset(path)
+    stored = read_preset(check_weights_file(path))
     name = preset or stored
     if name is None:
         raise ValueError(f"{path} does not name its preset; pass --model")
@@ -112,6 +140,7 @@ def cmd_segment(args) -> int:
     if (args.classes is None) == (args.vocab is None):
         raise ValueError("give exactly one of --classes \"cat, dog, grass\" or --vocab FILE|BENCHMARK")
     names = parse_classes(args.classes) if args.classes is not None else load_vocabulary(args.vocab)
+    names = [n.strip() for n in names]  # benchmark lists keep the reference's stray spaces ("bed ")
     if not names:
         raise ValueError("the vocabulary is empty; give at least one class name")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -124,13 +153,16 @@ def cmd_segment(args) -> int:
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
-        raise ValueError(f"cannot create output folder {str(out)!r}: {e}") from None
-    files = collect_images(args.inputs)
+        raise ValueError(f"cannot write to output folder {str(out)!r}: {e}") from None
+    files = collect_images(args.inputs, out)
     if not files:
         raise ValueError(f"no images found in {args.inputs}")
     failed = []
-    for path in tqdm(files, desc="segment", unit="img", disable=args.quiet):
+    for path, stem in tqdm(files, desc="segment", unit="img", disable=args.quiet):
         try:
             image = to_image_tensor(path)
         except (ValueError, OSError) as e:
@@ -139,7 +171,6 @@ def cmd_segment(args) -> int:
             continue
         pred = seg.predict([image], names)[0]
         rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        stem = path.stem
         dtype = np.uint8 if len(names) <= 256 else np.uint16
         _atomic_save(Image.fromarray(pred.labels.astype(dtype)), out / f"{stem}_labels.png")
         _atomic_save(overlay_with_legend(rgb, pred.labels, names), out / f"{stem}_overlay.png")
@@ -178,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
-    s.add_argument("--class-chunk", type=int, default=128, help="classes per chunk (bounds memory)")
+    s.add_argument("--class-chunk", type=_positive_int, default=128, help="classes per chunk (bounds memory)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the aggregation and decoder (pays off over many images; compiling takes minutes)")
     s.add_argument("--fused-kernels", action="store_true",
@@ -194,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -206,7 +247,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: a write failing in the output folder, a full disk
         print(f"catseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

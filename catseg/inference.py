@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from PIL import Image
+from PIL import Image, ImageOps
 
 from . import kernels
 from .aggregation import ClassAggregation, GuidedSwinBlock
@@ -43,28 +43,60 @@ def crop_offsets(size: int, crop: int, stride: int) -> list[int]:
     return offs
 
 
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    """A PIL image as viewers show it (EXIF orientation applied): uint8 RGB, or uint16 for 16-bit grayscale."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grayscale PNG/TIFF (Pillow opens some as 32-bit "I")
+        arr = np.asarray(im)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"{im.mode} image values must lie in 0..65535, got {arr.min()}..{arr.max()}")
+        return arr.astype(np.uint16)
+    if im.mode == "F":
+        return np.asarray(im)
+    return np.asarray(im.convert("RGB"))
+
+
+def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
+    """uint8 / 16-bit values scaled to [0, 1]; float values checked to lie there (never clamped)."""
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if t.dtype == torch.uint16:
+        return t.float() / 65535.0
+    if not t.is_floating_point():
+        raise ValueError(f"{what} of dtype {str(t.dtype).replace('torch.', '')} is not supported; give uint8 "
+                         f"(0..255), uint16 (0..65535) or float values in [0, 1]")
+    t = t.float()
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        if not (lo >= 0 and hi <= 1):  # also catches NaN
+            raise ValueError(f"float {what} values must lie in [0, 1] (RGB / 255), got min {lo.item():.3g} max "
+                             f"{hi.item():.3g}")
+    return t
+
+
 def to_image_tensor(image: ImageLike) -> torch.Tensor:
-    """Path, PIL image or array (H, W[, C], uint8 or float in [0, 1]) -> float (3, H, W) RGB in [0, 1]."""
+    """Path, PIL image (EXIF orientation applied), array (H, W[, C]) or tensor ([C,] H, W) -> float (3, H, W) RGB
+    in [0, 1]. uint8 and uint16 values are scaled by 255 and 65535; float values must lie in [0, 1]."""
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as e:
+                image = _pil_to_array(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image {str(image)!r}: {e}") from None
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = _pil_to_array(image)
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
+            arr = arr[..., None]
         if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
             raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        arr = arr[..., :3]
+        if arr.dtype == np.uint16:  # few torch ops take uint16: scale here
+            arr = arr.astype(np.float32) / 65535.0
         arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, order="C")
-        t = torch.from_numpy(arr).permute(2, 0, 1)
-        return t.float() / 255.0 if arr.dtype == np.uint8 else t.float()
+        image, what = torch.from_numpy(arr).permute(2, 0, 1), "image array"
+    else:
+        what = "image tensor"
     if torch.is_tensor(image):
         t = image
         if t.ndim == 2:
@@ -72,7 +104,7 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
         if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
             raise ValueError(f"image tensor must be (3, H, W), got {tuple(t.shape)}")
         t = t[:3] if t.shape[0] != 1 else t.expand(3, -1, -1)
-        return t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        return _unit_range(t, what)
     raise TypeError(f"unsupported image type {type(image).__name__}; give a path, PIL image, array or tensor")
 
 
@@ -527,11 +559,14 @@ class Segmenter:
     """Segment images with any vocabulary: `Segmenter(model).predict(images, ["cat", "dog", "grass"])`."""
 
     def __init__(self, model: CatSeg, device: Optional[str] = None, batch_size: int = 4,
-                 precision: str = "auto", class_chunk_size: Optional[int] = DEFAULT_CLASS_CHUNK,
+                 precision: str = "auto", class_chunk_size: Optional[int] = None,
                  cuda_graphs: bool = True, compile: bool = False, fused_kernels: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if class_chunk_size is not None and model.config.class_chunk_size is None:
-            model.config.class_chunk_size = class_chunk_size
+        if class_chunk_size is not None and (isinstance(class_chunk_size, bool) or not isinstance(class_chunk_size, int)
+                                             or class_chunk_size <= 0):
+            raise ValueError(f"class_chunk_size={class_chunk_size!r} must be a positive integer (classes per chunk)")
+        # classes per chunk, in the model and in the merge at image size: the given value, else the model's, else 128
+        model.config.class_chunk_size = class_chunk_size or model.config.class_chunk_size or DEFAULT_CLASS_CHUNK
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
@@ -544,8 +579,8 @@ class Segmenter:
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
                 torch.is_tensor(images) and images.ndim == 3):
             images = [images]
-        names = [n.strip() for n in class_names] if not isinstance(class_names, str) else class_names
-        self.model.validate_class_names(names)
+        self.model.validate_class_names(class_names)
+        names = [n.strip() for n in class_names]
         out: list[Prediction] = []
         batch: list[torch.Tensor] = []
         items = list(images)
@@ -553,7 +588,8 @@ class Segmenter:
             batch.append(to_image_tensor(item))
             if len(batch) == self.batch_size or k == len(items) - 1:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    labels, scores = predict_labels(self.model, batch, names, cuda_graphs=self.cuda_graphs)
+                    labels, scores = predict_labels(self.model, batch, names, self.model.config.class_chunk_size,
+                                                    cuda_graphs=self.cuda_graphs)
                 out += [Prediction(lab.numpy(), sc.numpy(), list(names)) for lab, sc in zip(labels, scores)]
                 batch = []
         return out

@@ -278,10 +278,12 @@ class CatSeg(nn.Module):
             raise ValueError(f"class names must be non-empty strings naming at least one class (not blank, not only "
                              f"commas), got {bad[:5]}")
         seen, dups = set(), []
-        for n in class_names:
-            (dups.append(n) if n.strip() in seen else seen.add(n.strip()))
+        for n in class_names:  # CLIP's tokenizer lower-cases: "Cat" and "cat" get one embedding
+            key = n.strip().lower()
+            (dups.append(n) if key in seen else seen.add(key))
         if dups:
-            raise ValueError(f"duplicate class names {sorted(set(dups))}; each class must appear once")
+            raise ValueError(f"duplicate class names {sorted(set(dups))} (names are compared without case); each "
+                             f"class must appear once")
 
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         self.validate(images, class_names)

@@ -39,14 +39,20 @@ def read_preset(path: str | os.PathLike) -> Optional[str]:
         raise ValueError(f"{str(path)!r} is not a readable safetensors weights file ({error})") from error
 
 
-def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a safetensors file written by save_weights; refuses a file of another preset."""
+def check_weights_file(path: str | os.PathLike) -> Path:
+    """Return `path` if it is an existing .safetensors file; raise naming it otherwise (pickles are never read)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"{str(path)!r}: model weights load from .safetensors files only (no pickles); convert "
                          f"released .pth checkpoints first")
+    return path
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file written by save_weights; refuses a file of another preset."""
+    path = check_weights_file(path)
     preset = read_preset(path)
     if preset is not None and preset != model.config.name:
         raise ValueError(f"{str(path)!r} holds weights of preset {preset!r}, not {model.config.name!r}; "

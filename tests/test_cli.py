@@ -90,3 +90,54 @@ def test_segment_bad_input(workspace, capsys, monkeypatch):
     code, err = call(img, "--classes", "cat", "--checkpoint", ck, "--out", workspace / "o6", "--device", "cpu",
                      "--fused-kernels")
     assert code == 2 and "need Triton and a CUDA device" in err and not (workspace / "o6").exists()
+
+
+def test_segment_names_outputs_uniquely_and_skips_its_own(workspace, capsys):
+    from catseg.cli import main
+
+    imgs = workspace / "clash"
+    rng = np.random.default_rng(1)
+    for rel in ("x/same.jpg", "y/same.jpg", "photo.jpg", "photo.png", "solo.png"):
+        (imgs / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(imgs / rel)
+    out = imgs / "seg"  # inside the input folder: a rerun must not segment its own outputs
+    args = ["segment", str(imgs), str(imgs / "solo.png"), "--classes", "cat, dog", "--checkpoint",
+            str(workspace / "tiny.safetensors"), "--out", str(out), "--quiet"]
+    for _ in range(2):
+        assert main(args) == 0
+        assert "segmented 5/5 images" in capsys.readouterr().out  # solo.png, named twice, is done once
+    stems = ("x_same_jpg", "y_same_jpg", "photo_jpg", "photo_png", "solo")
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{e}" for s in stems
+                                                           for e in ("_labels.png", "_overlay.png", ".json"))
+    for stem, image in zip(stems, ("x/same.jpg", "y/same.jpg", "photo.jpg", "photo.png", "solo.png")):
+        assert json.loads((out / f"{stem}.json").read_text())["image"] == str(imgs / image)
+    code = main(["segment", str(imgs / "x/same.jpg"), str(imgs / "y/same.jpg"), "--classes", "cat", "--checkpoint",
+                 str(workspace / "tiny.safetensors"), "--out", str(workspace / "o-same")])
+    err = capsys.readouterr().err
+    assert code == 2 and "would write the same output files" in err and "x/same.jpg" in err
+
+
+def test_segment_refuses_bad_checkpoints_chunks_and_reads_vocab_files(workspace, capsys):
+    from catseg.cli import load_vocabulary, main
+
+    img, ck = workspace / "images" / "a.jpg", workspace / "tiny.safetensors"
+    torch.save({"a": 1}, workspace / "w.pt")
+    (workspace / "torn.safetensors").write_bytes(ck.read_bytes()[:200])
+    for checkpoint, message in (("w.pt", "no pickles"), ("torn.safetensors", "not a readable safetensors")):
+        code = main(["segment", str(img), "--classes", "cat", "--checkpoint", str(workspace / checkpoint),
+                     "--out", str(workspace / "o-ck")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and checkpoint in err
+    for chunk in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["segment", str(img), "--classes", "cat", "--checkpoint", str(ck), "--out", str(workspace / "o"),
+                  "--class-chunk", chunk])
+        assert exit_info.value.code == 2 and f"{chunk!r} is not a positive integer" in capsys.readouterr().err
+    vocab = workspace / "vocab.txt"
+    vocab.write_text("\ufeffcat\n  # a comment\nsofa, couch\n\n")
+    assert load_vocabulary(str(vocab)) == ["cat", "sofa, couch"]
+    (workspace / "vocab.json").write_text('["cat",\n "dog"\n')
+    with pytest.raises(ValueError, match="vocab.json: not valid JSON"):
+        load_vocabulary(str(workspace / "vocab.json"))
+    (workspace / "vocab.json").write_text('["cat ", "dog"]')
+    assert load_vocabulary(str(workspace / "vocab.json")) == ["cat", "dog"]

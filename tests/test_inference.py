@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import catseg
 from catseg import inference
 from catseg.inference import (Segmenter, crop_offsets, labels_from_probs, patch_inference, predict_labels,
                               to_image_tensor)
@@ -121,6 +122,49 @@ def test_segmenter_bad_input(tiny_model, tmp_path):
         to_image_tensor(tmp_path / "bad.jpg")
     with pytest.raises(ValueError, match="precision"):
         Segmenter(tiny_model, precision="fp8")
+    for chunk in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"class_chunk_size={chunk} must be a positive integer"):
+            Segmenter(tiny_model, class_chunk_size=chunk)
+    with pytest.raises(ValueError, match=r"class names must be non-empty strings.*got \[3\]"):
+        seg.predict(np.zeros((10, 10, 3), np.uint8), ["cat", 3])
+    with pytest.raises(ValueError, match="duplicate class names.*compared without case"):
+        seg.predict(np.zeros((10, 10, 3), np.uint8), ["cat", "Cat "])
+
+
+def test_images_are_read_as_viewers_show_them_and_never_clamped(tmp_path):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    upright = to_image_tensor(rgb)
+    # a portrait photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1))).save(tmp_path / "sideways.png", exif=exif)
+    torch.testing.assert_close(to_image_tensor(tmp_path / "sideways.png"), upright)
+    # 16-bit grayscale: scaled by 65535, not clipped at 255
+    gray16 = rng.integers(0, 65536, (20, 25), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    expected = torch.from_numpy(gray16.astype(np.float32) / 65535).expand(3, -1, -1)
+    torch.testing.assert_close(to_image_tensor(tmp_path / "gray16.png"), expected)
+    torch.testing.assert_close(to_image_tensor(gray16), expected)
+    torch.testing.assert_close(to_image_tensor(rgb.astype(np.float32) / 255), upright)
+    for bad, message in ((rgb.astype(np.float32), r"float image array values must lie in \[0, 1\].*max 25"),
+                         (torch.from_numpy(rgb).permute(2, 0, 1).double(), r"float image tensor values must lie in"),
+                         (rgb.astype(np.int64), "image array of dtype int64 is not supported")):
+        with pytest.raises(ValueError, match=message):
+            to_image_tensor(bad)
+
+
+def test_segmenter_class_chunk_applies_to_the_model_and_the_merge(tiny_model, monkeypatch):
+    seen = []
+    real = inference.predict_labels
+    monkeypatch.setattr(inference, "predict_labels", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    model = catseg.create_model("catseg_tiny", class_chunk_size=7)
+    Segmenter(model, device="cpu").predict(np.zeros((20, 20, 3), np.uint8), ["a", "b"])
+    assert model.config.class_chunk_size == 7 and seen == [7]  # the model's own chunk is kept
+    Segmenter(model, device="cpu", class_chunk_size=3).predict(np.zeros((20, 20, 3), np.uint8), ["a", "b"])
+    assert model.config.class_chunk_size == 3 and seen == [7, 3]  # a given chunk applies, also the second time
+    assert catseg.create_model("catseg_tiny").config.class_chunk_size is None
+    assert Segmenter(catseg.create_model("catseg_tiny"), device="cpu").model.config.class_chunk_size == 128
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
