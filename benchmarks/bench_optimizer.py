@@ -29,7 +29,7 @@ def main(argv=None) -> None:
 
     import catseg
     from training.config import OptimConfig
-    from training.optim import param_groups
+    from training.optim import norm_parameters, param_groups
 
     model = catseg.create_model(args.preset).to(args.device)
     model.set_clip_trainable(model.config.finetune)
@@ -40,7 +40,8 @@ def main(argv=None) -> None:
           f"{args.device}, torch {torch.__version__}")
     for label, kwargs in (("per parameter (foreach=False)", {"foreach": False}), ("foreach", {"foreach": True}),
                           ("fused (training loop)", {"fused": True})):
-        opt = torch.optim.AdamW(param_groups(model.parameter_groups(), OptimConfig()), **kwargs)
+        opt = torch.optim.AdamW(param_groups(model.parameter_groups(), OptimConfig(), norm_parameters(model)),
+                                **kwargs)
         opt.step()  # creates the state
         times = []
         for _ in range(args.repeats):

@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_DIR = REPO / "runs" / "quickstart"
 
 
 def run(cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -101,7 +103,8 @@ def chance_miou(val_dir: Path) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quickstart")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
+                   help="run folder (default runs/quickstart); a rerun replaces the earlier quickstart run in it")
     p.add_argument("--data", type=Path, default=REPO / "data" / "shards", help="where the synthetic shards go")
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=40)
@@ -113,6 +116,15 @@ def main(argv=None) -> int:
     py = sys.executable
     bin_dir = Path(py).parent
     accelerate = str(bin_dir / "accelerate") if (bin_dir / "accelerate").exists() else "accelerate"
+
+    marker = run_dir / ".quickstart"  # this folder holds a quickstart's run: a rerun replaces it
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not marker.is_file() and run_dir != DEFAULT_RUN_DIR:
+            sys.exit(f"quickstart: {run_dir} exists and holds no quickstart run; give another --run-dir")
+        print(f"quickstart: replacing the earlier quickstart run in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a quickstart run; the next quickstart replaces this folder\n")
 
     run([py, "-m", "data_prep.synthetic", "--out", str(data), "--train", str(args.train_images),
          "--val", str(args.val_images)], "1/4 synthetic dataset shards")

@@ -177,7 +177,7 @@ def test_training_step_never_waits_for_the_gpu(nhwc):
     if nhwc:
         channels_last(model)
     model.text_embeddings(NAMES)
-    opt = build_optimizer(model.parameter_groups(), OptimConfig())
+    opt = build_optimizer(model, OptimConfig())
     schedule = LRSchedule(opt, 10, ScheduleConfig())
     criterion = PixelBCECriterion(255, mask_ignore=True)
     s = model.image_size

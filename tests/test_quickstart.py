@@ -39,3 +39,20 @@ def test_quickstart_short(tmp_path):
         with Image.open(run_dir / "pictures" / name) as im:
             im.load()
             assert im.width > 100 and im.height > 100
+
+    # run again: the earlier quickstart run is replaced, not mixed with the new one
+    again = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--steps", "3", "--run-dir", str(run_dir), "--data", str(data),
+         "--train-images", "48", "--val-images", "6", "--pictures", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"replacing the earlier quickstart run in {run_dir}" in again.stdout
+    second = json.loads((run_dir / "quickstart.json").read_text())
+    assert second["step"] == 3 and second["mlflow_run_id"] != summary["mlflow_run_id"]
+    other = tmp_path / "not-a-quickstart"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    refused = subprocess.run([sys.executable, "scripts/quickstart.py", "--run-dir", str(other)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "holds no quickstart run" in refused.stderr
+    assert (other / "keep.txt").read_text() == "mine"

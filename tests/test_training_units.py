@@ -21,7 +21,7 @@ from training.config import ConfigError, OptimConfig, ScheduleConfig, load_confi
 from training.criterion import PixelBCECriterion
 from training.data import (AugmentConfig, DataError, ShardStream, StreamState, augment, make_loader, open_shards)
 from training.dist import world_info_from_env
-from training.optim import build_optimizer, lr_factor, param_groups
+from training.optim import build_optimizer, lr_factor, norm_parameters, param_groups
 from training.slurm_cmd import accelerate_command, expand_hostlist, node_launch_from_env
 from training.train import main as train_main, micro_batch_size
 
@@ -94,6 +94,15 @@ def test_global_batch_splits_over_processes_and_accumulation_or_fails():
         micro_batch_size(cfg, 3)
 
 
+@pytest.mark.parametrize("launch", ["ddp", "zero2", "zero3"])
+def test_the_launch_configs_split_every_run_config_batch(launch):
+    import yaml
+
+    processes = yaml.safe_load((REPO / "launch" / f"{launch}.yaml").read_text())["num_processes"]
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        micro_batch_size(load_config(config, []), processes)  # the README's launch commands, as written
+
+
 # -- schedule, optimizer, loss ---------------------------------------------------------------------------------------
 
 
@@ -109,22 +118,30 @@ def test_learning_rate_schedules():
     assert lr_factor(70, 100, ScheduleConfig(name="constant")) == 1.0
 
 
-def test_optimizer_groups_separate_learning_rates_and_no_decay_for_vectors():
+def test_optimizer_groups_separate_learning_rates_and_no_decay_for_norms_only():
     import catseg
 
     model = catseg.create_model("catseg_tiny")
     model.set_clip_trainable("attention")
+    norms = norm_parameters(model)
     groups = param_groups(model.parameter_groups(), OptimConfig(lr=1e-3, clip_lr=1e-5, backbone_lr=1e-4,
-                                                                weight_decay=0.05))
+                                                                weight_decay=0.05), norms)
     by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"clip", "clip.no_decay", "backbone", "backbone.no_decay", "head", "head.no_decay"}
+    assert set(by_name) == {"clip", "backbone", "backbone.no_decay", "head", "head.no_decay"}  # CLIP trains no norm
     assert [by_name[k]["lr"] for k in ("clip", "backbone", "head")] == [1e-5, 1e-4, 1e-3]
     for name, group in by_name.items():
-        assert all((p.ndim <= 1) == name.endswith("no_decay") for p in group["params"]), name
+        assert all((id(p) in norms) == name.endswith("no_decay") for p in group["params"]), name
         assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else 0.05)
+    decayed = {id(p) for g in groups if not g["name"].endswith("no_decay") for p in g["params"]}
+    named = dict(model.named_parameters())
+    # the recipe spares the norms only: biases, the CLIP attention biases included, are decayed
+    assert id(named["layers.0.spatial.blocks.0.attn.q.bias"]) in decayed
+    assert id(named["clip.model.visual.transformer.resblocks.0.attn.in_proj_bias"]) in decayed
+    assert id(named["layers.0.spatial.blocks.0.norm1.weight"]) in norms
+    assert id(named["decoder.0.conv.1.weight"]) in norms and isinstance(model.decoder[0].conv[1], torch.nn.GroupNorm)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable
-    optimizer = build_optimizer(model.parameter_groups(), OptimConfig(backbone_lr=0.0))
+    optimizer = build_optimizer(model, OptimConfig(backbone_lr=0.0))
     assert "backbone" not in {g["name"] for g in optimizer.param_groups}  # lr 0 = not optimised at all
 
 
@@ -136,11 +153,14 @@ def test_fused_optimizer_steps_equal_the_per_parameter_adamw():
     model.set_clip_trainable("attention")
     cfg = OptimConfig(lr=1e-3, clip_lr=1e-4, backbone_lr=1e-4, weight_decay=0.05)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-    fused = build_optimizer(model.parameter_groups(), cfg)
+    fused = build_optimizer(model, cfg)
     assert all(g["fused"] for g in fused.param_groups)
     named = model.parameter_groups()
     plain_params = {n: p.detach().clone().requires_grad_(True) for group in named.values() for n, p in group}
-    plain = torch.optim.AdamW(param_groups({k: [(n, plain_params[n]) for n, _ in v] for k, v in named.items()}, cfg),
+    live_norms = norm_parameters(model)
+    norms = {id(plain_params[n]) for n, p in model.named_parameters() if n in plain_params and id(p) in live_norms}
+    plain = torch.optim.AdamW(param_groups({k: [(n, plain_params[n]) for n, _ in v] for k, v in named.items()}, cfg,
+                                           norms),
                               betas=cfg.betas, eps=cfg.eps, foreach=False)
     live = dict(model.named_parameters())
     for step in range(3):
@@ -285,6 +305,7 @@ def _fake_checkpoint(run_dir: Path, step: int, preset: str = "catseg_tiny") -> P
 
 def test_checkpoint_listing_ignores_partial_folders_and_prunes_oldest(tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == [] and ckpt.latest_checkpoint(tmp_path) is None
+    assert ckpt.resolve_resume(tmp_path, "none") is None
     for step in (300, 100, 2000):
         _fake_checkpoint(tmp_path, step)
     (tmp_path / "checkpoints" / ".tmp-step_00003000").mkdir()
@@ -293,13 +314,40 @@ def test_checkpoint_listing_ignores_partial_folders_and_prunes_oldest(tmp_path):
     assert names == ["step_00000100", "step_00000300", "step_00002000"]
     assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path))["step"] == 2000
     assert ckpt.resolve_resume(tmp_path, "auto").name == "step_00002000"
-    assert ckpt.resolve_resume(tmp_path, "none") is None
+    # a new run in a folder with checkpoints: the earlier run's higher steps would outlive the new ones
+    with pytest.raises(ckpt.CheckpointError, match=r"--resume none starts a new run, but run folder .* holds "
+                                                   r"checkpoints of an earlier one \(newest step_00002000\)"):
+        ckpt.resolve_resume(tmp_path, "none")
     ckpt.prune(tmp_path, keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000300", "step_00002000"]
     ckpt.remove_partial(tmp_path)
     assert not (tmp_path / "checkpoints" / ".tmp-step_00003000").exists()
     with pytest.raises(ckpt.CheckpointError, match="meta.json is missing"):
         ckpt.read_meta(tmp_path / "checkpoints" / "step_00004000")
+
+
+def test_resume_between_log_steps_keeps_the_logged_losses_and_rates(tmp_path, synthetic):
+    """A checkpoint at step 3 of a 4-step log window: the resumed run's log at step 4 averages steps 1-4 as the
+    uninterrupted run's does, and each log names the learning rate its step used."""
+    from test_training_fixtures import base_env, metrics
+
+    def train(run_dir, *extra):
+        subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+                        "--set", f"data.root={synthetic / 'train'}", "train.steps=8", "train.log_every=4",
+                        "train.ckpt_every=3", "train.keep_last=5", "schedule.name=cosine",
+                        "schedule.warmup_steps=0", "data.workers=0", *extra],
+                       cwd=REPO, env=base_env(), check=True, capture_output=True, timeout=300)
+        return {m["step"]: m for m in metrics(run_dir)}
+
+    whole = train(tmp_path / "whole")
+    resumed = train(tmp_path / "resumed", "--resume", str(tmp_path / "whole" / "checkpoints" / "step_00000003"))
+    assert sorted(whole) == [4, 8] and sorted(resumed) == [4, 8]
+    for step in (4, 8):
+        assert resumed[step]["loss"] == whole[step]["loss"], step
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["schedule.name=cosine", "schedule.warmup_steps=0"])
+    for step in (4, 8):  # the rate of optimizer step `step` (0-based step - 1), not of the next one
+        expected = cfg.optim.lr * lr_factor(step - 1, 8, cfg.schedule)
+        assert math.isclose(whole[step]["lr/head"], expected, rel_tol=1e-9), (step, whole[step]["lr/head"], expected)
 
 
 def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path, synthetic, capsys):

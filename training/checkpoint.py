@@ -97,6 +97,11 @@ def read_final(run_dir: str | os.PathLike) -> dict | None:
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     """Turn --resume (auto, none, or a checkpoint folder) into the checkpoint to continue from."""
     if resume in ("", "none"):
+        earlier = latest_checkpoint(run_dir)
+        if earlier is not None:  # its higher steps would outlive the new run's checkpoints and be taken as final
+            raise CheckpointError(
+                f"--resume none starts a new run, but run folder {run_dir} holds checkpoints of an earlier one (newest "
+                f"{earlier.name}); continue it with --resume auto, or give a new --run-dir (or delete {earlier.parent})")
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)

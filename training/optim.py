@@ -10,21 +10,26 @@ from torch import nn
 from training.config import OptimConfig, ScheduleConfig
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    # Biases, norm scales and other vectors (and scalars like CLIP's logit scale) are not decayed.
-    return param.ndim <= 1 or name.endswith(".bias")
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 
 
-def param_groups(groups: dict[str, list[tuple[str, nn.Parameter]]], cfg: OptimConfig) -> list[dict]:
-    """Turn the model's {"clip", "backbone", "head"} parameter lists into AdamW groups (decay / no decay each)."""
+def norm_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters of the model's normalisation layers (LayerNorm and its subclasses in open_clip and timm,
+    GroupNorm, BatchNorm, RMSNorm): the recipe's weight decay spares them."""
+    return {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+
+
+def param_groups(groups: dict[str, list[tuple[str, nn.Parameter]]], cfg: OptimConfig, norms: set[int]) -> list[dict]:
+    """Turn the model's {"clip", "backbone", "head"} parameter lists into AdamW groups: weight decay for all but the
+    parameters in `norms` (see `norm_parameters`) and scalars (CLIP's logit scale), which get none."""
     lrs = {"clip": cfg.clip_lr, "backbone": cfg.backbone_lr, "head": cfg.lr}
     unknown = sorted(set(groups) - set(lrs))
     if unknown:
         raise ValueError(f"parameter group(s) {unknown} have no learning rate; known groups: {', '.join(lrs)}")
     out = []
     for key, named in groups.items():
-        decay = [p for n, p in named if not _no_decay(n, p)]
-        plain = [p for n, p in named if _no_decay(n, p)]
+        plain = [p for _, p in named if id(p) in norms or p.ndim == 0]
+        decay = [p for _, p in named if not (id(p) in norms or p.ndim == 0)]
         for params, wd, suffix in ((decay, cfg.weight_decay, ""), (plain, 0.0, ".no_decay")):
             if params and lrs[key] > 0:
                 out.append({"params": params, "lr": lrs[key], "base_lr": lrs[key], "weight_decay": wd,
@@ -34,12 +39,13 @@ def param_groups(groups: dict[str, list[tuple[str, nn.Parameter]]], cfg: OptimCo
     return out
 
 
-def build_optimizer(groups: dict[str, list[tuple[str, nn.Parameter]]], cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the model's parameter groups with the config's learning rates and weight decay."""
     # fused: one multi-tensor kernel per group and dtype instead of about ten kernels per parameter (the ViT-B preset
     # trains 271 tensors; `python benchmarks/bench_optimizer.py`: 20 ms fused against 62 ms one by one on a 2-core
     # CPU). The fused kernel is deterministic, so resuming stays bitwise equal.
-    return torch.optim.AdamW(param_groups(groups, cfg), betas=cfg.betas, eps=cfg.eps, fused=True)
+    groups = param_groups(model.parameter_groups(), cfg, norm_parameters(model))
+    return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
@@ -74,8 +80,11 @@ class LRSchedule:
         self._apply()
 
     def last_lrs(self) -> dict[str, float]:
-        """Current learning rate per named group (decay groups only, one per model part)."""
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups if not g["name"].endswith(".no_decay")}
+        """Learning rate per named group (decay groups only, one per model part) of the last optimizer step taken
+        (the groups already hold the next step's)."""
+        factor = lr_factor(max(self.step_count - 1, 0), self.total_steps, self.cfg)
+        return {g["name"]: g["base_lr"] * factor for g in self.optimizer.param_groups
+                if not g["name"].endswith(".no_decay")}
 
     def state_dict(self) -> dict:
         """The schedule position."""

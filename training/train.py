@@ -194,7 +194,7 @@ class Trainer:
                 inference.compile_aggregation(model, **kwargs)
         with torch.no_grad():
             model.text_embeddings(self.class_names)  # the training vocabulary, encoded once and cached in the model
-        optimizer = build_optimizer(model.parameter_groups(), cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim)
         configure_deepspeed(acc, cfg, self.micro)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.schedule = LRSchedule(self.optimizer, cfg.train.steps, cfg.schedule)
@@ -202,6 +202,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(acc, self.model, self.run_dir, cfg.train.keep_last)
         self.streams = StreamState(cfg.data.workers, acc.process_index, acc.num_processes)
         self.step = 0
+        self.window = Window(acc.device)
         if self.resume_from is not None:
             self.load_state_dict(self.checkpointer.load(self.resume_from))
             self.unwrapped().text_embeddings(self.class_names)
@@ -212,13 +213,15 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """This process's loop state (model and optimizer are saved by Accelerate)."""
-        return {"step": self.step, "schedule": self.schedule.state_dict(), "data": self.streams.state_dict()}
+        return {"step": self.step, "schedule": self.schedule.state_dict(), "data": self.streams.state_dict(),
+                "window": self.window.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the loop state of a checkpoint."""
         self.step = int(state["step"])
         self.schedule.load_state_dict(state["schedule"])
         self.streams.load_state_dict(state["data"])
+        self.window.load_state_dict(state.get("window", {}))  # steps since the last log, so the next log spans them
 
     def open_logger(self) -> MetricLogger:
         """Local metrics file plus MLflow on the main process (continuing the checkpoint's MLflow run)."""
@@ -273,7 +276,8 @@ class Trainer:
         """The loop: step, maybe log, maybe checkpoint, stop on a signal; returns the process exit code."""
         cfg, acc = self.cfg, self.acc
         batches = iter(self.make_loader())
-        window = Window(acc.device)
+        window = self.window
+        window.start_clock()
         start_step, started = self.step, time.perf_counter()
         bar = progress_bar(acc.is_main_process, self.step, cfg.train.steps)
         while self.step < cfg.train.steps:
@@ -358,25 +362,40 @@ class Window:
     def __init__(self, device):
         self.device = device
         self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.wait, self.norm = 0, 0.0, None
-        self.started = self.since = time.perf_counter()
+        self.steps, self.wait, self.norm = 0, 0.0, None  # steps: in loss_sum, some maybe before a resume
+        self.timed = 0  # steps since the clock started or the last flush
+        self.start_clock()
         self.all_wait = 0.0
+
+    def start_clock(self) -> None:
+        """Time throughput from now (the loop's start, not the set-up before it)."""
+        self.started = self.since = time.perf_counter()
 
     def add(self, loss, norm, wait: float) -> None:
         self.loss_sum += loss
         self.steps += 1
+        self.timed += 1
         self.wait += wait
         self.norm = norm if norm is not None else self.norm
+
+    def state_dict(self) -> dict:
+        """The loss summed since the last log and the steps it covers (read back from the device)."""
+        return {"loss_sum": float(self.loss_sum), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the sums of a checkpoint (an empty dict: nothing to continue)."""
+        self.loss_sum = torch.tensor(float(state.get("loss_sum", 0.0)), device=self.device)
+        self.steps = int(state.get("steps", 0))
 
     def flush(self, batch_size: int) -> dict:
         now = time.perf_counter()
         seconds = max(now - self.since, 1e-9)
-        out = {"images_per_s": self.steps * batch_size / seconds, "data_wait_fraction": self.wait / seconds}
+        out = {"images_per_s": self.timed * batch_size / seconds, "data_wait_fraction": self.wait / seconds}
         if self.norm is not None:
             out["grad_norm"] = float(self.norm)
         self.all_wait += self.wait
         self.loss_sum = torch.zeros((), device=self.device)
-        self.steps, self.wait, self.since = 0, 0.0, now
+        self.steps, self.timed, self.wait, self.since = 0, 0, 0.0, now
         return out
 
     def total_wait_fraction(self) -> float:
