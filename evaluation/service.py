@@ -183,8 +183,11 @@ class EvaluationService:
         self._state = None
 
     def _claim_reports_root(self) -> None:
-        """Refuse a reports root that holds another run's reports (their step_N folders would be overwritten)."""
+        """Refuse a reports root that holds another run's reports (their step_N folders would be overwritten).
+        The default root, RUN_DIR/eval, is the run's own wherever the run folder moves."""
         self.cfg.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.out.resolve() == self.cfg.state_dir.resolve():
+            return
         owner_file = self.cfg.out / OWNER_FILE
         run = str(self.cfg.watch.resolve())
         owner = owner_file.read_text().strip() if owner_file.is_file() else None

@@ -304,6 +304,9 @@ def test_one_service_per_run_folder(tmp_path, shards_root):
         EvaluationService(other)
     EvaluationService(other_run_config := ServiceConfig(watch=other_run, benchmarks="synthetic", shards=shards_root)).close()
     assert other_run_config.out == other_run / "eval"
+    moved = tmp_path / "moved-run"
+    other_run.rename(moved)  # a run folder copied or mounted elsewhere keeps its own default reports root
+    EvaluationService(ServiceConfig(watch=moved, benchmarks="synthetic", shards=shards_root)).close()
     with pytest.raises(ValueError, match="ServiceConfig.watch: run folder .* does not exist"):
         ServiceConfig(watch=tmp_path / "missing", benchmarks="synthetic", shards=shards_root)
     with pytest.raises(ValueError, match="ServiceConfig.interval must be > 0"):
