@@ -54,22 +54,23 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
 
     Files as given, folders expanded to the images inside (sorted). Outputs are named by the image's stem; images
     whose stems clash are named by their path inside the folder given, suffix included, with `_` for `/` and `.`
-    (sub/photo.jpg -> sub_photo_jpg). A file named twice is taken once, and the images inside `out_dir` (earlier
-    outputs) are left out. Raises if two images would still write the same outputs.
+    (sub/photo.jpg -> sub_photo_jpg). A file named twice is taken once, and a folder's images inside `out_dir`
+    (earlier outputs) are left out. Raises if two images would still write the same outputs.
     """
+    outputs = out_dir.resolve() if out_dir is not None else None
     found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found += [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
-                      if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES]
+                      if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                      and not (outputs is not None and q.resolve().is_relative_to(outputs))]
         else:
             found.append((p, Path(p.name)))
-    outputs = out_dir.resolve() if out_dir is not None else None
     seen, images = set(), []
     for path, rel in found:
         real = path.resolve()
-        if real in seen or (outputs is not None and real.is_relative_to(outputs)):
+        if real in seen:
             continue
         seen.add(real)
         images.append((path, rel))
