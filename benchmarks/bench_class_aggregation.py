@@ -16,7 +16,6 @@ median milliseconds per call (CUDA events on a GPU) and the largest difference f
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model, kernels  # noqa: E402
 from catseg.aggregation import ClassAggregation, chunk_slices  # noqa: E402
 from catseg.bench import add_form_bench_args, report_form, time_ms  # noqa: E402
+from catseg.files import write_json_atomic  # noqa: E402
 from catseg.inference import DEFAULT_CLASS_CHUNK  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     block.reductions = block.fused = False
     _compiled(block, False)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.json, results)
     return results
 
 

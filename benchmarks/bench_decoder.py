@@ -16,7 +16,6 @@ runs without `catseg.inference.decoder_channels_last`). `--profile`: each form's
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model, ops  # noqa: E402
 from catseg.bench import add_form_bench_args, report_form, time_ms  # noqa: E402
+from catseg.files import write_json_atomic  # noqa: E402
 from catseg.inference import decoder_channels_last, stencil_upsampling, subpixel_decoder  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         report_form(name, row, infer, device, args.profile)
     ops.GATHER_WHEN_COMPILED = False
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.json, results)
     return results
 
 

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from catseg import kernels  # noqa: E402  (run as a script from anywhere)
+from catseg.files import write_json_atomic  # noqa: E402
 
 _FLOAT32_OUTPUTS = ("kv_ptr", "z_ptr")  # the class summary's, whatever the compute dtype
 
@@ -94,8 +95,7 @@ def main(argv=None) -> list[dict]:
             print(f"{name:24s} {json.dumps(meta):32s} warps {warps} stages {stages}: {row['registers']:3d} registers, "
                   f"spill stack {row['spill_stack_bytes']:4d} bytes", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json_atomic(args.json, rows)
     return rows
 
 

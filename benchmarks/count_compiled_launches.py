@@ -21,7 +21,6 @@ compiled step runs for real.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -33,6 +32,7 @@ from torch._inductor.utils import run_and_get_code
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from catseg import create_model, inference  # noqa: E402
+from catseg.files import write_json_atomic  # noqa: E402
 from catseg.memcount import SavedForBackward, counting, mha_unfused  # noqa: E402
 from catseg.ops import one_hot_bce_with_logits, resize  # noqa: E402
 
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     print(f"kept for the backward: eager {eager['kept_for_backward_bytes'] / 2**30:.3f} GiB, compiled "
           f"{recorder.bytes / 2**30:.3f} GiB")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json_atomic(args.json, result)
     return result
 
 

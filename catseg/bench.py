@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import platform
 import re
@@ -34,6 +33,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
 from . import create_model
 from . import inference, ops
 from .aggregation import RecomputedMlp
+from .files import write_json_atomic
 from .inference import DEFAULT_CLASS_CHUNK, predict_labels
 from .memcount import TensorBytes, counting, mha_unfused
 from .ops import one_hot_bce_with_logits, resize
@@ -523,12 +523,8 @@ def _compile_kwargs(args) -> dict:
 
 def _write(result: dict, path: Optional[str]) -> None:
     """Write the results so far as JSON (atomically: a temporary name, then renamed)."""
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    if path:
+        write_json_atomic(path, result)
 
 
 def _div(a, b) -> Optional[float]:

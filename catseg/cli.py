@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import write_bytes_atomic, write_json_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -105,10 +108,39 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str],
     return canvas
 
 
+SOFTWARE = "catseg segment"  # in every output (PNG text chunk, JSON key): a rerun may replace its own files only
+OUTPUTS = ("_labels.png", "_overlay.png", ".json")
+
+
 def _atomic_save(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", pnginfo=info)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _written_by_catseg(path: Path) -> bool:
+    try:
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            return isinstance(record, dict) and record.get("software") == SOFTWARE
+        with Image.open(path) as im:
+            return im.info.get("Software") == SOFTWARE
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def check_no_foreign_outputs(out: Path, stems: list[str]) -> None:
+    """Refuse to start when an output file to be written exists and is not an earlier catseg output (an annotation
+    JSON beside its photo, an input image named like an output)."""
+    foreign = [str(out / f"{stem}{suffix}") for stem in stems for suffix in OUTPUTS
+               if (out / f"{stem}{suffix}").exists() and not _written_by_catseg(out / f"{stem}{suffix}")]
+    if foreign:
+        raise ValueError(f"the outputs would overwrite {len(foreign)} file(s) catseg did not write, e.g. {foreign[:3]}; "
+                         f"choose another --out")
 
 
 def resolve_model(preset: str | None, checkpoint: str | None):
@@ -137,6 +169,7 @@ def cmd_segment(args) -> int:
     import torch
     from tqdm import tqdm
     from .inference import Segmenter, to_image_tensor
+    from .model import CatSeg
 
     if (args.classes is None) == (args.vocab is None):
         raise ValueError("give exactly one of --classes \"cat, dog, grass\" or --vocab FILE|BENCHMARK")
@@ -146,12 +179,16 @@ def cmd_segment(args) -> int:
         raise ValueError("the vocabulary is empty; give at least one class name")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    CatSeg.validate_class_names(names)
+    out = Path(args.out)
+    files = collect_images(args.inputs, out)  # inputs and outputs checked before the model loads
+    if not files:
+        raise ValueError(f"no images found in {args.inputs}")
+    check_no_foreign_outputs(out, [stem for _, stem in files])
     model = resolve_model(args.model, args.checkpoint)
     torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
                     class_chunk_size=args.class_chunk, compile=args.compile, fused_kernels=args.fused_kernels)
-    model.validate_class_names(names)
-    out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -159,9 +196,6 @@ def cmd_segment(args) -> int:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write to output folder {str(out)!r}: {e}") from None
-    files = collect_images(args.inputs, out)
-    if not files:
-        raise ValueError(f"no images found in {args.inputs}")
     failed = []
     for path, stem in tqdm(files, desc="segment", unit="img", disable=args.quiet):
         try:
@@ -173,13 +207,11 @@ def cmd_segment(args) -> int:
         pred = seg.predict([image], names)[0]
         rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         dtype = np.uint8 if len(names) <= 256 else np.uint16
-        _atomic_save(Image.fromarray(pred.labels.astype(dtype)), out / f"{stem}_labels.png")
-        _atomic_save(overlay_with_legend(rgb, pred.labels, names), out / f"{stem}_overlay.png")
-        record = {"image": str(path), "size": list(pred.labels.shape), "class_names": names,
+        _atomic_save(Image.fromarray(pred.labels.astype(dtype)), out / f"{stem}{OUTPUTS[0]}")
+        _atomic_save(overlay_with_legend(rgb, pred.labels, names), out / f"{stem}{OUTPUTS[1]}")
+        record = {"software": SOFTWARE, "image": str(path), "size": list(pred.labels.shape), "class_names": names,
                   "areas": pred.areas(), "scores": {n: float(s) for n, s in zip(names, pred.scores)}}
-        tmp = out / f".{stem}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out / f"{stem}.json")
+        write_json_atomic(out / f"{stem}{OUTPUTS[2]}", record)
     done = len(files) - len(failed)
     print(f"segmented {done}/{len(files)} images into {out}" + (f"; {len(failed)} failed: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -15,7 +15,6 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np

@@ -383,7 +383,10 @@ def shard_paths(folder: str | os.PathLike) -> list[str]:
         raise ShardFormatError(f"{path} is not valid JSON ({error}); rerun the data_prep command that made it")
     paths = []
     for name in sorted(sizes):
-        shard = folder / name
+        if Path(name).name != name or not name.endswith(".tar"):  # webdataset would read "pipe:..." as a command
+            raise ShardFormatError(f"{path} lists {name!r}, not a shard file name of that folder (NAME.tar); rerun the "
+                                   f"data_prep command that made it")
+        shard = folder.resolve() / name
         if not shard.is_file():
             raise FileNotFoundError(f"{path} lists {name} but {shard} does not exist; rerun the conversion to redo it")
         paths.append(str(shard))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +191,17 @@ def dataset_info(split: str, config: SyntheticConfig) -> dict:
     }
 
 
+def _holds(path: Path, record: shards.ShardRecord, config: SyntheticConfig, split: str, indices: range) -> bool:
+    """Whether a complete shard holds exactly these samples made with this seed and size (a rerun with other
+    counts, seed or size must not reuse it)."""
+    if record.keys != [shards.make_key("synthetic", split, f"{i:06d}") for i in indices]:
+        return False
+    with tarfile.open(path) as tar:  # the first sample's record (tarfile: webdataset would import torch)
+        member = next(m for m in tar if m.name.endswith(f".{shards.RECORD_MEMBER}"))
+        source = json.loads(tar.extractfile(member).read())["source"]
+    return (source.get("seed"), source.get("size")) == (config.seed, config.size)
+
+
 def write_split(out: str | Path, split: str, count: int, config: SyntheticConfig) -> Path:
     """Write one synthetic split to ``out/synthetic/<split>/``, skipping shards already complete; return the folder."""
     folder = Path(out) / "synthetic" / split
@@ -196,11 +209,17 @@ def write_split(out: str | Path, split: str, count: int, config: SyntheticConfig
     records = []
     for shard_index, start in enumerate(range(0, count, config.shard_size)):
         path = folder / shards.shard_name("synthetic", split, shard_index)
+        indices = range(start, min(start + config.shard_size, count))
         record = shards.read_shard_record(path)
-        if record is None:
-            indices = range(start, min(start + config.shard_size, count))
+        if record is None or not _holds(path, record, config, split, indices):
             record = shards.write_shard(path, shard_index, (make_sample(config, split, i) for i in indices))
         records.append(record)
+    extra = len(records)  # shards of an earlier, larger split
+    while (folder / shards.shard_name("synthetic", split, extra)).exists():
+        stale = folder / shards.shard_name("synthetic", split, extra)
+        shards.sidecar_path(stale).unlink(missing_ok=True)
+        stale.unlink()
+        extra += 1
     shards.finalize_folder(folder, dataset_info(split, config), records)
     return folder
 

@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.shards import write_bytes_atomic
 from evaluation.benchmarks import BENCHMARKS, Benchmark, get_benchmark, parse_benchmarks
 from evaluation.metrics import DEFAULT_RULE, RULES, confusion_matrix, reduce_confusion, summarize
 from training.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError, read_meta
@@ -298,13 +298,15 @@ def default_out_dir(info: CheckpointInfo) -> Path:
     return Path("eval") / info.name
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def check_report_folder(out_dir: Path, info: CheckpointInfo) -> None:
+    """Refuse a report folder whose report.json is about another checkpoint (before any work is done)."""
+    path = out_dir / REPORT_FILE
+    try:
+        earlier = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier is not None and earlier != str(info.path.resolve()):
+        raise ValueError(f"{out_dir} holds the report of checkpoint {earlier}; give this evaluation its own --out")
 
 
 def write_report(report: dict, confusions: dict[str, np.ndarray], out_dir: Path) -> Path:
@@ -319,13 +321,13 @@ def write_report(report: dict, confusions: dict[str, np.ndarray], out_dir: Path)
                 [row["id"], row["name"], _csv_num(row["iou"]), _csv_num(row["acc"])]
                 + [row["gt_pixels"], row["pred_pixels"]]
             )
-        _atomic_write(out_dir / f"{name}.csv", buf.getvalue().encode())
+        write_bytes_atomic(out_dir / f"{name}.csv", buf.getvalue().encode())
         npy = io.BytesIO()
         np.save(npy, confusions[name])
-        _atomic_write(out_dir / f"{name}_confusion.npy", npy.getvalue())
+        write_bytes_atomic(out_dir / f"{name}_confusion.npy", npy.getvalue())
     path = out_dir / REPORT_FILE
     # The report goes last: its presence means the whole folder is complete.
-    _atomic_write(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return path
 
 
@@ -361,6 +363,8 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
         )
     info = resolve_checkpoint(cfg.checkpoint)
     out_dir = cfg.out if cfg.out is not None else default_out_dir(info)
+    if cfg.out is None:  # every run has a step_00080000: the default folder must not take another run's report
+        check_report_folder(out_dir, info)
     from catseg.inference import prepare_inference
 
     model = prepare_inference(load_model(info, state.device), cfg.precision == "bf16", cfg.compile,

@@ -190,12 +190,16 @@ class EvaluationService:
             return
         owner_file = self.cfg.out / OWNER_FILE
         run = str(self.cfg.watch.resolve())
-        owner = owner_file.read_text().strip() if owner_file.is_file() else None
-        if owner is None:
-            tmp = owner_file.with_name(f".tmp-{os.getpid()}-{OWNER_FILE}")
-            tmp.write_text(run + "\n")
-            os.replace(tmp, owner_file)
-        elif owner != run:
+        tmp = owner_file.with_name(f".tmp-{os.getpid()}-{OWNER_FILE}")
+        tmp.write_text(run + "\n")
+        try:
+            os.link(tmp, owner_file)  # atomic and exclusive: of two services starting together, one claims the root
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        owner = owner_file.read_text().strip()
+        if owner != run:
             raise ValueError(
                 f"--out {self.cfg.out} holds the reports of run {owner}; give each run its own reports root "
                 f"(the default is RUN_DIR/eval)"

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RUN_DIR = REPO / "runs" / "quickstart"
 
 
 def run(cmd: list[str], what: str, env: dict | None = None) -> None:
@@ -103,8 +102,9 @@ def chance_miou(val_dir: Path) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
-                   help="run folder (default runs/quickstart); a rerun replaces the earlier quickstart run in it")
+    p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quickstart",
+                   help="run folder (default runs/quickstart); a rerun replaces the earlier quickstart run in it, and "
+                        "moves any other run there aside")
     p.add_argument("--data", type=Path, default=REPO / "data" / "shards", help="where the synthetic shards go")
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=40)
@@ -119,10 +119,13 @@ def main(argv=None) -> int:
 
     marker = run_dir / ".quickstart"  # this folder holds a quickstart's run: a rerun replaces it
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not marker.is_file() and run_dir != DEFAULT_RUN_DIR:
-            sys.exit(f"quickstart: {run_dir} exists and holds no quickstart run; give another --run-dir")
-        print(f"quickstart: replacing the earlier quickstart run in {run_dir}", flush=True)
-        shutil.rmtree(run_dir)
+        if marker.is_file():
+            print(f"quickstart: replacing the earlier quickstart run in {run_dir}", flush=True)
+            shutil.rmtree(run_dir)
+        else:  # someone else's run (say, a longer training with configs/quickstart.yaml): kept, moved aside
+            aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            print(f"quickstart: {run_dir} holds a run the quickstart did not make; moved to {aside}", flush=True)
+            run_dir.rename(aside)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text("a quickstart run; the next quickstart replaces this folder\n")
 
@@ -135,6 +138,7 @@ def main(argv=None) -> int:
          f"train.ckpt_every={ckpt_every}", f"schedule.warmup_steps={min(20, args.steps // 10)}"],
         "2/4 training catseg_tiny with two CPU processes", env={"ACCELERATE_USE_CPU": "true"})
 
+    from catseg.files import write_json_atomic
     from training.checkpoint import latest_checkpoint, read_meta
     last = latest_checkpoint(run_dir)
     if last is None:
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
     chance = chance_miou(data / "synthetic" / "val")
     summary = {"miou": miou, "chance_miou": chance, "step": meta["step"], "seconds": round(time.time() - started),
                "pictures": [str(f) for f in files], "mlflow_tracking_uri": uri, "mlflow_run_id": meta["mlflow_run_id"]}
-    (run_dir / "quickstart.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(run_dir / "quickstart.json", summary)
     store = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
     print(f"\nquickstart done in {summary['seconds']} s")
     print(f"  mIoU on the held-out synthetic images (patch inference, step {meta['step']}): {100 * miou:.1f}% "

@@ -115,6 +115,14 @@ def test_segment_names_outputs_uniquely_and_skips_its_own(workspace, capsys):
                  str(workspace / "tiny.safetensors"), "--out", str(workspace / "o-same")])
     err = capsys.readouterr().err
     assert code == 2 and "would write the same output files" in err and "x/same.jpg" in err
+    # a file beside the photo that catseg did not write (an annotation JSON) is never overwritten
+    (imgs / "solo.json").write_text('{"shapes": []}')
+    code = main(["segment", str(imgs / "solo.png"), "--classes", "cat", "--checkpoint",
+                 str(workspace / "tiny.safetensors"), "--out", str(imgs)])
+    err = capsys.readouterr().err
+    assert code == 2 and "would overwrite 1 file(s) catseg did not write" in err and "solo.json" in err
+    assert (imgs / "solo.json").read_text() == '{"shapes": []}' and not (imgs / "solo_labels.png").exists()
+    assert json.loads((out / "solo.json").read_text())["software"] == "catseg segment"
 
 
 def test_segment_refuses_bad_checkpoints_chunks_and_reads_vocab_files(workspace, capsys):

@@ -89,6 +89,19 @@ def test_reader_errors_name_the_path_and_the_command(tmp_path):
         shards.make_key("voc20", "val", "2007.000033")
 
 
+def test_shard_list_names_files_of_its_folder_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder given as "." must not turn a listed name into a webdataset "pipe:" URL
+    marker = tmp_path / "ran"
+    for name in (f"pipe:touch {marker}; true", "../elsewhere.tar", "notes.txt"):
+        (tmp_path / "sizes.json").write_text(json.dumps({name: 1}))
+        with pytest.raises(shards.ShardFormatError, match="not a shard file name of that folder"):
+            shards.shard_paths(".")
+    assert not marker.exists()
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "sizes.json").write_text(json.dumps({"a.tar": 1}))
+    assert shards.shard_paths(".") == [str(tmp_path / "a.tar")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic data
 
@@ -112,6 +125,15 @@ def test_synthetic_generator_cli_is_fast_deterministic_and_seeded(tmp_path):
     other_seed, _ = synthetic.make_example(1, "train", 0)
     assert not np.array_equal(other_seed, synthetic.make_example(0, "train", 0)[0])
     assert not np.array_equal(synthetic.make_example(0, "val", 0)[0], synthetic.make_example(0, "train", 0)[0])
+
+
+def test_synthetic_rerun_with_other_counts_seed_or_size_remakes_the_shards(tmp_path):
+    for train, seed, size in ((30, 0, 32), (50, 0, 32), (50, 7, 32), (20, 7, 48)):
+        folders = synthetic.write_synthetic(tmp_path / "rerun", synthetic.SyntheticConfig(train, 0, size, seed, 20))
+        clean = synthetic.write_synthetic(tmp_path / f"clean-{train}-{seed}-{size}",
+                                          synthetic.SyntheticConfig(train, 0, size, seed, 20))
+        files = lambda root: {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+        assert files(folders["train"]) == files(clean["train"]), (train, seed, size)
 
 
 def test_synthetic_classes_are_separable_by_colour_and_borders_are_ignored():

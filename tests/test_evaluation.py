@@ -198,6 +198,16 @@ def test_bad_input_is_reported_clearly(synthetic_root, run_dir, tmp_path, capsys
     assert main(["--checkpoint", str(broken), "--benchmarks", "synthetic", "--shards", str(synthetic_root)]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
 
+    # the default report folder ./eval/step_00000005 holds another run's step 5: refused, nothing overwritten
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        other = tmp_path / "eval" / checkpoint_name(5) / "report.json"
+        other.parent.mkdir(parents=True)
+        other.write_text(json.dumps({"checkpoint": "/elsewhere/run/checkpoints/step_00000005"}))
+        assert main(["--checkpoint", ckpt, "--benchmarks", "synthetic", "--shards", str(synthetic_root)]) == 2
+        assert "holds the report of checkpoint /elsewhere/run/checkpoints/step_00000005" in capsys.readouterr().err
+        assert json.loads(other.read_text()) == {"checkpoint": "/elsewhere/run/checkpoints/step_00000005"}
+
     with pytest.raises(ValueError, match="EvalConfig.limit must be a positive integer"):
         EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, limit=0)
     with pytest.raises(ValueError, match="EvalConfig.rule must be one of: present, absent_as_zero"):

@@ -49,10 +49,14 @@ def test_quickstart_short(tmp_path):
     assert f"replacing the earlier quickstart run in {run_dir}" in again.stdout
     second = json.loads((run_dir / "quickstart.json").read_text())
     assert second["step"] == 3 and second["mlflow_run_id"] != summary["mlflow_run_id"]
-    other = tmp_path / "not-a-quickstart"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
-    refused = subprocess.run([sys.executable, "scripts/quickstart.py", "--run-dir", str(other)], cwd=REPO,
-                             capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "holds no quickstart run" in refused.stderr
-    assert (other / "keep.txt").read_text() == "mine"
+    # a folder holding another run is moved aside, never deleted
+    (run_dir / ".quickstart").unlink()
+    (run_dir / "keep.txt").write_text("mine")
+    third = subprocess.run(
+        [sys.executable, "scripts/quickstart.py", "--steps", "1", "--run-dir", str(run_dir), "--data", str(data),
+         "--train-images", "48", "--val-images", "6", "--pictures", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "mine"
+    assert f"moved to {aside[0]}" in third.stdout and not (run_dir / "keep.txt").exists()

@@ -318,7 +318,17 @@ def test_checkpoint_listing_ignores_partial_folders_and_prunes_oldest(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"--resume none starts a new run, but run folder .* holds "
                                                    r"checkpoints of an earlier one \(newest step_00002000\)"):
         ckpt.resolve_resume(tmp_path, "none")
+    # going back to an older checkpoint of the folder: the later one would win the next --resume auto
+    with pytest.raises(ckpt.CheckpointError, match=r"resuming .*step_00000300 \(step 300\) in run folder .*, which "
+                                                   r"holds later checkpoints \(step_00002000\)"):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step_00000300"))
+    assert ckpt.resolve_resume(tmp_path / "new-run", str(tmp_path / "checkpoints" / "step_00000300")).name == \
+        "step_00000300"
     ckpt.prune(tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000300", "step_00002000"]
+    # a save of the same step killed between its two renames: the replaced checkpoint comes back
+    os.replace(tmp_path / "checkpoints" / "step_00002000", tmp_path / "checkpoints" / ".old-step_00002000")
+    ckpt.remove_partial(tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000300", "step_00002000"]
     ckpt.remove_partial(tmp_path)
     assert not (tmp_path / "checkpoints" / ".tmp-step_00003000").exists()

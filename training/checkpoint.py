@@ -21,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+from data_prep.shards import write_json_atomic
+
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -81,7 +83,7 @@ def weights_path(ckpt_dir: str | os.PathLike) -> Path:
 def write_final(run_dir: str | os.PathLike, ckpt_dir: Path) -> None:
     """Mark a run finished, naming its final checkpoint and weights."""
     step = read_meta(ckpt_dir)["step"]
-    write_json(Path(run_dir) / FINAL_FILE, {"step": step, "checkpoint": ckpt_dir.name,
+    write_json_atomic(Path(run_dir) / FINAL_FILE, {"step": step, "checkpoint": ckpt_dir.name,
                                             "weights": str(weights_path(ckpt_dir))})
 
 
@@ -106,7 +108,12 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(run_dir)
     path = Path(resume)
-    read_meta(path)
+    step = read_meta(path)["step"]
+    later = [p.name for p in list_checkpoints(run_dir) if read_meta(p)["step"] > step]
+    if later:  # they would outlive the resumed run's checkpoints and win the next --resume auto
+        raise CheckpointError(
+            f"resuming {path} (step {step}) in run folder {run_dir}, which holds later checkpoints ({', '.join(later)}); "
+            f"move those out of {Path(run_dir) / CHECKPOINTS} to go back to step {step}, or resume in a new --run-dir")
     return path
 
 
@@ -119,16 +126,15 @@ def check_compatible(ckpt_dir: Path, preset: str) -> dict:
     return meta
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write a small JSON file through a temporary name."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def remove_partial(run_dir: str | os.PathLike) -> None:
     """Delete checkpoint folders left half-written by a killed run (main process only)."""
     root = Path(run_dir) / CHECKPOINTS
+    for child in root.glob(".old-*") if root.is_dir() else []:  # replaced by a save of the same step
+        final = root / child.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(child, ignore_errors=True)
+        else:  # killed between the two renames: the replaced checkpoint is complete, put it back
+            os.replace(child, final)
     for child in root.glob(".tmp-*") if root.is_dir() else []:
         shutil.rmtree(child, ignore_errors=True)
     for child in root.glob(".del-*") if root.is_dir() else []:
@@ -213,16 +219,17 @@ class Checkpointer:
             (tmp / STATE_DIR).mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / STATE_DIR))
-        write_json(tmp / STATE_DIR / f"train_rank{acc.process_index}.json", train_state)
+        write_json_atomic(tmp / STATE_DIR / f"train_rank{acc.process_index}.json", train_state)
         export_weights(acc, self.model, tmp / WEIGHTS_FILE)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            write_json(tmp / META_FILE, dict(meta, step=step, created=datetime.datetime.now(
+            write_json_atomic(tmp / META_FILE, dict(meta, step=step, created=datetime.datetime.now(
                 datetime.timezone.utc).isoformat(timespec="seconds")))
+            replaced = root / f".old-{final.name}"
             if final.exists():  # the same step saved again (a signal right after a periodic save)
-                os.replace(final, root / f".del-{final.name}")
-                shutil.rmtree(root / f".del-{final.name}", ignore_errors=True)
-            os.replace(tmp, final)
+                os.replace(final, replaced)
+            os.replace(tmp, final)  # only then is the replaced one deleted: a kill in between loses neither
+            shutil.rmtree(replaced, ignore_errors=True)
             prune(self.run_dir, self.keep_last)
         acc.wait_for_everyone()
         return final
