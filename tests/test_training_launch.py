@@ -209,6 +209,29 @@ def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     model = catseg.create_model("catseg_tiny", pretrained=latest_checkpoint(run_dir) / "model.safetensors")
     assert sum(p.numel() for p in model.parameters()) > 4_000_000
 
+    # resuming reads DeepSpeed's pickled engine states with weights_only=True: real states load, code does not run
+    resume = [c.replace("train.steps=30", "train.steps=32") for c in cmd]
+    out = run(resume, tmp_path / "resumed.txt", env=base_env(cpu=False))
+    assert "catseg train: finished step 32/32" in out and sorted(_losses(run_dir))[-1] == 32
+    marker = tmp_path / "code-ran"
+    optim = latest_checkpoint(run_dir) / "state" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": _RunsCode(str(marker))}, optim)
+    proc = start([c.replace("train.steps=30", "train.steps=34") for c in cmd], tmp_path / "planted.txt",
+                 env=base_env(cpu=False))
+    out = finish(proc, tmp_path / "planted.txt")
+    assert proc.returncode != 0 and not marker.exists()
+    assert "holds pickled objects other than tensors and training state (posix.system); it was not loaded" in out
+
+
+class _RunsCode:
+    """Unpickling this runs `touch PATH`: what a planted checkpoint file could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
 
 def test_two_machines_on_one_host_finish_together(shards, tmp_path):
     port = free_port()

@@ -14,9 +14,11 @@ read_meta and the model.safetensors file only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -186,6 +188,38 @@ def export_weights(accelerator, model, path: Path) -> None:
         catseg.save_weights(unwrapped, path)
 
 
+def _deepspeed_state_types() -> list:
+    """The DeepSpeed classes its ZeRO optimizer states pickle (loss scaler, stage enum, fragment addresses)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load in the block unpickles with weights_only=True: tensors, containers and the DeepSpeed state
+    classes only, never arbitrary code. DeepSpeed's checkpoint engine asks for weights_only=False when it reads its
+    model and optimizer states; a checkpoint folder from elsewhere could otherwise run code on every rank."""
+    import torch
+
+    real_load, allowed = torch.load, _deepspeed_state_types()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return real_load(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
 class Checkpointer:
     """Saves and restores complete training checkpoints through Accelerate, with the layout above.
 
@@ -243,5 +277,12 @@ class Checkpointer:
             raise CheckpointError(f"{ckpt_dir} has no state for process {acc.process_index} (has {', '.join(have)}); "
                                   f"resume with the process count that wrote it ({len(have)})")
         self._loading_from = ckpt_dir
-        acc.load_state(str(ckpt_dir / STATE_DIR))
+        try:
+            with weights_only_loads():
+                acc.load_state(str(ckpt_dir / STATE_DIR))
+        except pickle.UnpicklingError as error:
+            found = re.search(r"GLOBAL (\S+)", str(error))
+            raise CheckpointError(f"{ckpt_dir / STATE_DIR} holds pickled objects other than tensors and training state "
+                                  f"({found.group(1) if found else 'an unsupported type'}); it was not loaded. Resume "
+                                  f"only checkpoints written by catseg training") from None
         return json.loads(state_file.read_text())
