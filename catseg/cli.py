@@ -56,8 +56,8 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
     """(image, the name its outputs take in the output folder), in input order.
 
     Files as given, folders expanded to the images inside (sorted). Outputs are named by the image's stem; images
-    whose stems clash are named by their path inside the folder given, suffix included, with `_` for `/` and `.`
-    (sub/photo.jpg -> sub_photo_jpg). A file named twice is taken once, and a folder's images inside `out_dir`
+    whose stems clash are named by their file name, or for a folder's images by the folder's name and their path
+    inside it, suffix included, with `_` for `/` and `.` (photos/ holding sub/photo.jpg -> photos_sub_photo_jpg). A file named twice is taken once, and a folder's images inside `out_dir`
     (earlier outputs) are left out. Raises if two images would still write the same outputs.
     """
     outputs = out_dir.resolve() if out_dir is not None else None
@@ -65,7 +65,7 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += [(q, q.relative_to(p)) for q in sorted(p.rglob("*"))
+            found += [(q, Path(p.name) / q.relative_to(p)) for q in sorted(p.rglob("*"))
                       if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
                       and not (outputs is not None and q.resolve().is_relative_to(outputs))]
         else:

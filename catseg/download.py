@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import os
 from pathlib import Path
 
@@ -37,14 +37,12 @@ def download_preset_weights(preset: str, out: str | os.PathLike) -> list[Path]:
     return written
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("preset")
-    p.add_argument("--out", required=True, help="folder to write the weights into")
-    args = p.parse_args(argv)
-    for path in download_preset_weights(args.preset, args.out):
-        print(path)
+def main(argv=None) -> int:
+    """`python -m catseg.download PRESET --out DIR`: the same command as `catseg download`."""
+    from .cli import main as cli_main
+
+    return cli_main(["download", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

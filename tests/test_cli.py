@@ -106,7 +106,7 @@ def test_segment_names_outputs_uniquely_and_skips_its_own(workspace, capsys):
     for _ in range(2):
         assert main(args) == 0
         assert "segmented 5/5 images" in capsys.readouterr().out  # solo.png, named twice, is done once
-    stems = ("x_same_jpg", "y_same_jpg", "photo_jpg", "photo_png", "solo")
+    stems = ("clash_x_same_jpg", "clash_y_same_jpg", "clash_photo_jpg", "clash_photo_png", "solo")
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{e}" for s in stems
                                                            for e in ("_labels.png", "_overlay.png", ".json"))
     for stem, image in zip(stems, ("x/same.jpg", "y/same.jpg", "photo.jpg", "photo.png", "solo.png")):

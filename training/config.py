@@ -77,7 +77,7 @@ class OptimConfig:
     lr: float = 2e-4  # learning rate of the aggregation head and decoder
     clip_lr: float = 2e-6  # learning rate of the trainable CLIP parameters
     backbone_lr: float = 2e-6  # learning rate of the feature backbone (the paper: lr x 0.01 for ResNet-101)
-    weight_decay: float = 1e-4  # AdamW weight decay; norms and biases always get 0
+    weight_decay: float = 1e-4  # AdamW weight decay; normalisation layers always get 0
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.01  # max global gradient norm; 0 = no clipping (the reference clips the full model at 0.01)
