@@ -57,8 +57,9 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
 
     Files as given, folders expanded to the images inside (sorted). Outputs are named by the image's stem; images
     whose stems clash are named by their file name, or for a folder's images by the folder's name and their path
-    inside it, suffix included, with `_` for `/` and `.` (photos/ holding sub/photo.jpg -> photos_sub_photo_jpg). A file named twice is taken once, and a folder's images inside `out_dir`
-    (earlier outputs) are left out. Raises if two images would still write the same outputs.
+    inside it, suffix included, with `_` for `/` and `.` (photos/ holding sub/photo.jpg -> photos_sub_photo_jpg).
+    A file named twice is taken once, and a folder's images inside `out_dir` (earlier outputs) are left out. Raises
+    if two images would still write the same outputs.
     """
     outputs = out_dir.resolve() if out_dir is not None else None
     found: list[tuple[Path, Path]] = []

@@ -5,8 +5,8 @@
 """
 from __future__ import annotations
 
-import sys
 import os
+import sys
 from pathlib import Path
 
 import timm

@@ -86,7 +86,7 @@ def write_final(run_dir: str | os.PathLike, ckpt_dir: Path) -> None:
     """Mark a run finished, naming its final checkpoint and weights."""
     step = read_meta(ckpt_dir)["step"]
     write_json_atomic(Path(run_dir) / FINAL_FILE, {"step": step, "checkpoint": ckpt_dir.name,
-                                            "weights": str(weights_path(ckpt_dir))})
+                                                   "weights": str(weights_path(ckpt_dir))})
 
 
 def read_final(run_dir: str | os.PathLike) -> dict | None:
