@@ -58,17 +58,20 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
     Files as given, folders expanded to the images inside (sorted). Outputs are named by the image's stem; images
     whose stems clash are named by their file name, or for a folder's images by the folder's name and their path
     inside it, suffix included, with `_` for `/` and `.` (photos/ holding sub/photo.jpg -> photos_sub_photo_jpg).
-    A file named twice is taken once, and a folder's images inside `out_dir` (earlier outputs) are left out. Raises
-    if two images would still write the same outputs.
+    A file named twice is taken once. A folder's earlier outputs are left out: the images catseg wrote, and
+    everything in `out_dir` when it lies inside the folder. Raises if two images would still write the same outputs.
     """
     outputs = out_dir.resolve() if out_dir is not None else None
     found: list[tuple[Path, Path]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
+            inside = outputs if outputs is not None and outputs != p.resolve() and outputs.is_relative_to(p.resolve()) \
+                else None
             found += [(q, Path(p.name) / q.relative_to(p)) for q in sorted(p.rglob("*"))
                       if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
-                      and not (outputs is not None and q.resolve().is_relative_to(outputs))]
+                      and not (inside is not None and q.resolve().is_relative_to(inside))
+                      and not (q.suffix.lower() == ".png" and _written_by_catseg(q))]
         else:
             found.append((p, Path(p.name)))
     seen, images = set(), []
@@ -123,15 +126,23 @@ def _atomic_save(img: Image.Image, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+_EARLIER_RECORD = {"image", "size", "class_names", "areas", "scores"}  # the JSON of versions without the marker
+
+
 def _written_by_catseg(path: Path) -> bool:
+    """Whether `path` is a catseg segment output: marked, or beside the record of a version that did not mark."""
     try:
         if path.suffix == ".json":
             record = json.loads(path.read_text())
-            return isinstance(record, dict) and record.get("software") == SOFTWARE
+            return isinstance(record, dict) and (record.get("software") == SOFTWARE or set(record) == _EARLIER_RECORD)
         with Image.open(path) as im:
-            return im.info.get("Software") == SOFTWARE
+            if im.info.get("Software") == SOFTWARE:
+                return True
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
+    stem = next((path.name[:-len(s)] for s in OUTPUTS[:2] if path.name.endswith(s)), None)
+    return stem is not None and path.with_name(f"{stem}{OUTPUTS[2]}").is_file() and \
+        _written_by_catseg(path.with_name(f"{stem}{OUTPUTS[2]}"))
 
 
 def check_no_foreign_outputs(out: Path, stems: list[str]) -> None:

@@ -223,16 +223,18 @@ class CatSeg(nn.Module):
         self._text_cache.clear()
         self._text_version += 1
 
+    def _text_tower_trains(self) -> bool:
+        return any(p.requires_grad for p in self.clip.model.transformer.parameters())
+
     def text_state(self) -> tuple:
-        """What the cached text embeddings depend on beyond the vocabulary: loads, and in-place updates (optimizer
-        steps) of the text tower's trainable parameters, which bump their version counters."""
+        """What the cached text embeddings depend on beyond the vocabulary: loads and training (see `train`), and
+        in-place edits of the text tower's trainable parameters that bump their version counters."""
         trained = tuple(p._version for p in self.clip.model.transformer.parameters() if p.requires_grad)
         return self._text_version, trained
 
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
         """(N, P, C) normalised text embeddings; cached per vocabulary and text-tower state outside training."""
-        text_trains = self.training and any(p.requires_grad for p in self.clip.model.transformer.parameters())
-        if text_trains:
+        if self.training and self._text_tower_trains():
             return self.clip.encode_text(list(class_names))
         device = self.clip.model.token_embedding.weight.device
         key = (tuple(class_names), str(device), self.text_state())
@@ -424,7 +426,11 @@ class CatSeg(nn.Module):
         return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def train(self, mode: bool = True) -> "CatSeg":
-        """As nn.Module.train; a frozen-BatchNorm backbone's norms stay in eval mode (see `backbone_frozen_bn`)."""
+        """As nn.Module.train; a frozen-BatchNorm backbone's norms stay in eval mode (see `backbone_frozen_bn`).
+        Leaving training forgets the cached text embeddings when the text tower trains: optimizers change weights
+        in ways the cache key cannot see (fused AdamW and DeepSpeed leave the tensors' version counters alone)."""
+        if self.training and not mode and self._text_tower_trains():
+            self.clear_text_cache()
         super().train(mode)
         for bn in self._frozen_batch_norms():
             bn.eval()

@@ -138,6 +138,11 @@ class HuggingFaceSource(Source):
         self._datasets[split] = loaded
         return loaded
 
+    def source_id(self, split: str) -> str:
+        # Samples are keyed by row number: a row removed or added moves every later row under an old key. The
+        # dataset's fingerprint (from its files and processing) tells a changed dataset apart.
+        return f"datasets:{getattr(self.dataset(split), '_fingerprint', '') or ''}"
+
     def list_samples(self, split: str) -> list[SampleRef]:
         self.check_split(split)
         count = len(self.dataset(split))

@@ -78,6 +78,10 @@ class Source:
         """Return the split's samples sorted by stem, including images without labels and labels without images."""
         raise NotImplementedError
 
+    def source_id(self, split: str) -> str:
+        """What a split's samples are read from, beyond their keys (empty where the keys name the files)."""
+        return ""
+
     def load(self, ref: SampleRef, split: str) -> dict:
         """Return the shard members of one sample; raise BadSample naming the file for bad input."""
         raise NotImplementedError
@@ -411,12 +415,13 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
         for stale in folder.glob(f".{paths[i].name}.tmp-*"):
             stale.unlink(missing_ok=True)
     outdated: list[str] = []
+    source_id = source.source_id(split)
     records: dict[int, shards.ShardRecord] = {}
     for i in range(num_shards):
         record = shards.read_shard_record(paths[i])
         if record is None:
             continue
-        if sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]):
+        if sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]) and record.source_id == source_id:
             records[i] = record
         else:  # made from another sample list or shard size: its part redoes it
             outdated.append(paths[i].name)
@@ -489,7 +494,7 @@ def _run_pending(source, split, options, refs, pending, paths, records, work, ba
             if skipped and not options.skip_bad:
                 continue  # leave the shard unwritten so a rerun after fixing the files redoes it
             try:
-                records[i] = shards.write_shard(paths[i], i, members, skipped)
+                records[i] = shards.write_shard(paths[i], i, members, skipped, source.source_id(split))
             except OSError as error:
                 if error.errno in _NO_SPACE_ERRNOS:
                     raise _out_of_space(error, paths[i]) from error

@@ -211,6 +211,7 @@ class ShardRecord:
     num_bytes: int  # tar size in bytes
     keys: list[str] = field(default_factory=list)  # sample keys in tar order
     skipped: list[dict] = field(default_factory=list)  # bad samples left out: {"key", "file", "error"}
+    source_id: str = ""  # what the samples were read from, where keys alone cannot tell (a dataset's fingerprint)
 
     def sample_keys(self) -> list[str]:
         """Return the keys of every sample the shard was made from: those in the tar, then those skipped."""
@@ -227,6 +228,7 @@ class ShardRecord:
             "num_bytes": self.num_bytes,
             "keys": self.keys,
             "skipped": self.skipped,
+            **({"source_id": self.source_id} if self.source_id else {}),
         }
 
     @classmethod
@@ -241,6 +243,7 @@ class ShardRecord:
                 num_bytes=int(obj["num_bytes"]),
                 keys=list(obj.get("keys", [])),
                 skipped=list(obj.get("skipped", [])),
+                source_id=str(obj.get("source_id", "")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ShardFormatError(f"shard record {where} is malformed ({error!r}); delete it to redo the shard")
@@ -263,7 +266,8 @@ def _write_tar_members(tar, sample: dict) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], skipped: list[dict] | None = None) -> ShardRecord:
+def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], skipped: list[dict] | None = None,
+                source_id: str = "") -> ShardRecord:
     """Write samples (dicts of ``__key__`` plus member name -> bytes) to a deterministic tar, then its sidecar.
 
     Members are written as webdataset's TarWriter writes them (USTAR, sorted per sample) but with the standard
@@ -290,6 +294,7 @@ def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], sk
         num_bytes=hashing.size,
         keys=keys,
         skipped=list(skipped or []),
+        source_id=source_id,
     )
     write_json_atomic(sidecar_path(path), record.to_json())
     return record

@@ -301,12 +301,13 @@ def default_out_dir(info: CheckpointInfo) -> Path:
 def check_report_folder(out_dir: Path, info: CheckpointInfo) -> None:
     """Refuse a report folder whose report.json is about another checkpoint (before any work is done)."""
     path = out_dir / REPORT_FILE
-    try:
-        earlier = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
+    try:  # the weights file names the checkpoint whether its folder or the file itself was given
+        earlier = json.loads(path.read_text()).get("weights") if path.is_file() else None
     except (OSError, ValueError, AttributeError):
         earlier = None
-    if earlier is not None and earlier != str(info.path.resolve()):
-        raise ValueError(f"{out_dir} holds the report of checkpoint {earlier}; give this evaluation its own --out")
+    if earlier is not None and earlier != str(info.weights.resolve()):
+        raise ValueError(f"{out_dir} holds the report of checkpoint weights {earlier}; give this evaluation its own "
+                         f"--out")
 
 
 def write_report(report: dict, confusions: dict[str, np.ndarray], out_dir: Path) -> Path:

@@ -196,6 +196,12 @@ class EvaluationService:
             os.link(tmp, owner_file)  # atomic and exclusive: of two services starting together, one claims the root
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: an exclusive create, then the content
+            try:
+                with open(owner_file, "x") as handle:
+                    handle.write(run + "\n")
+            except FileExistsError:
+                pass
         finally:
             tmp.unlink()
         owner = owner_file.read_text().strip()

@@ -122,6 +122,8 @@ def main(argv=None) -> int:
         if marker.is_file():
             print(f"quickstart: replacing the earlier quickstart run in {run_dir}", flush=True)
             shutil.rmtree(run_dir)
+        elif not any((run_dir / name).exists() for name in ("checkpoints", "metrics.jsonl", "config.yaml")):
+            sys.exit(f"quickstart: {run_dir} is not empty and holds no training run; give another --run-dir")
         else:  # someone else's run (say, a longer training with configs/quickstart.yaml): kept, moved aside
             aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             print(f"quickstart: {run_dir} holds a run the quickstart did not make; moved to {aside}", flush=True)

@@ -149,3 +149,25 @@ def test_segment_refuses_bad_checkpoints_chunks_and_reads_vocab_files(workspace,
         load_vocabulary(str(workspace / "vocab.json"))
     (workspace / "vocab.json").write_text('["cat ", "dog"]')
     assert load_vocabulary(str(workspace / "vocab.json")) == ["cat", "dog"]
+
+
+def test_segment_into_the_input_folder_or_its_parent(workspace, capsys):
+    from catseg.cli import main
+
+    folder = workspace / "beside"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "p.png")
+    common = ["--classes", "cat, dog", "--checkpoint", str(workspace / "tiny.safetensors"), "--quiet"]
+    for _ in range(2):  # outputs beside the photo: the rerun takes the photo only, not its own outputs
+        assert main(["segment", str(folder), *common, "--out", str(folder)]) == 0
+        assert "segmented 1/1 images" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["p.json", "p.png", "p_labels.png", "p_overlay.png"]
+    assert main(["segment", str(folder), *common, "--out", str(workspace)]) == 0  # the output folder holds the input
+    assert "segmented 1/1 images" in capsys.readouterr().out and (workspace / "p_labels.png").is_file()
+    # outputs of a version that did not mark them are still recognised as catseg's
+    record = json.loads((folder / "p.json").read_text())
+    del record["software"]
+    (folder / "p.json").write_text(json.dumps(record))
+    Image.open(folder / "p_labels.png").save(folder / "p_labels.png")  # re-saved without the text chunk
+    assert main(["segment", str(folder), *common, "--out", str(folder)]) == 0
+    assert "segmented 1/1 images" in capsys.readouterr().out

@@ -351,6 +351,37 @@ def test_hf_dataset_from_disk_and_parquet(tmp_path):
         np.testing.assert_array_equal(samples[f"hf_train_{i:08d}"][1], raw)
 
 
+def test_hf_rows_removed_between_runs_redo_the_shards(tmp_path):
+    import shutil
+
+    import datasets
+
+    def save(rows, where):
+        shutil.rmtree(where, ignore_errors=True)
+        images, labels = [], []
+        for i in rows:
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((4, 5, 3), i * 20, dtype=np.uint8)).save(buffer, "PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+            labels.append(grid([i % 3], 4, 5).astype(int).tolist())
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.Sequence(datasets.Sequence(datasets.Value("int32")))})
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(where))
+
+    (tmp_path / "names.json").write_text(json.dumps(["a", "b", "c"]))
+    args = ["hf", "--class-names", str(tmp_path / "names.json"), "--shard-size", "2"]
+    save(range(5), tmp_path / "data")
+    assert convert(*args, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "out")) == 0
+    save([0, 2, 3, 4], tmp_path / "data")  # row 1 removed: rows 2..4 move up under the keys of rows 1..3
+    assert convert(*args, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "out")) == 0
+    save([0, 2, 3, 4], tmp_path / "clean-data")
+    assert convert(*args, "--root", str(tmp_path / "clean-data"), "--out", str(tmp_path / "clean")) == 0
+    got, want = read_back(tmp_path / "out/hf/train"), read_back(tmp_path / "clean/hf/train")
+    assert sorted(got) == sorted(want) == [f"hf_train_{i:08d}" for i in range(4)]
+    for key in want:
+        np.testing.assert_array_equal(got[key][0], want[key][0])
+
+
 def test_hf_ignore_value_that_is_a_class_value_is_refused(tmp_path, capsys):
     from data_prep.hf import HuggingFaceConfig
 

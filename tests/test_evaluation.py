@@ -203,10 +203,17 @@ def test_bad_input_is_reported_clearly(synthetic_root, run_dir, tmp_path, capsys
         patch.chdir(tmp_path)
         other = tmp_path / "eval" / checkpoint_name(5) / "report.json"
         other.parent.mkdir(parents=True)
-        other.write_text(json.dumps({"checkpoint": "/elsewhere/run/checkpoints/step_00000005"}))
+        foreign = {"weights": "/elsewhere/run/checkpoints/step_00000005/model.safetensors"}
+        other.write_text(json.dumps(foreign))
         assert main(["--checkpoint", ckpt, "--benchmarks", "synthetic", "--shards", str(synthetic_root)]) == 2
-        assert "holds the report of checkpoint /elsewhere/run/checkpoints/step_00000005" in capsys.readouterr().err
-        assert json.loads(other.read_text()) == {"checkpoint": "/elsewhere/run/checkpoints/step_00000005"}
+        assert f"holds the report of checkpoint weights {foreign['weights']}" in capsys.readouterr().err
+        assert json.loads(other.read_text()) == foreign
+        # this checkpoint's own report, given as its folder or its weights file, is replaced
+        other.write_text(json.dumps({"weights": str((_ckpt(run_dir) / "model.safetensors").resolve())}))
+        common = ["--benchmarks", "synthetic", "--shards", str(synthetic_root), "--limit", "1", "--cpu"]
+        assert main(["--checkpoint", str(_ckpt(run_dir) / "model.safetensors"), *common]) == 0
+        assert main(["--checkpoint", ckpt, *common]) == 0
+        capsys.readouterr()
 
     with pytest.raises(ValueError, match="EvalConfig.limit must be a positive integer"):
         EvalConfig(checkpoint=ckpt, benchmarks="synthetic", shards=synthetic_root, limit=0)

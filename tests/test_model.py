@@ -367,6 +367,20 @@ def test_text_cache_follows_in_place_updates_of_a_training_text_tower():
     assert not torch.allclose(before, after)
     with torch.no_grad():
         torch.testing.assert_close(after, model.clip.encode_text(["cat", "dog"]).float())
+    # a real training step through the trainer's optimizer (fused AdamW leaves the version counters alone)
+    from training.config import OptimConfig
+    from training.optim import build_optimizer
+
+    optimizer = build_optimizer(model, OptimConfig(clip_lr=1e-2))
+    cached = model.text_embeddings(["cat", "dog"])
+    model.train()
+    model(images(1, model.image_size), ["cat", "dog"]).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    stepped = model.text_embeddings(["cat", "dog"])
+    assert not torch.allclose(cached, stepped)
+    with torch.no_grad():
+        torch.testing.assert_close(stepped, model.clip.encode_text(["cat", "dog"]).float())
 
 
 def test_synonyms_are_averaged(tiny_model):

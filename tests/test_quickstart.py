@@ -49,7 +49,14 @@ def test_quickstart_short(tmp_path):
     assert f"replacing the earlier quickstart run in {run_dir}" in again.stdout
     second = json.loads((run_dir / "quickstart.json").read_text())
     assert second["step"] == 3 and second["mlflow_run_id"] != summary["mlflow_run_id"]
-    # a folder holding another run is moved aside, never deleted
+    # a folder that holds no run is refused; one holding another run is moved aside, never deleted
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refused = subprocess.run([sys.executable, "scripts/quickstart.py", "--run-dir", str(other)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "is not empty and holds no training run" in refused.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     (run_dir / ".quickstart").unlink()
     (run_dir / "keep.txt").write_text("mine")
     third = subprocess.run(

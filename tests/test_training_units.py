@@ -326,7 +326,10 @@ def test_checkpoint_listing_ignores_partial_folders_and_prunes_oldest(tmp_path):
         "step_00000300"
     ckpt.prune(tmp_path, keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000300", "step_00002000"]
-    # a save of the same step killed between its two renames: the replaced checkpoint comes back
+    # a save of the same step killed between its two renames: the replaced checkpoint comes back, before the
+    # resume point is chosen
+    os.replace(tmp_path / "checkpoints" / "step_00002000", tmp_path / "checkpoints" / ".old-step_00002000")
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step_00002000"
     os.replace(tmp_path / "checkpoints" / "step_00002000", tmp_path / "checkpoints" / ".old-step_00002000")
     ckpt.remove_partial(tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000300", "step_00002000"]
@@ -354,6 +357,17 @@ def test_resume_between_log_steps_keeps_the_logged_losses_and_rates(tmp_path, sy
     assert sorted(whole) == [4, 8] and sorted(resumed) == [4, 8]
     for step in (4, 8):
         assert resumed[step]["loss"] == whole[step]["loss"], step
+    # an optimizer state with other parameter groups (a checkpoint of an earlier grouping) is refused by name
+    state = tmp_path / "whole" / "checkpoints" / "step_00000006" / "state" / "optimizer.bin"
+    saved = torch.load(state, weights_only=True)
+    saved["param_groups"] = saved["param_groups"][:-1]
+    torch.save(saved, state)
+    refused = subprocess.run(
+        [PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "old"),
+         "--set", f"data.root={synthetic / 'train'}", "train.steps=8", "data.workers=0", "schedule.warmup_steps=0",
+         "--resume", str(state.parents[1])], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "its optimizer state has other parameter groups than this version builds" in refused.stderr
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["schedule.name=cosine", "schedule.warmup_steps=0"])
     for step in (4, 8):  # the rate of optimizer step `step` (0-based step - 1), not of the next one
         expected = cfg.optim.lr * lr_factor(step - 1, 8, cfg.schedule)

@@ -98,8 +98,22 @@ def read_final(run_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+def restore_replaced(run_dir: str | os.PathLike) -> None:
+    """Put back a checkpoint that a save of the same step had moved aside (``.old-step_N``) when the run was killed
+    before the new one took its name. Every process may call this at once: the rename happens once."""
+    root = Path(run_dir) / CHECKPOINTS
+    for child in root.glob(".old-*") if root.is_dir() else []:
+        final = root / child.name[len(".old-"):]
+        if not final.exists():
+            try:
+                os.replace(child, final)
+            except FileNotFoundError:  # another process put it back first
+                pass
+
+
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     """Turn --resume (auto, none, or a checkpoint folder) into the checkpoint to continue from."""
+    restore_replaced(run_dir)
     if resume in ("", "none"):
         earlier = latest_checkpoint(run_dir)
         if earlier is not None:  # its higher steps would outlive the new run's checkpoints and be taken as final
@@ -131,12 +145,9 @@ def check_compatible(ckpt_dir: Path, preset: str) -> dict:
 def remove_partial(run_dir: str | os.PathLike) -> None:
     """Delete checkpoint folders left half-written by a killed run (main process only)."""
     root = Path(run_dir) / CHECKPOINTS
-    for child in root.glob(".old-*") if root.is_dir() else []:  # replaced by a save of the same step
-        final = root / child.name[len(".old-"):]
-        if final.exists():
-            shutil.rmtree(child, ignore_errors=True)
-        else:  # killed between the two renames: the replaced checkpoint is complete, put it back
-            os.replace(child, final)
+    restore_replaced(run_dir)
+    for child in root.glob(".old-*") if root.is_dir() else []:  # replaced by a save of the same step, now in place
+        shutil.rmtree(child, ignore_errors=True)
     for child in root.glob(".tmp-*") if root.is_dir() else []:
         shutil.rmtree(child, ignore_errors=True)
     for child in root.glob(".del-*") if root.is_dir() else []:
@@ -280,6 +291,14 @@ class Checkpointer:
         try:
             with weights_only_loads():
                 acc.load_state(str(ckpt_dir / STATE_DIR))
+        except ValueError as error:  # torch's optimizer refuses a state with other parameter groups
+            if "parameter group" not in str(error):
+                raise
+            raise CheckpointError(
+                f"{ckpt_dir}: its optimizer state has other parameter groups than this version builds ({error}). A "
+                f"checkpoint from before the weight-decay groups changed (normalisation layers only) resumes with the "
+                f"version that wrote it; or start a new run from its weights with --set "
+                f"model.pretrained={ckpt_dir / WEIGHTS_FILE} and another --run-dir") from None
         except pickle.UnpicklingError as error:
             found = re.search(r"GLOBAL (\S+)", str(error))
             raise CheckpointError(f"{ckpt_dir / STATE_DIR} holds pickled objects other than tensors and training state "
