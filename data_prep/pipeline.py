@@ -425,12 +425,7 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
             records[i] = record
         else:  # made from another sample list or shard size: its part redoes it
             outdated.append(paths[i].name)
-    extra = num_shards  # shards past the plan: left by a run with a longer sample list or smaller shards
-    while (folder / shards.shard_name(source.name, split, extra)).exists():
-        outdated.append(shards.shard_name(source.name, split, extra))
-        shards.sidecar_path(folder / outdated[-1]).unlink(missing_ok=True)
-        (folder / outdated[-1]).unlink(missing_ok=True)
-        extra += 1
+    outdated += shards.remove_shards_from(folder, source.name, split, num_shards)  # past the plan
     if outdated:  # the split's lists describe the old shards until every shard is complete again
         (folder / shards.SIZES_FILE).unlink(missing_ok=True)
         (folder / shards.DATASET_FILE).unlink(missing_ok=True)
@@ -469,6 +464,7 @@ def _run_pending(source, split, options, refs, pending, paths, records, work, ba
     from tqdm import tqdm
 
     size = options.shard_size
+    source_id = source.source_id(split)
     results: Any
     pool = None
     if options.workers > 0:
@@ -494,7 +490,7 @@ def _run_pending(source, split, options, refs, pending, paths, records, work, ba
             if skipped and not options.skip_bad:
                 continue  # leave the shard unwritten so a rerun after fixing the files redoes it
             try:
-                records[i] = shards.write_shard(paths[i], i, members, skipped, source.source_id(split))
+                records[i] = shards.write_shard(paths[i], i, members, skipped, source_id)
             except OSError as error:
                 if error.errno in _NO_SPACE_ERRNOS:
                     raise _out_of_space(error, paths[i]) from error

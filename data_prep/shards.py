@@ -300,6 +300,18 @@ def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], sk
     return record
 
 
+def remove_shards_from(folder: str | os.PathLike, dataset: str, split: str, first: int) -> list[str]:
+    """Delete shards ``first``, ``first + 1``, ... of a split (and their sidecars) up to the first gap: what a run with
+    a longer sample list or smaller shards left past the current plan. Returns the names removed."""
+    folder, removed = Path(folder), []
+    while (folder / shard_name(dataset, split, first + len(removed))).exists():
+        path = folder / shard_name(dataset, split, first + len(removed))
+        sidecar_path(path).unlink(missing_ok=True)  # sidecar first: a tar without one is never taken as complete
+        path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
 def read_shard_record(shard_path: str | os.PathLike) -> ShardRecord | None:
     """Return the sidecar record of a complete shard, or None when the shard is missing or incomplete."""
     shard_path = Path(shard_path)

@@ -214,12 +214,7 @@ def write_split(out: str | Path, split: str, count: int, config: SyntheticConfig
         if record is None or not _holds(path, record, config, split, indices):
             record = shards.write_shard(path, shard_index, (make_sample(config, split, i) for i in indices))
         records.append(record)
-    extra = len(records)  # shards of an earlier, larger split
-    while (folder / shards.shard_name("synthetic", split, extra)).exists():
-        stale = folder / shards.shard_name("synthetic", split, extra)
-        shards.sidecar_path(stale).unlink(missing_ok=True)
-        stale.unlink()
-        extra += 1
+    shards.remove_shards_from(folder, "synthetic", split, len(records))  # shards of an earlier, larger split
     shards.finalize_folder(folder, dataset_info(split, config), records)
     return folder
 
