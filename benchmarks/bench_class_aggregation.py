@@ -1,6 +1,5 @@
 """One class aggregation block alone, in each of its forms, at a preset's widths: the linear attention as batched
-matrix products (the modules, eager or compiled), as multiply-and-sum reductions (compiled only,
-`catseg.inference.class_attention_reductions`) and, on a GPU, as catseg's Triton kernels
+matrix products (the modules, eager or compiled) and, on a GPU, as catseg's Triton kernels
 (`catseg.inference.fused_kernels`, inference only).
 
     python benchmarks/bench_class_aggregation.py [--preset catseg_vitb16_r101] [--classes 847] [--compile] [--profile]
@@ -48,7 +47,7 @@ def main(argv=None) -> dict:
     p.add_argument("--class-chunk", type=int, default=DEFAULT_CLASS_CHUNK)
     p.add_argument("--train-classes", type=int, default=None, help="training classes (default: 171 on a GPU, 12 on "
                    "a CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the block (and add the reductions form)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the block's modules")
     add_form_bench_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -74,15 +73,13 @@ def main(argv=None) -> dict:
                "precision": "bf16" if gpu else "fp32", "compile": args.compile,
                "command": "python benchmarks/bench_class_aggregation.py " +
                           " ".join(argv if argv is not None else sys.argv[1:])}
-    # name, reductions, Triton kernels
-    forms = [("products", False, False)]
-    if args.compile:
-        forms.append(("reductions", True, False))
+    # name, Triton kernels
+    forms = [("products", False)]
     if gpu and kernels.available():
-        forms.append(("kernels", False, True))
+        forms.append(("kernels", True))
     reference = None
-    for name, reductions, fused in forms:
-        block.reductions, block.fused = reductions, fused
+    for name, fused in forms:
+        block.fused = fused
         _compiled(block, args.compile)
 
         def infer():
@@ -104,7 +101,7 @@ def main(argv=None) -> dict:
             row["train_ms"] = time_ms(train, device, args.warmup, args.repeats)
         results[name] = row
         report_form(name, row, infer, device, args.profile)
-    block.reductions = block.fused = False
+    block.fused = False
     _compiled(block, False)
     if args.json:
         write_json_atomic(args.json, results)

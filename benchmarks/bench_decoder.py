@@ -1,5 +1,5 @@
-"""The upsampling decoder alone: upsample-then-convolve against the factored convolution at the input's size
-(`catseg.inference.subpixel_decoder`), at a preset's widths, in inference and in a training forward + backward.
+"""The upsampling decoder alone, in each of its forms, at a preset's widths, in inference and in a training forward +
+backward.
 
     python benchmarks/bench_decoder.py [--preset catseg_vitb16_r101] [--maps 40] [--compile] [--profile] [--json F]
 
@@ -8,10 +8,10 @@ classes, in chunks of 128 x 5 = 640; a training step 4 images x 171 classes = 68
 cost-grid size with its embedding width, the guidance maps those of one image per 5 maps. Channels-last as
 Segmenter and the trainer's `train.channels_last` run them; bf16 autocast on a GPU, float32 on a CPU. Reports the
 median milliseconds per call (CUDA events on a GPU) and the largest difference from the plain result. With
-`--compile` the factored decoder's inference is also timed with its sum over taps as gathers instead of the grouped
-convolution (`catseg.ops.GATHER_WHEN_COMPILED`), and the plain decoder with its upsampling as a pointwise stencil
-(`catseg.inference.stencil_upsampling`). The plain decoder is also timed with NCHW maps ("plain_nchw", what
-runs without `catseg.inference.decoder_channels_last`). `--profile`: each form's inference kernels, the largest first.
+`--compile` the decoder is also timed with its upsampling as a pointwise stencil ("plain_stencil",
+`catseg.inference.stencil_upsampling`, what compiled inference runs). The plain decoder is also timed with NCHW maps
+("plain_nchw", what runs without `catseg.inference.decoder_channels_last`). `--profile`: each form's inference
+kernels, the largest first.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from catseg import create_model, ops  # noqa: E402
+from catseg import create_model  # noqa: E402
 from catseg.bench import add_form_bench_args, report_form, time_ms  # noqa: E402
 from catseg.files import write_json_atomic  # noqa: E402
-from catseg.inference import decoder_channels_last, stencil_upsampling, subpixel_decoder  # noqa: E402
+from catseg.inference import decoder_channels_last, stencil_upsampling  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -57,16 +57,13 @@ def main(argv=None) -> dict:
                "precision": "bf16" if bf16 else "fp32", "compile": args.compile,
                "command": "python benchmarks/bench_decoder.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     reference = {}
-    # name, factored, its sum over taps as gathers, NHWC, the upsampling as a stencil
-    forms = [("plain", False, False, True, False), ("plain_nchw", False, False, False, False),
-             ("factored", True, False, True, False)]
-    if args.compile:  # compiled: the upsampling as a stencil, the factored sum as gathers
-        forms += [("plain_stencil", False, False, True, True), ("factored_gathers", True, True, True, False)]
-    for name, factored, gather, nhwc, stencil in forms:
-        subpixel_decoder(model, factored)
+    # name, NHWC, the upsampling as a stencil
+    forms = [("plain", True, False), ("plain_nchw", False, False)]
+    if args.compile:  # compiled: the upsampling as a stencil
+        forms.append(("plain_stencil", True, True))
+    for name, nhwc, stencil in forms:
         decoder_channels_last(model, nhwc)
         stencil_upsampling(model, stencil)
-        ops.GATHER_WHEN_COMPILED = gather
 
         def infer():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -76,7 +73,7 @@ def main(argv=None) -> dict:
         reference.setdefault("out", out)
         row = {"inference_ms": time_ms(infer, device, args.warmup, args.repeats),
                "max_abs_difference": (out - reference["out"]).abs().max().item()}
-        if not args.no_train and name in ("plain", "factored", "plain_stencil"):  # (compiling is slow)
+        if not args.no_train and name != "plain_nchw":  # (compiling is slow)
             xg = x.clone().requires_grad_()
 
             def train():
@@ -87,7 +84,6 @@ def main(argv=None) -> dict:
             row["train_ms"] = time_ms(train, device, args.warmup, args.repeats)
         results[name] = row
         report_form(name, row, infer, device, args.profile)
-    ops.GATHER_WHEN_COMPILED = False
     if args.json:
         write_json_atomic(args.json, results)
     return results

@@ -50,13 +50,11 @@ def count_calls(code: str) -> dict:
             "library": dict(library.most_common())}
 
 
-def _build(preset: str, subpixel: bool = False, stencil: bool = False, reductions: bool = False) -> torch.nn.Module:
+def _build(preset: str, stencil: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(preset)
     model.check_inputs = False
-    inference.subpixel_decoder(model, subpixel)
     inference.stencil_upsampling(model, stencil)
-    inference.class_attention_reductions(model, reductions)
     model.config.class_chunk_size = None  # training runs all classes at once
     return model
 
@@ -81,10 +79,10 @@ def _step(model, batch: int, classes: int):
     return forward, backward
 
 
-def eager_operators(preset: str, batch: int, classes: int, subpixel: bool = False) -> dict:
+def eager_operators(preset: str, batch: int, classes: int) -> dict:
     """Operators of an eager forward and of the loss + backward, and the bytes the forward leaves for the backward,
     counted on fake tensors (the second step, after the one-off constant tensors of the first)."""
-    model = _build(preset, subpixel)
+    model = _build(preset)
     with mha_unfused(), counting(model) as counter:
         forward, backward = _step(model, batch, classes)
         for _ in range(2):
@@ -101,18 +99,14 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="catseg_tiny")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--classes", type=int, default=171)
-    p.add_argument("--subpixel-decoder", action="store_true", help="as the bench's flag: the bilinear decoder "
-                   "stages' upsampling and first convolution factored at the input's size (UpStage.subpixel)")
     p.add_argument("--stencil-upsampling", action="store_true", help="as the bench's flag: compiled, the decoder's "
                    "x2 upsampling as a pointwise stencil (UpStage.stencil)")
-    p.add_argument("--class-attention-reductions", action="store_true", help="as the bench's flag: compiled, the "
-                   "class aggregation's linear attention as fused reductions (ClassAggregation.reductions)")
     p.add_argument("--json", help="write the counts here")
     args = p.parse_args(argv)
 
-    eager = eager_operators(args.preset, args.batch, args.classes, args.subpixel_decoder)
+    eager = eager_operators(args.preset, args.batch, args.classes)
     print(f"eager operators: forward {eager['forward']}, loss + backward {eager['backward']}")
-    model = _build(args.preset, args.subpixel_decoder, args.stencil_upsampling, args.class_attention_reductions)
+    model = _build(args.preset, args.stencil_upsampling)
     forward, backward = _step(model, args.batch, args.classes)
     recorder = SavedForBackward()
     model.compile(backend=recorder)
@@ -121,8 +115,7 @@ def main(argv=None) -> dict:
     _, codes = run_and_get_code(lambda: backward(forward()))
     graphs = [count_calls(code) for code in codes]
     result = {"preset": args.preset, "batch": args.batch, "classes": args.classes,
-              "subpixel_decoder": args.subpixel_decoder, "stencil_upsampling": args.stencil_upsampling,
-              "class_attention_reductions": args.class_attention_reductions,
+              "stencil_upsampling": args.stencil_upsampling,
               "torch": torch.__version__,
               "compile_and_run_s": round(time.perf_counter() - t, 1), "eager_operators": eager, "graphs": graphs,
               "launches": sum(g["fused_kernels"] + g["library_calls"] for g in graphs),

@@ -13,9 +13,8 @@
 # compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones,
 # `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs);
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile);
-# `class_aggregation` one class aggregation block alone: products, reductions, Triton kernels (bench_class_aggregation.py).
-# `*_forms` variants take the compiled forms not yet measured together (the decoder's stencil upsampling, the class
-# attention's reductions): each acts on its own part, so the profile's time by part tells them apart.
+# `class_aggregation` one class aggregation block alone: products, Triton kernels (bench_class_aggregation.py).
+# Compiled inference runs the decoder's upsampling as a stencil (as Segmenter does); `b_compile_no_stencil` without it.
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -42,10 +41,10 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile b_compile_forms decoder tests_train l_compile class_aggregation b_model_cl_ro_forms b_compile_stencil b_model_cl_ro_stencil b_model_cl_ro tests b_compile_sub b_compile_fused b_compile_fused_class b_compile_fused_spatial b_compile_fused_sub l_model_cl_ro_stencil l_model_cl_ro b_model_cl_ro_sub l_model_cl_ro_sub b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_sub b_model_cl_sub b_compile_ma l"}
+variants=${*:-"b_compile_fused_spatial tests_train l_compile_fused_spatial b_model_cl_ro_stencil b_compile b_compile_fused tests l_compile b_model_cl_ro l_model_cl_ro_stencil l_model_cl_ro b_compile_fused_class b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_compile_ma l"}
 for v in $variants; do
     case $v in
-        decoder) for c in "" --compile; do  # the decoder alone, plain against factored (catseg.inference.subpixel_decoder)
+        decoder) for c in "" --compile; do  # the decoder alone: NHWC, NCHW, compiled with the stencil upsampling
                 name=decoder${c:+_compiled}
                 echo "== $name: python benchmarks/bench_decoder.py $c --profile"
                 timeout 240 python3 benchmarks/bench_decoder.py $c --profile --json "$out/$name.json" >"$out/$name.log" 2>&1
@@ -79,30 +78,20 @@ for v in $variants; do
         b_compile) bench b16_compile 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train \
             --profile ;;
         l_compile) bench l14_compile 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile --no-train ;;
-        b_compile_sub) bench b16_compile_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
-            --compile --no-train --subpixel-decoder ;;
-        b_compile_stencil) bench b16_compile_stencil 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
-            --compile --no-train --stencil-upsampling --profile ;;
-        b_compile_forms) bench b16_compile_forms 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
-            --compile --no-train --stencil-upsampling --class-attention-reductions --profile ;;
-        b_model_cl_ro_forms) bench b16_compile_model_cl_ro_forms 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
-            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling \
-            --class-attention-reductions ;;
-        l_model_cl_ro_forms) bench l14_compile_model_cl_ro_forms 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \
-            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling \
-            --class-attention-reductions ;;
+        b_compile_no_stencil) bench b16_compile_no_stencil 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
+            --classes 150,847 --compile --no-train --no-stencil-upsampling --profile ;;
         b_model_cl_ro_stencil) bench b16_compile_model_cl_ro_stencil 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling ;;
         l_model_cl_ro_stencil) bench l14_compile_model_cl_ro_stencil 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \
             --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling ;;
         b_compile_fused) bench b16_compile_fused_kernels 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
             --compile --no-train --fused-kernels --profile ;;
-        b_compile_fused_sub) bench b16_compile_fused_subpixel 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
-            --classes 20,150,847 --compile --no-train --fused-kernels --subpixel-decoder --profile ;;
         b_compile_fused_class) bench b16_compile_fused_class 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-parts class --profile ;;
         b_compile_fused_spatial) bench b16_compile_fused_spatial 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
-            --classes 150,847 --compile --no-train --fused-kernels --fused-parts spatial --profile ;;
+            --classes 20,150,847 --compile --no-train --fused-kernels --fused-parts spatial --profile ;;
+        l_compile_fused_spatial) bench l14_compile_fused_spatial 300 "$root" --preset "${L:-catseg_vitl14_swinb}" \
+            --classes 20,150,847 --compile --no-train --fused-kernels --fused-parts spatial ;;
         b_compile_fused_sdpa) bench b16_compile_fused_sdpa 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-attention sdpa ;;
         l_compile_fused) bench l14_compile_fused_kernels 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 \
@@ -110,10 +99,6 @@ for v in $variants; do
         b_infer) bench b16_inference 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train --profile ;;
         b_fused) bench b16_fused_kernels 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train \
             --fused-kernels --profile ;;
-        b_sub) bench b16_subpixel 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --no-train \
-            --subpixel-decoder ;;
-        b_model_cl_sub) bench b16_compile_model_cl_subpixel 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
-            --compile-model --channels-last --no-inference --subpixel-decoder ;;
         b_compile_ma) bench b16_compile_max_autotune 400 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 \
             --compile --compile-mode max-autotune-no-cudagraphs --no-train ;;
         b_compile_c256) bench b16_compile_chunk256 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --compile \
@@ -134,10 +119,6 @@ for v in $variants; do
             --channels-last --no-inference --profile ;;
         b_model_cl_ro) bench b16_compile_model_cl_ro 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \
             --channels-last --compile-mode reduce-overhead --no-inference ;;
-        b_model_cl_ro_sub) bench b16_compile_model_cl_ro_subpixel 400 "$root" --preset "${B:-catseg_vitb16_r101}" \
-            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --subpixel-decoder ;;
-        l_model_cl_ro_sub) bench l14_compile_model_cl_ro_subpixel 400 "$root" --preset "${L:-catseg_vitl14_swinb}" \
-            --compile-model --channels-last --compile-mode reduce-overhead --no-inference --subpixel-decoder ;;
         l_model_cl_ro) bench l14_compile_model_cl_ro 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile-model \
             --channels-last --compile-mode reduce-overhead --no-inference ;;
         b_model_cl_cpp) bench b16_compile_model_cl_cpp 450 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model \

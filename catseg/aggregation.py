@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels
-from .ops import GroupNorm, LayerNorm, compute_dtype, part, resize, tensor_cache, upsample2x, upsampled_conv3x3
+from .ops import GroupNorm, LayerNorm, compute_dtype, part, resize, tensor_cache, upsample2x
 
 
 def chunk_slices(n: int, chunk: Optional[int]) -> list[slice]:
@@ -262,10 +262,6 @@ class ClassAggregation(nn.Module):
     # (`fuses_whole_block` False, or a pooling block) its feed-forward half alone
     fused = False
     fuses_whole_block = True
-    # compiled: the linear attention's products as multiply-and-sum reductions, which inductor fuses with the feature
-    # map, the normalisation and the layout changes into one kernel per pass, instead of batched 32 x 32 matrix
-    # products per pixel and head between layout copies (switched by catseg.inference.class_attention_reductions)
-    reductions = False
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int, mlp_ratio: float, pool: int, eps: float = 1e-6):
         super().__init__()
@@ -313,8 +309,6 @@ class ClassAggregation(nn.Module):
         t = self.norm1(self._tokens(xs))
         k = _elu_feature_map(rearrange(self._qk(self.k, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
         v = rearrange(self.v(t), "b p n (h d) -> b p n h d", h=self.num_heads)
-        if self._reducing():
-            return (k.unsqueeze(-1) * v.unsqueeze(-2)).sum(dim=2), k.sum(dim=2)
         return torch.einsum("bpnhd,bpnhe->bphde", k, v), k.sum(dim=2)
 
     def update(self, xs: torch.Tensor, g: Optional[torch.Tensor], kv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -324,22 +318,14 @@ class ClassAggregation(nn.Module):
         t0 = self._tokens(xs)
         t = self.norm1(t0)
         q = _elu_feature_map(rearrange(self._qk(self.q, t, g), "b p n (h d) -> b p n h d", h=self.num_heads))
-        if self._reducing():
-            num = (q.unsqueeze(-1) * kv.unsqueeze(2)).sum(dim=-2)
-            den = (q * z.unsqueeze(2)).sum(dim=-1, keepdim=True) + self.eps
-        else:
-            num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
-            den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
+        num = torch.einsum("bpnhd,bphde->bpnhe", q, kv)
+        den = torch.einsum("bpnhd,bphd->bpnh", q, z).unsqueeze(-1) + self.eps
         y = t0 + self.proj(rearrange(num / den, "b p n h e -> b p n (h e)"))
         if self.fused and not torch.is_grad_enabled():
             y = kernels.residual_mlp(y, self.norm2, self.mlp)
         else:
             y = y + self.mlp(self.norm2(y))
         return self._residual(xs, y - t0)
-
-    def _reducing(self) -> bool:
-        # eagerly the broadcast products would be stored whole (n x d x d per pixel and head): compiled code only
-        return self.reductions and torch.compiler.is_compiling()
 
     def _whole_block_kernels(self) -> bool:
         return (self.fused and self.fuses_whole_block and not torch.is_grad_enabled()
@@ -405,11 +391,9 @@ class UpStage(nn.Module):
             self.conv = DoubleConv(cin + guidance_dim, cout)
 
     channels_last = False  # NHWC convolutions (see catseg.inference.decoder_channels_last)
-    # bilinear mode: the upsampling and the first convolution factored at the input's size
-    # (catseg.ops.upsampled_conv3x3; switched by catseg.inference.subpixel_decoder); off until measured on a GPU
-    subpixel = False
     # bilinear mode, compiled: the x2 upsampling as a pointwise stencil inductor fuses with its neighbours instead of
-    # two matrix products and a layout copy (catseg.ops.upsample2x; switched by catseg.inference.stencil_upsampling)
+    # two matrix products and a layout copy (catseg.ops.upsample2x; switched by catseg.inference.stencil_upsampling,
+    # which inference turns on)
     stencil = False
 
     def forward(self, x: torch.Tensor, guidance: Optional[torch.Tensor]) -> torch.Tensor:
@@ -420,15 +404,11 @@ class UpStage(nn.Module):
         # conv(cat([x, guidance])) == conv_x(x) + conv_g(guidance): the guidance half runs once per image
         first = self.conv[0]
         wx = first.weight[:, :first.in_channels - (0 if guidance is None else guidance.shape[1])]
-        if self.up is None and self.subpixel:  # conv_x(upsampled x) without the upsampled map
-            y = upsampled_conv3x3(layout(x), wx)
+        if self.up is not None:
+            x = self.up(layout(x))
         else:
-            if self.up is not None:
-                x = self.up(layout(x))
-            else:
-                x = upsample2x(x) if self.stencil else resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
-            y = F.conv2d(layout(x), wx, None, first.stride, first.padding)
-        y = layout(y)
+            x = upsample2x(x) if self.stencil else resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
+        y = layout(F.conv2d(layout(x), wx, None, first.stride, first.padding))
         guidance = layout(guidance)
         if guidance is not None:
             g = F.conv2d(guidance, first.weight[:, wx.shape[1]:], None, first.stride, first.padding)

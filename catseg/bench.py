@@ -372,14 +372,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "then casts each of them on every call) instead of storing the matmul weights in bf16")
     p.add_argument("--no-channels-last", action="store_true", help="inference: run the convolutions NCHW instead of "
                    "channels-last as Segmenter does (guidance backbone, cost embedding, decoder)")
-    p.add_argument("--subpixel-decoder", action="store_true", help="bilinear decoder stages: the upsampling and the "
-                   "first convolution factored at the input's size (catseg.inference.subpixel_decoder) instead of "
-                   "convolving the upsampled map")
-    p.add_argument("--stencil-upsampling", action="store_true", help="compiled bilinear decoder stages: the x2 "
-                   "upsampling as a pointwise stencil fused with its neighbours (catseg.inference.stencil_upsampling)")
-    p.add_argument("--class-attention-reductions", action="store_true", help="compiled class aggregation: the "
-                   "linear attention's products as fused multiply-and-sum reductions instead of batched matrix "
-                   "products (catseg.inference.class_attention_reductions)")
+    p.add_argument("--stencil-upsampling", action="store_true", help="compiled training: the bilinear decoder "
+                   "stages' x2 upsampling as a pointwise stencil fused with its neighbours, as "
+                   "train.stencil_upsampling makes it (catseg.inference.stencil_upsampling; inference runs it so "
+                   "unless --no-stencil-upsampling)")
+    p.add_argument("--no-stencil-upsampling", action="store_true", help="compiled inference: the decoder's x2 "
+                   "upsampling as two matrix products instead of the stencil Segmenter runs")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
                    "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
     p.add_argument("--fused-parts", help="with --fused-kernels: which blocks run as kernels, comma-separated: "
@@ -410,9 +408,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.fused_parts = parts
     if args.trace and not args.profile:
         p.error("--trace writes the traces of the profiled calls: add --profile")
-    for form in ("stencil_upsampling", "class_attention_reductions"):  # forms of compiled code
-        if getattr(args, form) and not (args.compile or args.compile_model):
-            p.error(f"--{form.replace('_', '-')} acts on compiled code only: add --compile or --compile-model")
+    if args.stencil_upsampling and (args.no_train or not (args.compile or args.compile_model)):
+        p.error("--stencil-upsampling chooses the compiled training step's upsampling (inference runs the stencil "
+                "unless --no-stencil-upsampling): add --compile or --compile-model, and leave out --no-train")
     if args.compile_mode in ("reduce-overhead", "max-autotune") and (args.compile or args.compile_encoders) \
             and not (args.no_inference or args.no_cuda_graphs):
         p.error(f"--compile-mode {args.compile_mode} makes torch.compile replay its own CUDA graphs, which the "
@@ -443,9 +441,6 @@ def main(argv=None) -> dict:
         inference.compile_encoders(model, **compile_kwargs)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    inference.subpixel_decoder(model, args.subpixel_decoder)
-    inference.stencil_upsampling(model, args.stencil_upsampling)
-    inference.class_attention_reductions(model, args.class_attention_reductions)
     for m in model.modules():
         if isinstance(m, RecomputedMlp):
             m.recompute = not args.no_mlp_recompute
@@ -465,8 +460,8 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "compile_mode": args.compile_mode, "cpp_wrapper": args.cpp_wrapper, "channels_last": args.channels_last,
         "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
-        "mlp_recompute": not args.no_mlp_recompute, "subpixel_decoder": args.subpixel_decoder,
-        "stencil_upsampling": args.stencil_upsampling, "class_attention_reductions": args.class_attention_reductions,
+        "mlp_recompute": not args.no_mlp_recompute, "stencil_upsampling": args.stencil_upsampling,
+        "stencil_upsampling_inference": not args.no_stencil_upsampling,
         "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,
@@ -481,6 +476,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
     if result["bf16_weights"]:  # as Segmenter does for bf16 inference
         inference.cast_matmul_weights(model, torch.bfloat16)
     inference.channels_last(model, result["channels_last_inference"])  # as Segmenter does
+    inference.stencil_upsampling(model, result["stencil_upsampling_inference"])
     inference.fused_kernels(model, args.fused_kernels, args.fused_attention, args.fused_parts)
     for batch in batches:
         for n in counts:
@@ -496,6 +492,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         # convolutions channels-last as train.channels_last makes them
         inference.cast_matmul_weights(model, torch.float32)
         inference.channels_last(model, args.channels_last)
+        inference.stencil_upsampling(model, args.stencil_upsampling)
         if batches and (args.compile or args.compile_encoders or args.compile_model):
             # A trainer compiles for its one class count; after inference at other counts torch.compile would
             # compile the training step with a dynamic class dimension (and its backward), which takes many times

@@ -394,16 +394,6 @@ def decoder_channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
                    + [(stage, "channels_last", enable) for stage in model.decoder])
 
 
-def subpixel_decoder(model: CatSeg, enable: bool = True) -> CatSeg:
-    """Run each bilinear decoder stage's x2 upsampling and first convolution as `catseg.ops.upsampled_conv3x3`, in
-    place (`enable=False`: back to upsampling, then convolving); returns the model. Same function (the factoring is
-    exact, tested to float64 rounding, gradients too), a third of the stage's first-convolution arithmetic, no
-    upsampled map: the ViT-B decoder's FLOPs fall from 5.7 to 3.1 GFLOP per class and view. Transposed-convolution
-    stages (the release variants) are left as they are. Off by default until a GPU measures it (bench
-    `--subpixel-decoder`); `train.subpixel_decoder` trains with it."""
-    return _switch(model, [(stage, "subpixel", enable) for stage in model.decoder])
-
-
 def stencil_upsampling(model: CatSeg, enable: bool = True) -> CatSeg:
     """Under torch.compile, run each bilinear decoder stage's x2 upsampling as a pointwise stencil
     (`catseg.ops.upsample2x`), in place (`enable=False`: back to `catseg.ops.resize`'s two matrix products); returns
@@ -411,21 +401,11 @@ def stencil_upsampling(model: CatSeg, enable: bool = True) -> CatSeg:
     upsampling becomes part of the kernel before it (the previous stage's GroupNorm and ReLU), written channels-last
     for the convolution in one pass, where the matrix products take two library calls, their own passes over the
     largest maps of the model and a copy to channels-last; its backward is fused likewise. Eager code is unchanged
-    (there the stencil would be several kernels). Off by default until a GPU measures it (bench
-    `--stencil-upsampling`); `train.stencil_upsampling` trains with it."""
+    (there the stencil would be several kernels). Inference turns it on (`prepare_inference`): on an H200 the
+    compiled ViT-B decoder alone went from 7.32 to 6.77 ms on 640 class maps, and the compiled ViT-B patch inference
+    from 36.9 / 165.4 to 34.7 / 157.2 ms at 150 / 847 classes (benchmarks/results/h200_2026-11-27b). Training
+    leaves it off unless `train.stencil_upsampling` (the decoder's compiled forward + backward: 27.4 -> 28.4 ms)."""
     return _switch(model, [(stage, "stencil", enable) for stage in model.decoder])
-
-
-def class_attention_reductions(model: CatSeg, enable: bool = True) -> CatSeg:
-    """Under torch.compile, compute the class aggregation's linear attention (the key/value summary S = sum_n phi(k_n)
-    v_n^T per pixel and head, and the queries' phi(q) S and phi(q) z) as multiply-and-sum reductions instead of
-    batched matrix products, in place; returns the model. Inductor then fuses each pass, feature map, normalisation
-    and layout changes included, into one kernel, where the products were library calls on 32 x 32 matrices per pixel
-    and head (5 views x 576 pixels x 4 heads = 11520 per class chunk for the presets) with layout copies around them
-    (in the H200's compiled 847-class profile the batched products, these among them, took 14 ms). Same function;
-    eager code keeps the products (there the broadcast product would be stored whole). Off by default until a GPU
-    measures it (bench `--class-attention-reductions`); `train.class_attention_reductions` trains with it."""
-    return _switch(model, [(m, "reductions", enable) for m in model.modules() if isinstance(m, ClassAggregation)])
 
 
 def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
@@ -545,10 +525,11 @@ def compile_encoders(model: CatSeg, **compile_kwargs) -> CatSeg:
 def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False, fused: bool = False) -> CatSeg:
     """Ready `model` for inference in place, as `Segmenter` does; returns it. bf16 (to run under bf16 autocast):
     the image path's matmul weights stored in bf16 (`cast_matmul_weights`); otherwise they are put back to fp32 if an
-    earlier call cast them. The convolutions go channels-last (`channels_last`), `fused` runs the aggregation blocks
-    as Triton kernels (`fused_kernels`), and `compile` compiles the aggregation and decoder (`compile_aggregation`)."""
+    earlier call cast them. The convolutions go channels-last (`channels_last`), the decoder's compiled upsampling
+    fuses with its neighbours (`stencil_upsampling`), `fused` runs the aggregation blocks as Triton kernels
+    (`fused_kernels`), and `compile` compiles the aggregation and decoder (`compile_aggregation`)."""
     cast_matmul_weights(model, torch.bfloat16 if bf16 else torch.float32)
-    channels_last(model)
+    stencil_upsampling(channels_last(model))
     if fused:
         fused_kernels(model)
     return compile_aggregation(model) if compile else model

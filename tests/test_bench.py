@@ -124,12 +124,10 @@ def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(SystemExit):
             bench.main(["--preset", "catseg_tiny", "--compile", "--compile-mode", mode])
-    with pytest.raises(SystemExit):  # the stencil upsampling is compiled code's: refused without compiling
-        bench.parse_args(["--preset", "catseg_tiny", "--stencil-upsampling"])
-    assert bench.parse_args(["--stencil-upsampling", "--compile"]).stencil_upsampling
-    with pytest.raises(SystemExit):  # so do the class attention's reductions
-        bench.parse_args(["--preset", "catseg_tiny", "--class-attention-reductions"])
-    assert bench.parse_args(["--class-attention-reductions", "--compile-model"]).class_attention_reductions
+    for argv in (["--stencil-upsampling"], ["--stencil-upsampling", "--compile", "--no-train"]):
+        with pytest.raises(SystemExit):  # the stencil chooses the compiled training's form: refused otherwise
+            bench.parse_args(["--preset", "catseg_tiny", *argv])
+    assert bench.parse_args(["--stencil-upsampling", "--compile-model"]).stencil_upsampling
 
 
 def test_compiled_launch_count_reads_the_generated_code():
@@ -215,50 +213,38 @@ def _benchmark_script(name: str):
     return module
 
 
-def test_decoder_bench_times_plain_and_factored_decoders_on_the_same_result(tmp_path, capsys):
-    """benchmarks/bench_decoder.py runs the preset's decoder alone, plain (NHWC and NCHW) and factored, in inference
-    and training, reports how far each result is from the plain one and, with --profile, each form's kernels."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_decoder_bench_times_the_decoder_forms_on_the_same_result(tmp_path, capsys, compile):
+    """benchmarks/bench_decoder.py runs the preset's decoder alone, NHWC and NCHW (and compiled, with the stencil
+    upsampling), in inference and training, reports how far each result is from the plain one and, with --profile,
+    each form's kernels."""
     out = tmp_path / "decoder.json"
     result = _benchmark_script("bench_decoder").main(["--preset", "catseg_tiny", "--maps", "10", "--repeats", "2",
-                                                      "--warmup", "1", "--profile", "--json", str(out)])
-    assert json.loads(out.read_text()) == result and result["maps"] == 10
-    for name in ("plain", "factored"):
+                                                      "--warmup", "1", "--profile", "--json", str(out)]
+                                                     + ["--compile"] * compile)
+    assert json.loads(out.read_text()) == result and result["maps"] == 10 and result["compile"] == compile
+    trained = ["plain", "plain_stencil"] if compile else ["plain"]
+    assert [k for k in result if k.startswith("plain")] == ["plain", "plain_nchw"] + trained[1:]
+    for name in trained:
         assert result[name]["inference_ms"] > 0 and result[name]["train_ms"] > 0
+        assert result[name]["max_abs_difference"] < 1e-4
     assert result["plain_nchw"]["inference_ms"] > 0 and "train_ms" not in result["plain_nchw"]
-    assert result["plain"]["max_abs_difference"] == 0 and 0 < result["factored"]["max_abs_difference"] < 1e-4
-    assert result["plain_nchw"]["max_abs_difference"] < 1e-4
+    assert result["plain"]["max_abs_difference"] == 0 and result["plain_nchw"]["max_abs_difference"] < 1e-4
     printed = capsys.readouterr().out
     tables = printed.split("time line:")[1:]  # one per form, its kernels the largest first
-    assert len(tables) == 3 and all("convolution" in table for table in tables), printed
+    assert len(tables) == len(trained) + 1 and all("convolution" in table for table in tables), printed
 
 
-def test_class_aggregation_bench_times_products_against_reductions(tmp_path, capsys):
-    """benchmarks/bench_class_aggregation.py runs one class aggregation block alone over class chunks, compiled as
-    products and as reductions, in inference and training; the two agree, and the profile shows the products'
-    batched matrix products in the first form only."""
+def test_class_aggregation_bench_times_the_block_over_class_chunks(tmp_path, capsys):
+    """benchmarks/bench_class_aggregation.py runs one class aggregation block alone over class chunks, compiled, in
+    inference and training (on a CPU its products only: the Triton kernels need a GPU), and the profile shows the
+    linear attention's batched matrix products."""
     out = tmp_path / "class.json"
     result = _benchmark_script("bench_class_aggregation").main(
         ["--preset", "catseg_tiny", "--classes", "9", "--class-chunk", "4", "--train-classes", "5", "--compile",
          "--repeats", "2", "--warmup", "1", "--profile", "--json", str(out)])
     assert json.loads(out.read_text()) == result and result["chunks"] == [3, 3, 3]
-    for name in ("products", "reductions"):
-        assert result[name]["inference_ms"] > 0 and result[name]["train_ms"] > 0
-    assert result["products"]["max_abs_difference"] == 0 and 0 < result["reductions"]["max_abs_difference"] < 1e-4
+    assert result["products"]["inference_ms"] > 0 and result["products"]["train_ms"] > 0
+    assert result["products"]["max_abs_difference"] == 0 and "kernels" not in result
     tables = capsys.readouterr().out.split("time line:")[1:]
-    assert len(tables) == 2 and "aten::bmm" in tables[0] and "bmm" not in tables[1], tables
-
-
-def test_bench_subpixel_decoder_switch(tmp_path):
-    """--subpixel-decoder runs the bilinear decoder stages as one convolution at the input's size: the decoder's
-    resizing products are gone from the count (its convolution FLOPs stay), and the JSON says which ran."""
-    parts = {}
-    for flag in ([], ["--subpixel-decoder"]):
-        out = tmp_path / f"sub{len(flag)}.json"
-        bench.main(["--preset", "catseg_tiny", "--count-memory", "--classes", "6", "--no-train", "--json", str(out),
-                    *flag])
-        saved = json.loads(out.read_text())
-        assert saved["subpixel_decoder"] == bool(flag)
-        parts[bool(flag)] = saved["inference"][0]["flops_by_part"]
-    assert parts[True]["decoder"] < parts[False]["decoder"]
-    assert {k: v for k, v in parts[True].items() if k != "decoder"} == \
-        {k: v for k, v in parts[False].items() if k != "decoder"}
+    assert len(tables) == 1 and "aten::bmm" in tables[0], tables

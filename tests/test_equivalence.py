@@ -228,8 +228,7 @@ def test_one_hot_bce_equals_bce_on_a_dense_one_hot_target(mask_ignore):
     torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("subpixel", [False, True])
-def test_bf16_matmul_weights_give_bit_identical_autocast_outputs(subpixel):
+def test_bf16_matmul_weights_give_bit_identical_autocast_outputs():
     """cast_matmul_weights stores the image path's linear/conv/attention weights in bf16: under bf16 autocast the
     outputs are bit-identical (autocast rounds each weight the same way on every call); norms and the text tower keep
     fp32; casting back to fp32 runs plain fp32 again. nn.MultiheadAttention's fused path is off, as under CUDA autocast
@@ -239,8 +238,6 @@ def test_bf16_matmul_weights_give_bit_identical_autocast_outputs(subpixel):
 
     torch.manual_seed(0)
     model = catseg.create_model("catseg_tiny", zero_init_residual=False).eval()
-    for stage in model.decoder:  # its phase kernels come from the weight as autocast casts it
-        stage.subpixel = subpixel
     names = [f"thing {i}" for i in range(6)]
     views = torch.rand(5, 3, model.image_size, model.image_size)
     with mha_unfused(), torch.no_grad():
@@ -356,82 +353,6 @@ def test_channels_last_backbone_and_decoder_train_as_nchw(upsample):
     _assert_same_runs(*results, "backbone.", rtol=1e-5, atol=1e-6, grad_atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 2, 3), (2, 4, 7, 5), (1, 8, 24, 24)])
-def test_upsampled_conv_equals_conv_of_the_upsampled_map(shape):
-    """The decoder's x2 bilinear upsampling and 3x3 convolution as one convolution at the input's size (phase kernels,
-    pixel shuffle, border correction): the plain result to float64 rounding, gradients too, in any size."""
-    from catseg.ops import resize, upsampled_conv3x3
-
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(6, shape[1], 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    out = upsampled_conv3x3(x, w)
-    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), w, padding=1)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    torch.testing.assert_close(out, F.conv2d(resize(x, (2 * shape[2], 2 * shape[3])), w, padding=1),
-                               rtol=0, atol=1e-12)
-    up = torch.randn(out.shape, dtype=torch.float64, generator=g)
-    grads = torch.autograd.grad((out * up).sum(), (x, w))
-    ref_grads = torch.autograd.grad((ref * up).sum(), (x, w))
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("gather", [True, False])
-def test_upsampled_conv_compiles_whole_forward_and_backward(gather, monkeypatch):
-    """torch.compile captures the factored convolution and its written-out backward as one graph each (fullgraph),
-    with the eager function's values and gradients, also channels-last. Compiled, the forward is the tap
-    convolution and one fused kernel of gathers (no grouped convolution, no border products), or with
-    GATHER_WHEN_COMPILED off what runs eagerly: the tap and the grouped convolutions."""
-    from torch._inductor.utils import run_and_get_code
-
-    from catseg import ops
-    from catseg.ops import upsampled_conv3x3
-
-    monkeypatch.setattr(ops, "GATHER_WHEN_COMPILED", gather)
-    g = torch.Generator().manual_seed(3)
-    compiled = torch.compile(upsampled_conv3x3, fullgraph=True)
-    with torch.no_grad():
-        x, w = torch.randn(2, 8, 6, 5, generator=g), torch.randn(4, 8, 3, 3, generator=g)
-        out, (code,) = run_and_get_code(lambda: compiled(x, w))
-    torch.testing.assert_close(out, upsampled_conv3x3(x, w), rtol=1e-5, atol=1e-5)
-    call = code[code.index("def call("):]
-    assert call.count("extern_kernels.convolution(") == (1 if gather else 2), call
-    assert ("extern_kernels.mm(" in call) != gather, call
-    for memory_format in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(2, 8, 6, 5, generator=g).contiguous(memory_format=memory_format).requires_grad_()
-        w = torch.randn(4, 8, 3, 3, generator=g, requires_grad=True)
-        up = torch.randn(2, 4, 12, 10, generator=g)
-        results = []
-        for fn in (upsampled_conv3x3, compiled):
-            out = fn(x, w)
-            results.append((out, *torch.autograd.grad((out * up).sum(), (x, w))))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("cin, cout, size", [(128, 64, 24), (64, 32, 48)])
-def test_upsampled_conv_does_a_third_of_the_arithmetic(cin, cout, size):
-    """At the ViT-B decoder's widths and sizes, the factored upsampling convolution counts under 40% of the FLOPs of
-    resizing and convolving the upsampled map (its 1x1 tap convolution at x's size is about a quarter of the plain
-    convolution; the phase filters add 81 multiply-adds per output), on the same result."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from catseg.ops import resize, upsampled_conv3x3
-
-    x, w = torch.randn(1, cin, size, size), torch.randn(cout, cin, 3, 3)
-    counts = []
-    for fn in (lambda: upsampled_conv3x3(x, w), lambda: F.conv2d(resize(x, (2 * size, 2 * size)), w, padding=1)):
-        with FlopCounterMode(display=False) as counter:
-            out = fn()
-        counts.append((counter.get_total_flops(), out))
-    (fast, out), (plain, ref) = counts
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
-    # the 1x1 convolution on x padded by a pixel, and the phase filters; the border's terms are a few % more
-    expected = 2 * 9 * cout * cin * (size + 2) ** 2 + 2 * 4 * cout * 81 * size ** 2
-    assert expected <= fast < 1.03 * expected and fast < 0.4 * plain, (fast, plain, expected)
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 2, 3), (2, 4, 7, 5), (1, 3, 24, 24)])
 def test_upsample_stencil_and_its_adjoint_equal_bilinear_upsampling(shape):
     """The x2 bilinear upsampling as a stencil along each axis (catseg.ops.upsample2x under torch.compile) and its
@@ -480,73 +401,3 @@ def test_compiled_decoder_with_the_stencil_upsampling_fuses_it():
     assert "extern_kernels.mm(" not in forward and "extern_kernels.bmm(" not in forward, forward
     assert forward.count("extern_kernels.convolution(") == 3 * len(model.decoder) + 1  # x, guidance, second; head
     assert "index_put" not in backward and "scatter" not in backward, backward
-
-
-def test_compiled_class_attention_reductions_equal_the_products():
-    """With `class_attention_reductions`, the compiled class aggregation block (two chunks: the summary accumulated
-    over them, then each chunk's update) gives the products' output and gradients, and its compiled code has no
-    batched matrix product left (the plain compiled block has one per pass); eagerly nothing changes."""
-    from torch._inductor.utils import run_and_get_code
-
-    from catseg.aggregation import ClassAggregation
-    from catseg.inference import class_attention_reductions
-
-    torch.manual_seed(0)
-    model = catseg.create_model("catseg_tiny")
-    block = ClassAggregation(32, 16, 4, 4.0, 2).eval()  # text guidance 16 wide
-    g = torch.Generator().manual_seed(4)
-    for p in block.parameters():
-        p.data = torch.randn(p.shape, generator=g) * 0.2
-    xs = [torch.randn(2, n, 32, 6, 5, generator=g, requires_grad=True) for n in (3, 4)]
-    text = torch.randn(7, 16, generator=g)
-    chunks = [slice(0, 3), slice(3, 7)]
-    up = [torch.randn(x.shape, generator=g) for x in xs]
-
-    def step():
-        out = block(xs, text, chunks)
-        loss = sum((o * u).sum() for o, u in zip(out, up))
-        return out, torch.autograd.grad(loss, xs)
-
-    reference = step()
-    assert class_attention_reductions(model) is model
-    assert all(m.reductions for m in model.modules() if isinstance(m, ClassAggregation))
-    block.reductions = True
-    for a, b in zip(step()[0], reference[0]):  # eagerly: the products, unchanged
-        assert a.equal(b)
-    codes = []
-    for reductions in (False, True):
-        block.reductions = reductions
-        torch._dynamo.reset()
-        block.summary = torch.compile(ClassAggregation.summary.__get__(block), fullgraph=True)
-        block.update = torch.compile(ClassAggregation.update.__get__(block), fullgraph=True)
-        result, code = run_and_get_code(step)
-        for a, b in zip([*result[0], *result[1]], [*reference[0], *reference[1]]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        codes.append("".join(c[c.index("def call("):] for c in code))
-        del block.summary, block.update
-    assert "extern_kernels.bmm(" in codes[0]
-    assert "bmm(" not in codes[1], codes[1]
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_subpixel_decoder_equals_upsample_then_convolve(channels_last):
-    """The bilinear decoder stages with `subpixel` give the logits and gradients of upsampling first and convolving
-    the upsampled map (the default), NCHW or channels-last, with one class chunk or several."""
-    from catseg.aggregation import UpStage
-    from catseg.inference import decoder_channels_last, subpixel_decoder
-
-    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
-    names = [f"c{i}" for i in range(7)]
-    results = []
-    for subpixel in (False, True):
-        torch.manual_seed(0)
-        model = catseg.create_model("catseg_tiny", zero_init_residual=False, class_chunk_size=3)
-        assert model.config.decoder_upsample == "bilinear"
-        decoder_channels_last(model, channels_last)
-        assert all(isinstance(stage, UpStage) and not stage.subpixel for stage in model.decoder)
-        assert subpixel_decoder(model, subpixel) is model
-        assert [stage.subpixel for stage in model.decoder] == [subpixel] * len(model.decoder)
-        out = model(x, names)
-        out.square().mean().backward()
-        results.append((out.detach(), _grads(model)))
-    _assert_same_runs(*results, "decoder.", rtol=1e-4, atol=1e-5, grad_atol=1e-6)

@@ -37,17 +37,13 @@ def _predict_without_capture_failure(seg: Segmenter, names=NAMES):
     return out
 
 
-@pytest.mark.parametrize("compile, subpixel, forms", [(False, False, False), (True, False, False),
-                                                   (False, True, False), (True, True, False), (True, False, True)])
-def test_graph_capture_succeeds_and_replays_the_eager_result(compile, subpixel, forms):
-    """Eager or compiled, plain or sub-pixel decoder (UpStage.subpixel: replicate padding and pixel shuffle in bf16,
-    its phase matrices built on the GPU), compiled with the stencil upsampling and the class attention's
-    reductions: the graph captures and replays what the plain eager model computes."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_capture_succeeds_and_replays_the_eager_result(compile):
+    """Eager or compiled (with the stencil upsampling Segmenter turns on): the graph captures and replays what the
+    plain eager model computes."""
     model = _model()
     eager = Segmenter(model, device="cuda", cuda_graphs=False).predict(_image(), NAMES)[0]
-    inference.subpixel_decoder(model, subpixel)
-    inference.stencil_upsampling(model, forms)
-    inference.class_attention_reductions(model, forms)
+    assert all(stage.stencil for stage in model.decoder)
     if compile:
         inference.compile_aggregation(model)
     graphed = _predict_without_capture_failure(Segmenter(model, device="cuda"))
@@ -72,11 +68,8 @@ def test_compiled_code_with_a_dynamic_class_dimension_captures_and_matches_eager
         assert (out.labels == reference.labels).mean() > 0.9
 
 
-@pytest.mark.parametrize("subpixel", [False, True])
-def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda(subpixel):
+def test_bf16_weights_are_bit_identical_to_autocast_casts_on_cuda():
     model = _model().cuda().eval()
-    for stage in model.decoder:
-        stage.subpixel = subpixel
     views = torch.rand(5, 3, model.image_size, model.image_size, device="cuda")
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
@@ -123,12 +116,12 @@ def test_fused_kernels_match_the_modules_and_capture(compile, attention):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode, forms", [(None, False), ("reduce-overhead", False), (None, True)])
-def test_whole_model_compiled_training_follows_the_eager_steps(mode, forms):
+@pytest.mark.parametrize("mode, stencil", [(None, False), ("reduce-overhead", False), (None, True)])
+def test_whole_model_compiled_training_follows_the_eager_steps(mode, stencil):
     """As the trainer's train.compile: true (and the bench's --compile-model [--compile-mode reduce-overhead]):
     forward and backward compiled as one graph each, bf16 autocast, fused AdamW; losses step by step as eager. Also
-    with the compiled forms not on by default (train.stencil_upsampling, train.class_attention_reductions), whose
-    generated GPU kernels only a GPU compiles."""
+    with the stencil upsampling (train.stencil_upsampling, off by default in training), whose generated GPU kernels
+    only a GPU compiles."""
     from torch._dynamo.utils import counters
 
     losses = {}
@@ -139,7 +132,7 @@ def test_whole_model_compiled_training_follows_the_eager_steps(mode, forms):
         model.config.class_chunk_size = None
         model.check_inputs = False
         model.text_embeddings(NAMES)  # the vocabulary encoded (and its prompts tokenized) first, as the trainer does
-        inference.class_attention_reductions(inference.stencil_upsampling(model, forms), forms)
+        inference.stencil_upsampling(model, stencil)
         if compiled:
             model.compile(**({"mode": mode} if mode else {}))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)

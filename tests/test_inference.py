@@ -235,9 +235,10 @@ def test_compiled_aggregation_segments_like_the_eager_model():
     assert counters["stats"]["unique_graphs"] == graphs
     np.testing.assert_allclose(compiled.scores, eager_more.scores, rtol=1e-4, atol=1e-6)
 
-    # the compiled forms not on by default (the decoder's stencil upsampling, the class attention's reductions):
-    # switched on, the compiled code is traced again and still segments as the eager model does
-    inference.class_attention_reductions(inference.stencil_upsampling(model))
+    # Segmenter runs the decoder's compiled upsampling as the stencil; switched back to the matrix products, the
+    # compiled code is traced again and still segments as the eager model does
+    assert all(stage.stencil for stage in model.decoder)
+    inference.stencil_upsampling(model, False)
     compiled = segmenter.predict(image, more)[0]
     assert counters["stats"]["unique_graphs"] > graphs
     np.testing.assert_allclose(compiled.scores, eager_more.scores, rtol=1e-4, atol=1e-6)

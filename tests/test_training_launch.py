@@ -119,14 +119,11 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
     tokens are cached, so the text tower, which trains in the tiny preset, runs inside the graph), and the compiled
     forward and backward give the same losses step by step and the same weight names in the checkpoint.
     train.channels_last=true (the ResNet runs NHWC) gives the same losses too, and its checkpoint is written; so does
-    train.subpixel_decoder=true, compiled (the factored decoder convolution and its written-out backward in the graph),
-    and, compiled together, train.stencil_upsampling=true (the decoder's upsampling and its adjoint fused into
-    pointwise kernels) and train.class_attention_reductions=true (the class attention's products as reductions).
+    train.stencil_upsampling=true, compiled (the decoder's upsampling and its adjoint fused into pointwise kernels).
     """
     runs = {"eager": "train.compile=false", "compiled": "train.compile=true",
             "channels_last": "train.channels_last=true",
-            "compiled_subpixel": "train.compile=true train.subpixel_decoder=true",
-            "compiled_forms": "train.compile=true train.stencil_upsampling=true train.class_attention_reductions=true"}
+            "compiled_stencil": "train.compile=true train.stencil_upsampling=true"}
     # the runs are independent processes, started together: compiling is mostly one core's work per process
     procs = {name: start([PYTHON, "training/train.py", "--config", QUICKSTART, "--run-dir", str(tmp_path / name),
                           "--set", f"data.root={shards / 'train'}", "train.steps=3", "train.log_every=1",
@@ -148,7 +145,7 @@ def test_compiled_and_channels_last_training_follow_the_eager_loss_curve(shards,
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     eager, a = results["eager"]
-    for name in ("compiled", "channels_last", "compiled_subpixel", "compiled_forms"):
+    for name in ("compiled", "channels_last", "compiled_stencil"):
         losses, b = results[name]
         assert sorted(losses) == [1, 2, 3]
         assert all(abs(losses[s] - eager[s]) <= 1e-4 * abs(eager[s]) for s in eager), (name, eager, losses)

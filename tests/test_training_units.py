@@ -68,8 +68,6 @@ def test_every_run_config_loads_with_a_known_preset_and_the_paper_recipe():
     (["train.compile_mode=fast"], "train.compile_mode = 'fast'; choose one of: '', default, reduce-overhead"),
     (["train.stencil_upsampling=true"], "train.stencil_upsampling = true acts on compiled code only; set "
                                         "train.compile: true as well"),
-    (["train.class_attention_reductions=true"], "train.class_attention_reductions = true acts on compiled code "
-                                                "only; set train.compile: true as well"),
 ])
 def test_bad_config_values_are_errors_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as err:

@@ -114,9 +114,7 @@ class TrainConfig:
     compile_scope: str = "model"  # model: the whole forward as one graph; aggregation: the aggregation and decoder
     compile_mode: str = ""  # torch.compile mode; empty = its default; reduce-overhead adds its CUDA graphs
     channels_last: bool = False  # the convolutions (ResNet, cost embedding, decoder) run NHWC, cuDNN's bf16 layout
-    subpixel_decoder: bool = False  # decoder upsampling + first convolution factored at the input's size (same result)
     stencil_upsampling: bool = False  # compiled: the decoder's x2 upsampling as a fused pointwise stencil (same result)
-    class_attention_reductions: bool = False  # compiled: class attention's products as fused reductions (same result)
     log_every: int = 20  # steps between logged metrics
     ckpt_every: int = 1000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
@@ -129,9 +127,8 @@ class TrainConfig:
                f"train.mixed_precision = {self.mixed_precision!r}; choose one of: '' (launcher's), no, bf16, fp16")
         _choice("train.compile_scope", self.compile_scope, COMPILE_SCOPES)
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
-        for name in ("stencil_upsampling", "class_attention_reductions"):
-            _check(self.compile or not getattr(self, name),
-                   f"train.{name} = true acts on compiled code only; set train.compile: true as well")
+        _check(self.compile or not self.stencil_upsampling,
+               "train.stencil_upsampling = true acts on compiled code only; set train.compile: true as well")
         _check(self.batch_size % self.grad_accum == 0,
                f"train.batch_size = {self.batch_size} is not divisible by train.grad_accum = {self.grad_accum}")
 

@@ -180,9 +180,7 @@ class Trainer:
             freeze_unused(model, model.image_size, self.class_names, acc.device)
         if cfg.train.channels_last:
             inference.channels_last(model)
-        inference.subpixel_decoder(model, cfg.train.subpixel_decoder)
         inference.stencil_upsampling(model, cfg.train.stencil_upsampling)
-        inference.class_attention_reductions(model, cfg.train.class_attention_reductions)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the optimizer groups are unchanged
             kwargs = {"mode": cfg.train.compile_mode} if cfg.train.compile_mode else {}
             if cfg.train.compile_scope == "model":
