@@ -490,3 +490,69 @@ def test_sbatch_scripts_start_one_accelerate_launch_per_node_and_requeue(tmp_pat
     assert f"run runs/catseg-{script}-777 not finished: scontrol requeue 777" in out.stdout
     for name in ("launch/zero3.yaml", f"configs/{config}.yaml"):
         assert (REPO / name).is_file()
+
+
+def test_config_changes_name_each_changed_key(tmp_path):
+    from training.config import ABSENT, config_changes, describe_changes, replace_config
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    path = tmp_path / "config.yaml"
+    assert config_changes(path, cfg) is None
+    assert replace_config(cfg, path, 0) == (None, {})  # a first config: nothing kept
+    assert replace_config(cfg, path, 5) == (None, {}) and config_changes(path, cfg) == {}  # the same: nothing kept
+    saved = path.read_text()
+    other = load_config(REPO / "configs" / "quickstart.yaml", ["train.steps=70", "optim.lr=0.5"])
+    kept, changes = replace_config(other, path, 5)
+    assert changes == {"train.steps": (cfg.train.steps, 70), "optim.lr": (cfg.optim.lr, 0.5)}
+    assert kept == tmp_path / "config.until_step_00000005.yaml" and kept.read_text() == saved
+    assert load_config(path).train.steps == 70
+    # a key of another version, and the same step again: a second name
+    path.write_text(saved.replace("train:\n", "train:\n  retired_option: true\n", 1))
+    kept, changes = replace_config(other, path, 5)
+    assert kept.name == "config.until_step_00000005.2.yaml" and changes["train.retired_option"] == (True, ABSENT)
+    assert describe_changes(changes, most=1) == "optim.lr: 0.001 -> 0.5, and 2 more"
+    assert describe_changes(changes).endswith("train.retired_option: True -> (absent)")
+    path.write_text("- not a mapping\n")
+    kept, changes = replace_config(cfg, path, 9)
+    assert changes == {"config.yaml": ("unreadable", "rewritten")} and kept.read_text() == "- not a mapping\n"
+
+
+def test_a_run_continued_with_another_config_keeps_the_earlier_one(tmp_path, synthetic):
+    """Continuing a run with other settings keeps the config it ran with until then beside the new config.yaml, says
+    what changed, and attaches the new config to the run's MLflow run, whose params stay those it started with; the
+    same settings again keep nothing."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from test_training_fixtures import base_env
+
+    run_dir = tmp_path / "run"
+
+    def train(*extra):
+        out = subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir",
+                              str(run_dir), "--set", f"data.root={synthetic / 'train'}", "train.ckpt_every=2",
+                              "schedule.warmup_steps=0", "data.workers=0", *extra],
+                             cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    first = train("train.steps=2")
+    saved = (run_dir / "config.yaml").read_text()
+    assert "with another config" not in first and [p.name for p in run_dir.glob("config*.yaml")] == ["config.yaml"]
+    second = train("train.steps=4", "optim.lr=0.0005")
+    assert "catseg train: continuing at step 2 with another config than" in second
+    assert "'s (optim.lr: 0.001 -> 0.0005, train.steps: 2 -> 4); the earlier one is kept as " \
+           "config.until_step_00000002.yaml" in second
+    assert (run_dir / "config.until_step_00000002.yaml").read_text() == saved
+    now = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (now["train"]["steps"], now["optim"]["lr"]) == (4, 0.0005)
+    run_id = ckpt.read_meta(ckpt.list_checkpoints(run_dir)[-1])["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    assert client.get_run(run_id).data.params["train.steps"] == "2"
+    assert [a.path for a in client.list_artifacts(run_id, "config_from_step_00000002")] == \
+        ["config_from_step_00000002/config.yaml"]
+    third = train("train.steps=6", "optim.lr=0.0005")
+    assert "continuing at step 4 with another config than" in third and "(train.steps: 4 -> 6)" in third
+    train("train.steps=6", "optim.lr=0.0005")  # finished, the same settings: nothing more kept
+    assert sorted(p.name for p in run_dir.glob("config*.yaml")) == \
+        ["config.until_step_00000002.yaml", "config.until_step_00000004.yaml", "config.yaml"]

@@ -171,17 +171,21 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view of the config, e.g. {'optim.lr': 0.0002, ...}."""
-        out: dict[str, Any] = {}
+        return _flat(self.to_dict())
 
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(f"{prefix}{k}.", v)
-            else:
-                out[prefix[:-1]] = node
 
-        walk("", self.to_dict())
-        return out
+def _flat(tree: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = node
+
+    walk("", tree)
+    return out
 
 
 def _plain(node: Any) -> Any:
@@ -300,3 +304,54 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, path)
+
+
+ABSENT = "(absent)"  # a key one of two compared configs does not have
+
+
+def config_changes(path: str | os.PathLike, cfg: RunConfig) -> dict[str, tuple[Any, Any]] | None:
+    """How `cfg` differs from the config saved at `path` (a run folder's config.yaml): {dotted key: (saved value,
+    new value)}, ABSENT for a key one side lacks (a key of another version); {} if they are the same, None if there
+    is no file. A file that is not a YAML mapping differs as a whole: {"config.yaml": ("unreadable", "rewritten")}."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return {path.name: ("unreadable", "rewritten")}
+    old, new = _flat(saved), cfg.flat()
+    return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in [*new, *(k for k in old if k not in new)]
+            if old.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def replace_config(cfg: RunConfig, path: str | os.PathLike, step: int) -> tuple[Path | None, dict]:
+    """Write `cfg` to `path` (a run folder's config.yaml) as the config of the run from `step` on. A saved config
+    that differs is kept beside it first, as config.until_step_<step>.yaml (the config the run used until it
+    continued at `step` with another; a number is added if that name is taken). Returns (where the earlier config
+    was kept or None, `config_changes`' dict of what changed)."""
+    path = Path(path)
+    changes = config_changes(path, cfg)
+    kept = None
+    if changes:
+        kept = path.with_name(f"{path.stem}.until_step_{step:08d}{path.suffix}")
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = path.with_name(f"{path.stem}.until_step_{step:08d}.{n}{path.suffix}")
+        os.replace(path, kept)
+    save_config(cfg, path)
+    return kept, changes or {}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], most: int = 8) -> str:
+    """'key: old -> new, ...' for `config_changes`' dict, the first `most` of them and how many more."""
+    def show(v):
+        return v if v is ABSENT else repr(v)
+
+    parts = [f"{k}: {show(old)} -> {show(new)}" for k, (old, new) in list(changes.items())[:most]]
+    if len(changes) > most:
+        parts.append(f"and {len(changes) - most} more")
+    return ", ".join(parts)

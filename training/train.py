@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch training/
 import torch
 
 from training import checkpoint as ckpt
-from training.config import ConfigError, RunConfig, load_config, save_config
+from training.config import ConfigError, RunConfig, describe_changes, load_config, replace_config
 from training.criterion import PixelBCECriterion
 from training.dist import world_info_from_env
 from training.data import AugmentConfig, DataError, ShardStream, StreamState, make_loader, open_shards
@@ -229,7 +229,11 @@ class Trainer:
         ckpt.remove_partial(self.run_dir)
         if self.step < self.cfg.train.steps:  # a finished run extended to more steps is unfinished again
             (self.run_dir / ckpt.FINAL_FILE).unlink(missing_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        config = self.run_dir / "config.yaml"
+        kept, changes = replace_config(self.cfg, config, self.step)
+        if kept is not None:
+            print(f"catseg train: {'continuing' if self.step else 'starting'} at step {self.step} with another config "
+                  f"than {config}'s ({describe_changes(changes)}); the earlier one is kept as {kept.name}", flush=True)
         t = self.cfg.tracking
         uri = default_tracking_uri(t.uri, self.run_dir)
         run_id = self.meta.get("mlflow_run_id") if self.meta.get("mlflow_tracking_uri") == uri else None
@@ -237,7 +241,9 @@ class Trainer:
         logger = MultiLogger(LocalLogger(self.run_dir), mlflow)
         if run_id is None:
             logger.log_params(self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
-            logger.log_artifact(self.run_dir / "config.yaml")
+            logger.log_artifact(config)
+        elif kept is not None:  # the run's params stay those it started with; the config it continues with beside
+            logger.log_artifact(config, f"config_from_step_{self.step:08d}")
         return logger
 
     def make_loader(self):
