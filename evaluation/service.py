@@ -44,6 +44,7 @@ from evaluation.evaluate import (
 )
 from evaluation.metrics import DEFAULT_RULE, RULES
 from training.checkpoint import read_meta
+from training.tracking import local_store_uri, relocate_local_artifacts
 
 log = logging.getLogger("evaluation.service")
 
@@ -339,13 +340,15 @@ class EvaluationService:
 
     def tracking_uri(self, meta: dict) -> str:
         """The tracking URI to log to: --tracking-uri, else the checkpoint's, else the run folder's SQLite store."""
-        local = f"sqlite:///{(self.cfg.watch / 'mlflow.db').resolve()}"
+        local = local_store_uri(self.cfg.watch)
         uri = self.cfg.tracking_uri or meta.get("mlflow_tracking_uri") or local
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             # The run folder seen from another machine or after a move: its embedded store is RUN_DIR/mlflow.db.
             if (self.cfg.watch / "mlflow.db").is_file():
                 log.warning("tracking store %s not found; using %s", uri, local)
-                return local
+                uri = local
+        if uri == local:  # its artifacts beside it, also after the folder moved
+            relocate_local_artifacts(self.cfg.watch)
         return uri
 
     def log_to_mlflow(self, meta: dict, name: str, report: dict) -> tuple[str | None, str | None]:

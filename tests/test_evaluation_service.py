@@ -271,6 +271,30 @@ def test_unreachable_tracking_then_the_embedded_store(tmp_path, shards_root, wei
     assert f"evaluation/{name}/report.json" in {f.path for f in client.list_artifacts(run_id, f"evaluation/{name}")}
 
 
+def test_a_moved_run_folder_is_scored_into_the_store_it_carries(tmp_path, shards_root, weights):
+    """A checkpoint names its run folder's own store at the folder's old place: the service logs to the store the
+    moved folder carries, and the report's artifacts land in the moved folder, not at the old place."""
+    from mlflow import MlflowClient
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    uri = f"sqlite:///{(first / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("embedded", artifact_location=(first / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    write_checkpoint(first, 3, weights, {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri})
+    first.rename(moved)
+    assert _run_once(ServiceConfig(watch=moved, benchmarks="synthetic", shards=shards_root, cpu=True, once=True,
+                                   interval=0.1)) == 0
+    name = checkpoint_name(3)
+    assert ledger(moved)[name]["status"] == "done"
+    client = MlflowClient(tracking_uri=f"sqlite:///{(moved / 'mlflow.db').resolve()}")
+    assert steps_logged(client, run_id) == [3]
+    assert f"evaluation/{name}/report.json" in {f.path for f in client.list_artifacts(run_id, f"evaluation/{name}")}
+    assert (moved / "mlartifacts" / run_id / "artifacts" / "evaluation" / name / "report.json").is_file()
+    assert not first.exists()
+
+
 def test_metric_keys_refuse_class_names_with_commas():
     assert metric_key("miou", "ade847") == "miou/ade847"
     with pytest.raises(ValueError, match="not a legal MLflow key"):

@@ -402,6 +402,33 @@ def test_missing_default_shards_say_which_command_makes_them(tmp_path, capsys, m
 # -- tracking ----------------------------------------------------------------------------------------------------
 
 
+def test_a_moved_run_folder_keeps_its_artifacts_beside_its_store(tmp_path):
+    """The run folder's own store records its artifact folder as an absolute URI: after the folder moved, a logger
+    opening it points the store at the new place, so the run's old and new artifacts are listed together and nothing
+    is written to the old place."""
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import MLflowLogger, local_store_uri, relocate_local_artifacts
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    logger = MLflowLogger(local_store_uri(first), first, "catseg", "run")
+    logger.log_artifact(tmp_path / "a.txt")
+    logger.close()
+    assert (first / "mlartifacts").is_dir() and relocate_local_artifacts(first) == 0  # in place: nothing to change
+    first.rename(moved)
+    logger = MLflowLogger(local_store_uri(moved), moved, "catseg", "run", logger.run_id)
+    logger.log_artifact(tmp_path / "b.txt", "later")
+    logger.close()
+    client = MlflowClient(local_store_uri(moved))
+    assert client.get_run(logger.run_id).info.artifact_uri.startswith((moved / "mlartifacts").resolve().as_uri())
+    assert {a.path for a in client.list_artifacts(logger.run_id)} == {"a.txt", "later"}
+    assert (moved / "mlartifacts" / logger.run_id / "artifacts" / "later" / "b.txt").read_text() == "b"
+    assert not first.exists()
+
+
 def test_unreachable_tracking_server_warns_and_keeps_metrics_locally(tmp_path):
     from training.tracking import LocalLogger, MLflowLogger, MultiLogger
 
@@ -556,3 +583,31 @@ def test_a_run_continued_with_another_config_keeps_the_earlier_one(tmp_path, syn
     train("train.steps=6", "optim.lr=0.0005")  # finished, the same settings: nothing more kept
     assert sorted(p.name for p in run_dir.glob("config*.yaml")) == \
         ["config.until_step_00000002.yaml", "config.until_step_00000004.yaml", "config.yaml"]
+
+
+def test_a_moved_run_folder_continues_its_mlflow_run(tmp_path, synthetic):
+    """A run folder moved between two parts of a run continues the same MLflow run in the store it carries, and the
+    artifacts logged after the move land in the moved folder."""
+    from mlflow.tracking import MlflowClient
+
+    from test_training_fixtures import base_env
+
+    def train(run_dir, steps):
+        out = subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir",
+                              str(run_dir), "--set", f"data.root={synthetic / 'train'}", f"train.steps={steps}",
+                              "train.ckpt_every=2", "train.log_every=1", "schedule.warmup_steps=0", "data.workers=0"],
+                             cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    train(first, 2)
+    run_id = ckpt.read_meta(ckpt.list_checkpoints(first)[-1])["mlflow_run_id"]
+    first.rename(moved)
+    train(moved, 4)
+    meta = ckpt.read_meta(ckpt.list_checkpoints(moved)[-1])
+    assert meta["mlflow_run_id"] == run_id
+    assert meta["mlflow_tracking_uri"] == f"sqlite:///{(moved / 'mlflow.db').resolve()}"
+    client = MlflowClient(meta["mlflow_tracking_uri"])
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert "model.safetensors" in {a.path for a in client.list_artifacts(run_id)}  # the final weights, after the move
+    assert (moved / "mlartifacts" / run_id / "artifacts" / "model.safetensors").is_file() and not first.exists()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 import warnings
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+LOCAL_STORE = "mlflow.db"  # a run folder's own MLflow store (SQLite) ...
+LOCAL_ARTIFACTS = "mlartifacts"  # ... and the folder of its artifacts
 # After a failed request, do not try the tracking server again for this long (training keeps going meanwhile).
 RETRY_AFTER_S = 60.0
 # Metrics kept for sending once the server is back; older ones stay in metrics.jsonl only.
@@ -59,7 +63,60 @@ def default_tracking_uri(uri: str, run_dir: str | os.PathLike) -> str:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    return local_store_uri(run_dir)
+
+
+def local_store_uri(run_dir: str | os.PathLike) -> str:
+    """The URI of the run folder's own store, RUN_DIR/mlflow.db."""
+    return f"sqlite:///{Path(run_dir).resolve() / LOCAL_STORE}"
+
+
+def is_moved_local_store(saved_uri: str | None, run_dir: str | os.PathLike) -> bool:
+    """Whether `saved_uri` (a checkpoint's) names a run folder's own store elsewhere, and this run folder has its
+    own: the folder was moved or copied, and its store came with it."""
+    if not saved_uri or not saved_uri.startswith("sqlite:///") or saved_uri == local_store_uri(run_dir):
+        return False
+    return Path(saved_uri).name == LOCAL_STORE and (Path(run_dir) / LOCAL_STORE).is_file()
+
+
+def relocate_local_artifacts(run_dir: str | os.PathLike) -> int:
+    """Point the artifacts of the run folder's own store at RUN_DIR/mlartifacts; returns how many experiments it
+    changed. The store records them as absolute URIs, fixed when its experiment was created under RUN_DIR/
+    mlartifacts; after the folder moved (or was copied), artifacts would go on landing at the old place. Experiments
+    whose artifacts are elsewhere (not a folder named mlartifacts) are left alone."""
+    db = Path(run_dir).resolve() / LOCAL_STORE
+    if not db.is_file():
+        return 0
+    here = (db.parent / LOCAL_ARTIFACTS).as_uri()
+    changed, runs = 0, []
+    try:
+        with closing(sqlite3.connect(db, timeout=30)) as con, con:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"experiments", "runs"} <= tables:
+                return 0
+            for exp_id, old in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
+                old = (old or "").rstrip("/")
+                if old == here or not old.endswith("/" + LOCAL_ARTIFACTS):
+                    continue
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (here, exp_id))
+                runs += [r for (r,) in con.execute("SELECT run_uuid FROM runs WHERE experiment_id = ?", (exp_id,))]
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                            "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                            (here, len(old) + 1, exp_id, len(old), old))
+                changed += 1
+    except sqlite3.Error as e:  # tracking must never stop training or evaluation
+        log.warning("could not point the artifacts of %s at %s: %s", db, here, e)
+        return 0
+    if changed:
+        log.warning("%s: run folder moved; its artifacts now go to %s", db, here)
+        try:  # this process may have logged to these runs before: mlflow keeps each run's artifact place
+            from mlflow.tracking._tracking_service import utils
+
+            for run in runs:
+                utils._artifact_repos_cache.pop(run, None)
+        except (ImportError, AttributeError):
+            pass
+    return changed
 
 
 class MLflowLogger(MetricLogger):
@@ -77,6 +134,8 @@ class MLflowLogger(MetricLogger):
 
         self.tracking_uri = uri
         self.run_dir = Path(run_dir)
+        if uri == local_store_uri(run_dir):
+            relocate_local_artifacts(run_dir)
         self.client = MlflowClient(tracking_uri=uri)
         self._down_since: float | None = None
         self._backlog: list = []
@@ -100,7 +159,7 @@ class MLflowLogger(MetricLogger):
         if found is None:
             location = None
             if self.tracking_uri.startswith("sqlite:"):
-                location = (self.run_dir.resolve() / "mlartifacts").as_uri()
+                location = (self.run_dir.resolve() / LOCAL_ARTIFACTS).as_uri()
             exp_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = found.experiment_id

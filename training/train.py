@@ -33,7 +33,8 @@ from training.criterion import PixelBCECriterion
 from training.dist import world_info_from_env
 from training.data import AugmentConfig, DataError, ShardStream, StreamState, make_loader, open_shards
 from training.optim import LRSchedule, build_optimizer
-from training.tracking import LocalLogger, MetricLogger, MLflowLogger, MultiLogger, default_tracking_uri
+from training.tracking import (LocalLogger, MetricLogger, MLflowLogger, MultiLogger, default_tracking_uri,
+                               is_moved_local_store, local_store_uri)
 
 log = logging.getLogger("catseg.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +237,10 @@ class Trainer:
                   f"than {config}'s ({describe_changes(changes)}); the earlier one is kept as {kept.name}", flush=True)
         t = self.cfg.tracking
         uri = default_tracking_uri(t.uri, self.run_dir)
-        run_id = self.meta.get("mlflow_run_id") if self.meta.get("mlflow_tracking_uri") == uri else None
+        saved = self.meta.get("mlflow_tracking_uri")
+        # the same store, or the run folder's own store moved (or copied) along with the folder
+        same = saved == uri or (uri == local_store_uri(self.run_dir) and is_moved_local_store(saved, self.run_dir))
+        run_id = self.meta.get("mlflow_run_id") if same else None
         mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s)
         logger = MultiLogger(LocalLogger(self.run_dir), mlflow)
         if run_id is None:
