@@ -32,10 +32,11 @@ def parse_classes(text: str) -> list[str]:
 
 
 def load_vocabulary(spec: str) -> list[str]:
-    """A benchmark name (ade150, ...) or a file: JSON list, or text with one class per line (commas = synonyms)."""
+    """A benchmark name (ade150, ...) or a file: JSON list, or text with one class per line (commas = synonyms).
+    Names come stripped of surrounding spaces (benchmark lists keep the reference's stray ones: "bed ")."""
     from .vocab import VOCABS, load_vocab
     if spec in VOCABS:
-        return load_vocab(spec)
+        return [n.strip() for n in load_vocab(spec)]
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--vocab {spec!r} is neither a file nor a benchmark; benchmarks: {', '.join(VOCABS)}")
@@ -186,7 +187,6 @@ def cmd_segment(args) -> int:
     if (args.classes is None) == (args.vocab is None):
         raise ValueError("give exactly one of --classes \"cat, dog, grass\" or --vocab FILE|BENCHMARK")
     names = parse_classes(args.classes) if args.classes is not None else load_vocabulary(args.vocab)
-    names = [n.strip() for n in names]  # benchmark lists keep the reference's stray spaces ("bed ")
     if not names:
         raise ValueError("the vocabulary is empty; give at least one class name")
     if args.device == "cuda" and not torch.cuda.is_available():
