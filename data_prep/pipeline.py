@@ -437,7 +437,7 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     bad_this_run: list[dict] = []
     work = [ref for i in pending for ref in refs[i * size : (i + 1) * size]]
     if work:
-        _run_pending(source, split, options, refs, pending, paths, records, work, bad_this_run, summary)
+        _run_pending(source, split, options, refs, pending, paths, records, work, bad_this_run, summary, source_id)
 
     known_bad = {b["key"]: b for r in records.values() for b in r.skipped}
     known_bad.update({b["key"]: b for b in bad_this_run})
@@ -460,11 +460,11 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     return summary
 
 
-def _run_pending(source, split, options, refs, pending, paths, records, work, bad_this_run, summary) -> None:
+def _run_pending(source, split, options, refs, pending, paths, records, work, bad_this_run, summary,
+                 source_id) -> None:
     from tqdm import tqdm
 
     size = options.shard_size
-    source_id = source.source_id(split)
     results: Any
     pool = None
     if options.workers > 0:
