@@ -44,7 +44,7 @@ from evaluation.evaluate import (
 )
 from evaluation.metrics import DEFAULT_RULE, RULES
 from training.checkpoint import read_meta
-from training.tracking import local_store_uri, relocate_local_artifacts
+from training.tracking import is_moved_local_store, local_store_uri, relocate_local_artifacts
 
 log = logging.getLogger("evaluation.service")
 
@@ -339,14 +339,21 @@ class EvaluationService:
         self.ledger.update(name, status="done", mlflow_run_id=run_id, mlflow_tracking_uri=uri, finished=_now())
 
     def tracking_uri(self, meta: dict) -> str:
-        """The tracking URI to log to: --tracking-uri, else the checkpoint's, else the run folder's SQLite store."""
+        """The tracking URI to log to: --tracking-uri, else the checkpoint's, else the run folder's SQLite store.
+        A checkpoint's URI naming a run folder's own store elsewhere means the folder was moved or copied with its
+        store: the store it carries is the one (the trainer continues its run there by the same rule)."""
         local = local_store_uri(self.cfg.watch)
-        uri = self.cfg.tracking_uri or meta.get("mlflow_tracking_uri") or local
+        saved = meta.get("mlflow_tracking_uri")
+        if self.cfg.tracking_uri:
+            uri, source = self.cfg.tracking_uri, "--tracking-uri"
+        elif is_moved_local_store(saved, self.cfg.watch):
+            uri, source = local, "the moved run folder"
+            log.info("the checkpoint names the store %s; logging to the one the run folder carries, %s", saved, local)
+        else:
+            uri, source = saved or local, "the checkpoint's meta.json" if saved else "the run folder"
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-            # The run folder seen from another machine or after a move: its embedded store is RUN_DIR/mlflow.db.
-            if (self.cfg.watch / "mlflow.db").is_file():
-                log.warning("tracking store %s not found; using %s", uri, local)
-                uri = local
+            raise FileNotFoundError(f"tracking store {uri} (from {source}) not found; pass --tracking-uri with the "
+                                    f"store that holds run {meta.get('mlflow_run_id')}")
         if uri == local:  # its artifacts beside it, also after the folder moved
             relocate_local_artifacts(self.cfg.watch)
         return uri

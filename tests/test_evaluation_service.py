@@ -271,28 +271,58 @@ def test_unreachable_tracking_then_the_embedded_store(tmp_path, shards_root, wei
     assert f"evaluation/{name}/report.json" in {f.path for f in client.list_artifacts(run_id, f"evaluation/{name}")}
 
 
-def test_a_moved_run_folder_is_scored_into_the_store_it_carries(tmp_path, shards_root, weights):
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_moved_run_folder_is_scored_into_the_store_it_carries(tmp_path, shards_root, weights, how):
     """A checkpoint names its run folder's own store at the folder's old place: the service logs to the store the
-    moved folder carries, and the report's artifacts land in the moved folder, not at the old place."""
+    moved (or copied) folder carries, and the report's artifacts land in that folder, not at the old place. A copy's
+    original, still there, is left as it was: the trainer continues the copy's run in the copy's store too."""
+    import shutil
+
     from mlflow import MlflowClient
 
-    first, moved = tmp_path / "first", tmp_path / "moved"
+    first, moved = tmp_path / "first", tmp_path / how
     first.mkdir()
     uri = f"sqlite:///{(first / 'mlflow.db').resolve()}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("embedded", artifact_location=(first / "mlartifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
     write_checkpoint(first, 3, weights, {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri})
-    first.rename(moved)
-    assert _run_once(ServiceConfig(watch=moved, benchmarks="synthetic", shards=shards_root, cpu=True, once=True,
-                                   interval=0.1)) == 0
+    first.rename(moved) if how == "moved" else shutil.copytree(first, moved)
+    common = dict(benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
+    assert _run_once(ServiceConfig(watch=moved, **common)) == 0
     name = checkpoint_name(3)
     assert ledger(moved)[name]["status"] == "done"
+    assert ledger(moved)[name]["mlflow_tracking_uri"] == f"sqlite:///{(moved / 'mlflow.db').resolve()}"
     client = MlflowClient(tracking_uri=f"sqlite:///{(moved / 'mlflow.db').resolve()}")
     assert steps_logged(client, run_id) == [3]
     assert f"evaluation/{name}/report.json" in {f.path for f in client.list_artifacts(run_id, f"evaluation/{name}")}
     assert (moved / "mlartifacts" / run_id / "artifacts" / "evaluation" / name / "report.json").is_file()
-    assert not first.exists()
+    if how == "moved":
+        assert not first.exists()
+    else:
+        assert steps_logged(MlflowClient(tracking_uri=uri), run_id) == []
+        assert not (first / "mlartifacts" / run_id / "artifacts" / "evaluation").exists()
+
+
+def test_a_missing_tracking_store_is_named_and_the_logging_retried(tmp_path, shards_root, weights):
+    """A store that is not there (a SQLite file named by --tracking-uri) is not created empty: the logging fails
+    with its path named, the evaluation is kept, and the next poll logs once the right store is given."""
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.create_experiment("embedded", artifact_location=(run_dir / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": run_id})
+    missing = tmp_path / "elsewhere" / "store.db"
+    common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
+    assert _run_once(ServiceConfig(tracking_uri=f"sqlite:///{missing}", **common)) == 1
+    entry = ledger(run_dir)[checkpoint_name(3)]
+    assert entry["status"] == "unlogged" and str(missing) in entry["log_error"] and "--tracking-uri" in entry["log_error"]
+    assert not missing.exists()
+    assert _run_once(ServiceConfig(**common)) == 0
+    assert steps_logged(client, run_id) == [3]
 
 
 def test_metric_keys_refuse_class_names_with_commas():
