@@ -27,6 +27,44 @@ def _conv_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True))
 
 
+class WindowAttentionSDPA(timm.models.swin_transformer.WindowAttention):
+    """timm's Swin window attention through fused attention: the relative position bias and the shifted windows'
+    mask join into one additive bias per (window, head) that broadcasts over the images, so neither the attention
+    matrix nor a per-image copy of the mask is ever written (timm's own path computes the attention matrix with
+    float32 softmax copies; its experimental fused path expands the mask over every image). Same function; the
+    backbone's modules are switched to it (`use_fused_window_attention`). Where the bias would need a gradient (a
+    trained backbone's training step), timm's path runs."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        table = self.relative_position_bias_table
+        if torch.is_grad_enabled() and table.requires_grad or (self.training and self.attn_drop.p > 0):
+            return super().forward(x, mask)
+        b, n, _ = x.shape
+        heads = self.num_heads
+        windows = 1 if mask is None else mask.shape[0]
+        q, k, v = self.qkv(x).view(b // windows, windows, n, 3, heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self._get_rel_pos_bias()  # (1, heads, n, n)
+        if mask is not None:
+            bias = bias + mask.unsqueeze(1).to(bias.dtype)  # (windows, heads, n, n)
+        bias = bias.reshape(1, windows * heads, n, n).to(q.dtype)
+        q, k, v = (t.reshape(b // windows, windows * heads, n, -1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        out = out.view(b, heads, n, -1).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(out))
+
+
+def use_fused_window_attention(module: nn.Module, enable: bool = True) -> int:
+    """Switch every timm Swin window attention inside `module` to `WindowAttentionSDPA` (or back); returns how many.
+    Parameters, buffers and state dicts are unchanged."""
+    base = timm.models.swin_transformer.WindowAttention
+    count = 0
+    for m in module.modules():
+        if type(m) in (base, WindowAttentionSDPA):
+            m.__class__ = WindowAttentionSDPA if enable else base
+            count += 1
+    return count
+
+
 class TimmBackbone(nn.Module):
     """A timm feature extractor returning NCHW maps at strides 4, 8 and 16 (ImageNet normalisation applied)."""
 
@@ -39,6 +77,7 @@ class TimmBackbone(nn.Module):
             kwargs["drop_path_rate"] = cfg.backbone_drop_path_rate
         self.body = timm.create_model(cfg.backbone_model, pretrained=weights is not None, features_only=True,
                                       out_indices=cfg.backbone_indices, **kwargs)
+        use_fused_window_attention(self.body)  # a Swin body's windows through fused attention
         self.channels = list(self.body.feature_info.channels())
         self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         self.channels_last = False  # convert the input to NHWC (see catseg.inference.backbone_channels_last)

@@ -401,3 +401,83 @@ def test_compiled_decoder_with_the_stencil_upsampling_fuses_it():
     assert "extern_kernels.mm(" not in forward and "extern_kernels.bmm(" not in forward, forward
     assert forward.count("extern_kernels.convolution(") == 3 * len(model.decoder) + 1  # x, guidance, second; head
     assert "index_put" not in backward and "scatter" not in backward, backward
+
+
+def _aten_ops(fn) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        out = fn()
+    return out, ops.names
+
+
+@pytest.mark.parametrize("grad", ["none", "frozen"])
+def test_swin_backbone_fused_window_attention_equals_timm(grad):
+    """The guidance Swin's window attention as one fused attention with a per-(window, head) bias equals timm's own
+    (relative position bias, shifted windows' mask, a last stage whose window covers the whole map), eagerly in
+    fp32 and bf16 and, for a frozen backbone, in its gradient to the input; and it runs without the attention matrix's
+    softmax, which timm's path computes."""
+    import copy
+
+    import timm
+
+    from catseg.model import WindowAttentionSDPA, use_fused_window_attention
+
+    torch.manual_seed(0)
+    timm_body = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True, img_size=112,
+                                  embed_dim=24, depths=(2, 2, 2, 2), num_heads=(2, 3, 4, 4), out_indices=(0, 1, 2, 3))
+    for m in timm_body.modules():  # a non-trivial relative position bias
+        if hasattr(m, "relative_position_bias_table"):
+            torch.nn.init.normal_(m.relative_position_bias_table, std=1.0)
+    fused_body = copy.deepcopy(timm_body)
+    assert use_fused_window_attention(fused_body) == 8
+    assert all(type(m) is not WindowAttentionSDPA for m in timm_body.modules())
+    timm_body.eval(), fused_body.eval()
+    x = torch.randn(2, 3, 112, 112)
+    if grad == "none":
+        with torch.no_grad():
+            ref, ref_ops = _aten_ops(lambda: timm_body(x))
+            out, ops = _aten_ops(lambda: fused_body(x))
+            assert "_softmax" in ref_ops and "_softmax" not in ops
+            for a, b in zip(out, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref, out = timm_body(x), fused_body(x)
+            for a, b in zip(out, ref):
+                torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    else:  # a frozen backbone in a training step: the input's gradient still flows through it
+        timm_body.requires_grad_(False), fused_body.requires_grad_(False)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ref, ref_ops = _aten_ops(lambda: timm_body(xs[0]))
+        out, ops = _aten_ops(lambda: fused_body(xs[1]))
+        assert "_softmax" not in ops
+        sum(f.square().mean() for f in ref).backward()
+        sum(f.square().mean() for f in out).backward()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_trained_swin_backbone_keeps_timm_attention_for_its_bias_gradient():
+    """Where the relative position bias is trained, the fused module runs timm's path (the bias gets its gradient)."""
+    import timm
+
+    from catseg.model import use_fused_window_attention
+
+    torch.manual_seed(0)
+    body = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True, img_size=56,
+                             embed_dim=16, depths=(2, 2), num_heads=(2, 2), out_indices=(0, 1))
+    assert use_fused_window_attention(body) == 4
+    out, ops = _aten_ops(lambda: body(torch.randn(1, 3, 56, 56)))
+    sum(f.sum() for f in out).backward()
+    assert "_softmax" in ops
+    assert all(m.relative_position_bias_table.grad is not None for m in body.modules()
+               if hasattr(m, "relative_position_bias_table"))
+    assert use_fused_window_attention(body, False) == 4
