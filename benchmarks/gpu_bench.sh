@@ -11,7 +11,8 @@
 # Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
 # compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones,
-# `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs);
+# `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs) and
+# the guidance Swin's fused window attention;
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile);
 # `class_aggregation` one class aggregation block alone: products, Triton kernels (bench_class_aggregation.py).
 # Compiled inference runs the decoder's upsampling as a stencil (as Segmenter does); `b_compile_no_stencil` without it.
@@ -41,7 +42,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"b_compile_fused_spatial tests_train l_compile_fused_spatial b_model_cl_ro_stencil b_compile b_compile_fused tests l_compile b_model_cl_ro l_model_cl_ro_stencil l_model_cl_ro b_compile_fused_class b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_compile_ma l"}
+variants=${*:-"l_compile l_compile_enc b_compile_fused_spatial b_compile_enc tests_train b_compile_c256 l_compile_fused_spatial b_model_cl_ro_stencil b_compile b_compile_fused tests b_model_cl_ro l_model_cl_ro_stencil l_model_cl_ro b_compile_fused_class b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_compile_ma l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone: NHWC, NCHW, compiled with the stencil upsampling
@@ -57,8 +58,8 @@ for v in $variants; do
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;
-        tests_train) echo "== tests_train: python -m pytest tests/test_gpu.py -k 'whole_model or never_waits'"
-            timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "whole_model or never_waits" \
+        tests_train) echo "== tests_train: python -m pytest tests/test_gpu.py -k 'whole_model or never_waits or swin_backbone'"
+            timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "whole_model or never_waits or swin_backbone" \
                 >"$out/tests_train.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests_train.log" ;;
         tests_fused) echo "== tests_fused: python -m pytest tests/test_gpu.py -k fused_kernels"
@@ -104,9 +105,9 @@ for v in $variants; do
         b_compile_c256) bench b16_compile_chunk256 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --compile \
             --no-train --class-chunk 256 ;;
         b_compile_enc) bench b16_compile_enc 400 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile \
-            --compile-encoders ;;
+            --compile-encoders --no-train ;;
         l_compile_enc) bench l14_compile_enc 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile \
-            --compile-encoders ;;
+            --compile-encoders --no-train ;;
         b_compile_train) bench b16_compile_train 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile --no-inference ;;
         l_compile_train) bench l14_compile_train 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile --no-inference ;;
         b_model) bench b16_compile_model 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model --no-inference \

@@ -1,7 +1,7 @@
 """GPU-only checks of the fast inference paths (skipped without CUDA; `bash benchmarks/gpu_bench.sh OUT tests` runs
 them on a GPU machine): CUDA-graph capture succeeds, eager or compiled, also with the sub-pixel decoder, and replays
 what an eager run computes; bf16 weights are bit-identical to autocast's casts (also through the sub-pixel decoder);
-channels-last convolutions match the NCHW ones; the whole-model compiled training step (also with torch.compile's
+channels-last convolutions match the NCHW ones; the guidance Swin's window attention takes a fused kernel; the whole-model compiled training step (also with torch.compile's
 own CUDA graphs) follows the eager one; the training step never waits for the GPU."""
 import warnings
 
@@ -93,6 +93,33 @@ def test_channels_last_matches_nchw_on_cuda():
         channels_last(model)
         after = model(views, NAMES).float()
     torch.testing.assert_close(after, before, rtol=0, atol=0.1)
+
+
+def test_swin_backbone_window_attention_takes_a_fused_kernel_on_cuda():
+    """The guidance Swin's window attention (`catseg.model.WindowAttentionSDPA`) runs in bf16 with PyTorch's math
+    attention switched off, so a fused kernel takes its broadcast per-(window, head) bias; it equals timm's path
+    within bf16 rounding. Windows of 12 x 12 tokens, as Swin-B's."""
+    import copy
+
+    import timm
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from catseg.model import use_fused_window_attention
+
+    torch.manual_seed(0)
+    body = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True, img_size=192,
+                             window_size=12, embed_dim=64, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                             out_indices=(0, 1, 2)).cuda().eval()
+    fused = copy.deepcopy(body)
+    assert use_fused_window_attention(fused) == 6
+    x = torch.randn(5, 3, 192, 192, device="cuda")
+    fast = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = body(x)
+        with sdpa_kernel(fast):
+            out = fused(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("compile, attention", [(False, "kernel"), (True, "kernel"), (True, "sdpa")])
