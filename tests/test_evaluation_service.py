@@ -239,17 +239,26 @@ def _run_once(cfg: ServiceConfig) -> int:
         service.close()
 
 
-def test_unreachable_tracking_then_the_embedded_store(tmp_path, shards_root, weights, monkeypatch):
+def _embedded_run(run_dir: Path, weights: Path, step: int = 3, record_uri: bool = False):
+    """A run folder with its own MLflow store (an experiment with its artifacts in the folder, one run) and a
+    checkpoint naming that run (and the store, with record_uri); returns (client, run id)."""
     from mlflow import MlflowClient
 
+    run_dir.mkdir()
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("embedded", artifact_location=(run_dir / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    meta = {"mlflow_run_id": run_id} | ({"mlflow_tracking_uri": uri} if record_uri else {})
+    write_checkpoint(run_dir, step, weights, meta)
+    return client, run_id
+
+
+def test_unreachable_tracking_then_the_embedded_store(tmp_path, shards_root, weights, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    experiment = client.create_experiment("embedded", artifact_location=(run_dir / "mlartifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": run_id})
+    client, run_id = _embedded_run(run_dir, weights)
     name = checkpoint_name(3)
     common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
 
@@ -281,12 +290,8 @@ def test_a_moved_run_folder_is_scored_into_the_store_it_carries(tmp_path, shards
     from mlflow import MlflowClient
 
     first, moved = tmp_path / "first", tmp_path / how
-    first.mkdir()
+    client, run_id = _embedded_run(first, weights, record_uri=True)
     uri = f"sqlite:///{(first / 'mlflow.db').resolve()}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("embedded", artifact_location=(first / "mlartifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    write_checkpoint(first, 3, weights, {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri})
     first.rename(moved) if how == "moved" else shutil.copytree(first, moved)
     common = dict(benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
     assert _run_once(ServiceConfig(watch=moved, **common)) == 0
@@ -307,19 +312,14 @@ def test_a_moved_run_folder_is_scored_into_the_store_it_carries(tmp_path, shards
 def test_a_missing_tracking_store_is_named_and_the_logging_retried(tmp_path, shards_root, weights):
     """A store that is not there (a SQLite file named by --tracking-uri) is not created empty: the logging fails
     with its path named, the evaluation is kept, and the next poll logs once the right store is given."""
-    from mlflow import MlflowClient
-
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    experiment = client.create_experiment("embedded", artifact_location=(run_dir / "mlartifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": run_id})
+    client, run_id = _embedded_run(run_dir, weights)
     missing = tmp_path / "elsewhere" / "store.db"
     common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
     assert _run_once(ServiceConfig(tracking_uri=f"sqlite:///{missing}", **common)) == 1
     entry = ledger(run_dir)[checkpoint_name(3)]
-    assert entry["status"] == "unlogged" and str(missing) in entry["log_error"] and "--tracking-uri" in entry["log_error"]
+    assert entry["status"] == "unlogged"
+    assert str(missing) in entry["log_error"] and "--tracking-uri" in entry["log_error"]
     assert not missing.exists()
     assert _run_once(ServiceConfig(**common)) == 0
     assert steps_logged(client, run_id) == [3]
