@@ -22,6 +22,9 @@ import os
 import signal
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -402,7 +405,7 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
         try:
             keys.append(source.key(split, ref.stem))
         except shards.ShardFormatError as error:
-            raise ConversionError(f"{source.root / ref.image}: {error}") from None
+            raise ConversionError(f"{source.root / (ref.image or ref.label)}: {error}") from None
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ConversionError(f"{source.name} {split}: several files share the sample key(s) {', '.join(dupes)}")
@@ -421,10 +424,11 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
         record = shards.read_shard_record(paths[i])
         if record is None:
             continue
-        if sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]) and record.source_id == source_id:
+        if sorted(record.sample_keys()) != sorted(keys[i * size : (i + 1) * size]) or record.source_id != source_id:
+            outdated.append(paths[i].name)  # made from another sample list or shard size: its part redoes it
+        elif not record.skipped:
             records[i] = record
-        else:  # made from another sample list or shard size: its part redoes it
-            outdated.append(paths[i].name)
+        # a shard that skipped bad samples (--skip-bad) is redone: its files may have been fixed since
     outdated += shards.remove_shards_from(folder, source.name, split, num_shards)  # past the plan
     if outdated:  # the split's lists describe the old shards until every shard is complete again
         (folder / shards.SIZES_FILE).unlink(missing_ok=True)
@@ -469,8 +473,9 @@ def _run_pending(source, split, options, refs, pending, paths, records, work, ba
     pool = None
     if options.workers > 0:
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = context.Pool(options.workers, initializer=_init_worker, initargs=(source, split, os.getpid()))
-        results = pool.imap(_convert_one, work, chunksize=8)
+        pool = ProcessPoolExecutor(options.workers, mp_context=context, initializer=_init_worker,
+                                   initargs=(source, split, os.getpid()))
+        results = _pool_results(pool, work, chunk=8, in_flight=4 * options.workers)
     else:
         global _SOURCE, _SPLIT
         _SOURCE, _SPLIT = source, split
@@ -480,7 +485,13 @@ def _run_pending(source, split, options, refs, pending, paths, records, work, ba
         for i in pending:
             members, skipped = [], []
             for _ in refs[i * size : (i + 1) * size]:
-                status, value = next(results)
+                try:
+                    status, value = next(results)
+                except BrokenProcessPool as error:
+                    raise ConversionError(
+                        f"a conversion worker process died while {paths[i].name} was being made (killed from outside, "
+                        f"e.g. by the system when out of memory: fewer --workers use less); the complete shards are "
+                        f"kept, rerun to continue") from error
                 if status == "ok":
                     members.append(value)
                 else:
@@ -497,8 +508,34 @@ def _run_pending(source, split, options, refs, pending, paths, records, work, ba
                 raise ConversionError(f"cannot write {paths[i]} ({error.strerror or error})") from error
             summary.images += len(members)
             summary.shards_written += 1
+    except BaseException:
+        if pool is not None:  # an error or Ctrl-C: stop the workers now, not after the tasks given them
+            workers = list(getattr(pool, "_processes", None) or {})
+            pool.shutdown(wait=False, cancel_futures=True)
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        raise
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True)
+
+
+def _convert_chunk(refs: list[SampleRef]) -> list[tuple[str, Any]]:
+    return [_convert_one(ref) for ref in refs]
+
+
+def _pool_results(pool: ProcessPoolExecutor, work: list[SampleRef], chunk: int, in_flight: int):
+    """`_convert_one` of every ref of `work`, in order, from the pool's workers, with at most `in_flight` chunks
+    submitted ahead of the one being read, so converted images do not pile up in memory while shards are written.
+    A worker that dies raises BrokenProcessPool here instead of leaving its chunk unanswered for ever."""
+    pending: deque = deque()
+    for start in range(0, len(work), chunk):
+        pending.append(pool.submit(_convert_chunk, work[start : start + chunk]))
+        if len(pending) >= in_flight:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,14 +302,22 @@ def write_shard(path: str | os.PathLike, index: int, samples: Iterable[dict], sk
 
 
 def remove_shards_from(folder: str | os.PathLike, dataset: str, split: str, first: int) -> list[str]:
-    """Delete shards ``first``, ``first + 1``, ... of a split (and their sidecars) up to the first gap: what a run with
-    a longer sample list or smaller shards left past the current plan. Returns the names removed."""
+    """Delete shards ``first``, ``first + 1``, ... of a split (and their sidecars), gaps or not: what a run with a
+    longer sample list or smaller shards left past the current plan. Returns the names of the shards removed."""
     folder, removed = Path(folder), []
-    while (folder / shard_name(dataset, split, first + len(removed))).exists():
-        path = folder / shard_name(dataset, split, first + len(removed))
+    pattern = re.compile(rf"{re.escape(dataset)}-{re.escape(split)}-(\d{{6,}})\.tar")
+    found = {}
+    for path in folder.glob(f"{dataset}-{split}-*.tar*"):
+        match = pattern.fullmatch(path.name.removesuffix(".json"))
+        if match and int(match[1]) >= first:
+            found[int(match[1])] = shard_name(dataset, split, int(match[1]))
+    for index in sorted(found):
+        path = folder / found[index]
+        existed = path.exists()
         sidecar_path(path).unlink(missing_ok=True)  # sidecar first: a tar without one is never taken as complete
         path.unlink(missing_ok=True)
-        removed.append(path.name)
+        if existed:
+            removed.append(path.name)
     return removed
 
 
@@ -322,7 +331,10 @@ def read_shard_record(shard_path: str | os.PathLike) -> ShardRecord | None:
         obj = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         return None  # a torn sidecar cannot come from write_json_atomic; treat the shard as not done
-    record = ShardRecord.from_json(obj, str(sidecar))
+    try:
+        record = ShardRecord.from_json(obj, str(sidecar))
+    except ShardFormatError:
+        return None  # a record with fields missing or wrong is no proof of a complete shard: redo it
     if record.name != shard_path.name or shard_path.stat().st_size != record.num_bytes:
         return None
     return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -107,6 +108,40 @@ def test_killed_run_resumes_to_byte_identical_output(tmp_path):
     assert folder_bytes(out) == folder_bytes(clean)
 
 
+def test_a_worker_killed_from_outside_stops_the_run_with_a_message(tmp_path):
+    """A worker process killed mid-run (the system's out-of-memory killer, say) ends the run with exit status 2 and a
+    message naming the shard being made, instead of waiting for its lost work for ever; the shards complete before it
+    are kept and a rerun finishes them byte for byte."""
+    raw = coco_tree(tmp_path / "raw", 12)
+    clean = tmp_path / "clean"
+    args = ["coco_stuff", "--root", str(raw), "--split", "train", "--shard-size", "2", "--no-progress"]
+    assert convert(*args[:-1], "--out", str(clean)) == 0
+    out = tmp_path / "out"
+    dies = (  # sample 7 (shard 3) kills the worker converting it
+        "import os, signal, sys\n"
+        "from data_prep import sources\n"
+        "from data_prep.convert import main\n"
+        "load = sources.CocoStuff.load\n"
+        "def load_or_die(self, ref, split):\n"
+        "    if ref.stem == '000000000007':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return load(self, ref, split)\n"
+        "sources.CocoStuff.load = load_or_die\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", dies, *args, "--out", str(out), "--workers", "2"], cwd=REPO,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    # the shard named is the one being read when the death was seen: the killer's or an earlier one in flight
+    named = re.search(r"a conversion worker process died while coco_stuff-train-(\d{6}).tar was being made",
+                      result.stderr)
+    assert named and int(named[1]) <= 3, result.stderr
+    folder = out / "coco_stuff/train"
+    assert not (folder / "dataset.json").exists() and shards.read_shard_record(folder / "coco_stuff-train-000003.tar") is None
+    assert all(shards.read_shard_record(folder / shards.shard_name("coco_stuff", "train", i)) for i in range(int(named[1])))
+    assert convert(*args[:-1], "--out", str(out), workers="2") == 0
+    assert folder_bytes(out) == folder_bytes(clean)
+
+
 def test_parts_convert_disjoint_shards_and_finish_together(tmp_path):
     raw = coco_tree(tmp_path / "raw", 10)
     single, split_out = tmp_path / "single", tmp_path / "parts"
@@ -201,6 +236,39 @@ def test_fixing_a_bad_file_and_rerunning_completes_identically(tmp_path):
     assert folder_bytes(out) == folder_bytes(clean)
 
 
+def test_files_fixed_after_a_skip_bad_run_get_into_their_shards(tmp_path, capsys):
+    """A shard written with --skip-bad is redone by the next run, so files fixed since go in and the errors of the
+    earlier run are not reported again: the split ends as if it had been clean from the start."""
+    raw = coco_tree(tmp_path / "raw", 6)
+    clean = tmp_path / "clean"
+    assert convert("coco_stuff", "--root", str(raw), "--out", str(clean), "--split", "train", "--shard-size", "2") == 0
+    label = raw / "annotations/train2017/000000000003.png"
+    good = label.read_bytes()
+    label.write_bytes(good[:40])
+    out = tmp_path / "out"
+    args = ("coco_stuff", "--root", str(raw), "--out", str(out), "--split", "train", "--shard-size", "2")
+    assert convert(*args, "--skip-bad") == 0
+    assert shards.read_dataset_info(out / "coco_stuff/train")["num_skipped"] == 1
+    label.write_bytes(good)
+    capsys.readouterr()
+    assert convert(*args) == 0
+    printed = capsys.readouterr().out
+    assert "1 shards written (2 already complete, 3 in the split)" in printed and "bad" not in printed
+    assert folder_bytes(out) == folder_bytes(clean)
+
+
+def test_a_malformed_shard_record_redoes_its_shard(tmp_path):
+    raw = coco_tree(tmp_path / "raw", 4)
+    out = tmp_path / "out"
+    args = ("coco_stuff", "--root", str(raw), "--out", str(out), "--split", "train", "--shard-size", "2")
+    assert convert(*args) == 0
+    before = folder_bytes(out)
+    sidecar = out / "coco_stuff/train/coco_stuff-train-000001.tar.json"
+    sidecar.write_text('{"name": "coco_stuff-train-000001.tar"}')  # valid JSON, fields missing
+    assert convert(*args) == 0
+    assert folder_bytes(out) == before
+
+
 def test_shards_of_another_file_list_or_shard_size_are_redone(tmp_path):
     raw = coco_tree(tmp_path / "raw", 6)
     out = tmp_path / "out"
@@ -218,6 +286,25 @@ def test_shards_of_another_file_list_or_shard_size_are_redone(tmp_path):
     assert not (out / "coco_stuff/train/coco_stuff-train-000002.tar").exists()  # past the 2 shards of size 3
 
 
+def test_shards_past_a_shorter_file_list_are_removed_across_gaps(tmp_path):
+    """Shards past the new last one are removed even where a shard between them is missing (a part left unfinished),
+    so the folder holds what a fresh conversion of the shorter list writes."""
+    raw = coco_tree(tmp_path / "raw", 12)
+    out = tmp_path / "out"
+    args = ("coco_stuff", "--root", str(raw), "--out", str(out), "--split", "train", "--shard-size", "2")
+    assert convert(*args) == 0
+    folder = out / "coco_stuff/train"
+    (folder / "coco_stuff-train-000003.tar").unlink()
+    (folder / "coco_stuff-train-000005.tar").unlink()  # a sidecar left alone
+    for i in range(4, 12):
+        (raw / f"images/train2017/{i:012d}.jpg").unlink()
+        (raw / f"annotations/train2017/{i:012d}.png").unlink()
+    assert convert(*args) == 0
+    clean = tmp_path / "clean"
+    assert convert(*args[:4], str(clean), *args[5:]) == 0
+    assert folder_bytes(out) == folder_bytes(clean)
+
+
 def test_a_file_name_unfit_for_a_sample_key_is_named(tmp_path, capsys):
     raw = coco_tree(tmp_path / "raw", 2)
     image = raw / "images/train2017/000000000001.jpg"
@@ -226,6 +313,11 @@ def test_a_file_name_unfit_for_a_sample_key_is_named(tmp_path, capsys):
     assert convert("coco_stuff", "--root", str(raw), "--out", str(tmp_path / "out"), "--split", "train") == 2
     err = capsys.readouterr().err
     assert f"{image.with_name('a b.jpg')}: sample key" in err and "rename the file" in err
+    lone = raw / "annotations/train2017/lone.name.png"  # a label without its image is named by the label
+    (raw / "annotations/train2017/a b.png").rename(lone)
+    image.with_name("a b.jpg").unlink()
+    assert convert("coco_stuff", "--root", str(raw), "--out", str(tmp_path / "out"), "--split", "train") == 2
+    assert f"{lone}: sample key" in capsys.readouterr().err
 
 
 def test_unwritable_output_folder_is_named(tmp_path):
