@@ -6,8 +6,9 @@ Label rules (train ids; see data_prep/tables/ for the id tables):
   255 -> 255.
 - ade150: value - 1; 0 -> 255; values above 150 are errors.
 - ade847: class index (R // 10) * 256 + G of ``<name>_seg.png`` -> 847 train ids by ade847_id_map.json, every other
-  index -> 65535 (16-bit labels). Images with a short side over 512 are resized to short side 512 (bilinear, like
-  OpenCV's INTER_LINEAR; labels nearest) and re-encoded as JPEG quality 75, as the published numbers used.
+  index -> 65535 (16-bit labels). Every image is saved again as JPEG quality 75, resized first to short side 512
+  when its short side is longer (bilinear, like OpenCV's INTER_LINEAR; labels nearest), as the published numbers
+  used.
 - pc59: annotations of trainval_merged.json (Detail API) painted in file order onto a zero map; full ids -> 59
   train ids by pc59_id_map.json, 0 and unlisted ids -> 255.
 - pc459: LabelMap of trainval/<id>.mat minus 1 (16-bit); a LabelMap with zeros is refused.
@@ -240,7 +241,7 @@ def _ade847_lut() -> np.ndarray:
 
 
 SHORT_SIDE = 512
-RESIZED_JPEG_QUALITY = 75
+JPEG_QUALITY = 75  # of the A-847 images, saved again as the reference preparation did (PIL's default)
 
 
 def _resized_shape(height: int, width: int, short: int = SHORT_SIDE) -> tuple[int, int] | None:
@@ -263,7 +264,10 @@ def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize a uint8 (H, W, C) image with bilinear sampling at pixel centres (OpenCV INTER_LINEAR semantics)."""
+    """Resize a uint8 (H, W, C) or (H, W) image with bilinear sampling at pixel centres (OpenCV INTER_LINEAR
+    semantics)."""
+    if image.ndim == 2:
+        return resize_bilinear(image[..., None], height, width)[..., 0]
     top, bottom, wy = _linear_taps(image.shape[0], height)
     left, right, wx = _linear_taps(image.shape[1], width)
     pixels = image.astype(np.float32)
@@ -317,19 +321,22 @@ class Ade847(Source):
             raise BadSample(ref.label, f"corrupt or unreadable _seg.png ({error})") from error
         class_index = (seg[..., 0].astype(np.int32) // 10) * 256 + seg[..., 1].astype(np.int32)
         check_same_size(image, class_index, ref.label, ref.image)
+        # Every image is decoded and saved again as JPEG quality 75, resized first when its short side is over 512,
+        # as the reference preparation saved them (the pixels behind the published numbers); greyscale stays so.
+        try:
+            with Image.open(io.BytesIO(image.data)) as decoded:
+                pixels = np.asarray(decoded if decoded.mode in ("L", "RGB") else decoded.convert("RGB"))
+        except Exception as error:
+            raise BadSample(ref.image, f"corrupt image ({error})") from error
         extra = {}
         shape = _resized_shape(image.height, image.width)
         if shape is not None:
-            try:
-                with Image.open(io.BytesIO(image.data)) as decoded:
-                    pixels = np.asarray(decoded.convert("RGB"))
-            except Exception as error:
-                raise BadSample(ref.image, f"corrupt image ({error})") from error
-            buffer = io.BytesIO()
-            Image.fromarray(resize_bilinear(pixels, *shape)).save(buffer, format="JPEG", quality=RESIZED_JPEG_QUALITY)
-            image = RawImage(buffer.getvalue(), "jpg", shape[1], shape[0], image.sha256)
+            pixels = resize_bilinear(pixels, *shape)
             class_index = resize_nearest(class_index, *shape)
             extra["resized_from"] = [int(seg.shape[0]), int(seg.shape[1])]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        image = RawImage(buffer.getvalue(), "jpg", pixels.shape[1], pixels.shape[0], image.sha256)
         train_ids = _ade847_lut()[class_index]
         return _sample(self, split, ref, image, train_ids, hashlib.sha256(data).hexdigest(), **extra)
 

@@ -151,6 +151,9 @@ def test_ade847_decodes_seg_png_to_16bit_train_ids_and_resizes_large_images(tmp_
     big_index = np.array([[2978, 3148], [312, 0]]).repeat(260, 0).repeat(300, 1)
     write_jpeg(val / "b/bathroom/deeper/ADE_val_00000002.jpg", 600, 520, seed=4)
     seg_png(big_index, val / "b/bathroom/deeper/ADE_val_00000002_seg.png")
+    grey = np.random.default_rng(5).integers(0, 256, (700, 530), dtype=np.uint8)  # greyscale, resized to 512 x 676
+    Image.fromarray(grey).save(val / "a/abbey/ADE_val_00000003.jpg", quality=90)
+    seg_png(grid([2978, 312], 700, 530), val / "a/abbey/ADE_val_00000003_seg.png")
 
     assert convert("ade847", "--root", str(root), "--out", str(tmp_path / "out")) == 0
     folder = tmp_path / "out/ade847/val"
@@ -164,7 +167,11 @@ def test_ade847_decodes_seg_png_to_16bit_train_ids_and_resizes_large_images(tmp_
     assert 846 in label and 65535 in label
     assert "resized_from" not in meta["source"]
     raw_small = next(s for s in shards.iter_raw_samples(folder) if s["__key__"].endswith("1"))
-    assert raw_small["jpg"] == small_jpg  # not re-encoded
+    # saved again, not resized, as the reference preparation did: decoded, then JPEG quality 75
+    with Image.open(io.BytesIO(small_jpg)) as source:
+        resaved = io.BytesIO()
+        Image.fromarray(np.asarray(source)).save(resaved, format="JPEG", quality=75)
+    assert raw_small["jpg"] != small_jpg and raw_small["jpg"] == resaved.getvalue()
     with Image.open(io.BytesIO(raw_small["label.png"])) as stored:
         assert stored.mode.startswith("I;16")
 
@@ -174,6 +181,9 @@ def test_ade847_decodes_seg_png_to_16bit_train_ids_and_resizes_large_images(tmp_
     cols = np.minimum((np.arange(591) * 600 / 591).astype(int), 599)
     np.testing.assert_array_equal(label, lut(big_index[rows][:, cols]))
     assert meta["source"]["resized_from"] == [520, 600]
+    raw_grey = next(s for s in shards.iter_raw_samples(folder) if s["__key__"].endswith("3"))
+    with Image.open(io.BytesIO(raw_grey["jpg"])) as stored:
+        assert (stored.mode, stored.size) == ("L", (512, 676))
 
 
 def test_ade847_resize_rule_matches_the_reference_sizes():
