@@ -185,6 +185,13 @@ def test_ade847_decodes_seg_png_to_16bit_train_ids_and_resizes_large_images(tmp_
     with Image.open(io.BytesIO(raw_grey["jpg"])) as stored:
         assert (stored.mode, stored.size) == ("L", (512, 676))
 
+    # shards made by the earlier rule (small images' bytes as shipped; no source id) are redone, not kept
+    sidecar = folder / "ade847-val-000000.tar.json"
+    record = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**record, "source_id": ""}))
+    assert convert("ade847", "--root", str(root), "--out", str(tmp_path / "out")) == 0
+    assert json.loads(sidecar.read_text())["source_id"] == record["source_id"] != ""
+
 
 def test_ade847_resize_rule_matches_the_reference_sizes():
     from data_prep.sources import _resized_shape, resize_bilinear
