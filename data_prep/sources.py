@@ -422,15 +422,21 @@ class PascalContext59(_PascalContextSource):
             entry = entries.get(stem)
             extra = None
             if entry is not None:
-                size = (int(entry["height"]), int(entry["width"]))
-                extra = (size, tuple(annotations.get(entry["image_id"], ())))
+                try:
+                    size = (int(entry["height"]), int(entry["width"]))
+                except (KeyError, TypeError, ValueError):
+                    size = None  # reported as this sample's problem when it is loaded
+                extra = (size, tuple(annotations.get(entry.get("image_id"), ())))
             refs.append(SampleRef(stem, self.image_ref(stem), f"{self.json_name}#{stem}" if entry else None, extra))
         return refs
 
     def load(self, ref: SampleRef, split: str) -> dict:
         require_pair(ref, self.relative(self.image_dir / f"{ref.stem}.jpg"), f"an entry for {ref.stem} in {self.json_name}")
         image = read_image(self.root / ref.image, ref.image)
-        (height, width), anns = ref.extra
+        size, anns = ref.extra
+        if size is None:
+            raise BadSample(ref.label, "the image entry has no valid 'height' and 'width'")
+        height, width = size
         if (height, width) != (image.height, image.width):
             raise BadSample(ref.label, f"annotation size {width}x{height} differs from image {ref.image} ({image.width}x{image.height})")
         full = np.zeros((height, width), dtype=np.int32)

@@ -441,16 +441,21 @@ def test_dataset_specific_bad_labels_are_refused_with_the_file_named(tmp_path, c
     assert f"trainval/{stems[0]}.mat: LabelMap has 3 zero pixels" in printed
     assert f"trainval/{stems[1]}.mat: out-of-range label ids [460]" in printed
 
-    # PASCAL-Context-59: an id listed for conversion but absent from the annotation file, and an unknown category
-    (root / "trainval_merged.json").write_text(json.dumps({
-        "images": [{"image_id": int(stems[0].replace("_", "")), "file_name": f"{stems[0]}.jpg", "height": 3, "width": 4}],
-        "annos_segmentation": [{"image_id": int(stems[0].replace("_", "")), "category_id": 600,
-                                "segmentation": rle.encode(np.ones((3, 4), bool))}],
-    }))
+    # PASCAL-Context-59: an id listed for conversion but absent from the annotation file, and an unknown category;
+    # then an image entry without its size
+    image_entry = {"image_id": int(stems[0].replace("_", "")), "file_name": f"{stems[0]}.jpg", "height": 3, "width": 4}
+    annotations = {"images": [image_entry],
+                   "annos_segmentation": [{"image_id": int(stems[0].replace("_", "")), "category_id": 600,
+                                           "segmentation": rle.encode(np.ones((3, 4), bool))}]}
+    (root / "trainval_merged.json").write_text(json.dumps(annotations))
     assert convert("pc59", "--root", str(root), "--out", str(tmp_path / "out"), "--id-list", str(tmp_path / "ids.txt")) == 1
     printed = capsys.readouterr().out
     assert f"trainval_merged.json#{stems[0]}: out-of-range label ids [600]" in printed
     assert f"VOCdevkit/VOC2010/JPEGImages/{stems[1]}.jpg: image has no label (expected an entry for {stems[1]} in trainval_merged.json)" in printed
+    del image_entry["height"]
+    (root / "trainval_merged.json").write_text(json.dumps(annotations))
+    assert convert("pc59", "--root", str(root), "--out", str(tmp_path / "out"), "--id-list", str(tmp_path / "ids.txt")) == 1
+    assert f"trainval_merged.json#{stems[0]}: the image entry has no valid 'height' and 'width'" in capsys.readouterr().out
 
     # VOC: 21 is out of range; an id in val.txt whose files are missing
     voc = voc_tree(tmp_path / "v", {"2007_000033": np.full((3, 4), 21, np.uint8)})
