@@ -85,6 +85,17 @@ def test_unknown_key_in_a_config_file_names_file_and_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_numbers_in_scientific_notation_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; a float key takes it as the number it spells, in a file and in
+    --set alike, and a word is still refused."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: catseg_tiny\noptim:\n  lr: 2e-4\n  weight_decay: 1E-4\n")
+    cfg = load_config(path, ["optim.clip_lr=2e-6"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_lr) == (2e-4, 1e-4, 2e-6)
+    with pytest.raises(ConfigError, match="optim.lr = '2e-4x' has the wrong type; expected a number"):
+        load_config(path, ["optim.lr=2e-4x"])
+
+
 def test_global_batch_splits_over_processes_and_accumulation_or_fails():
     cfg = load_config(None, ["train.batch_size=8", "train.grad_accum=2"])
     assert micro_batch_size(cfg, 2) == 2

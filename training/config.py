@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -200,6 +201,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
     """Check one leaf value against its annotation; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
@@ -216,6 +220,8 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {key} = {value!r}; expected a list of {len(args)} values")
         return tuple(_coerce(f"{key}[{i}]", v, a, where) for i, (v, a) in enumerate(zip(value, args)))
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} = {value!r} has the wrong type; expected a number")
         return float(value)
