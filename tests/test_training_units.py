@@ -273,6 +273,14 @@ def _sample(i: int, image_bytes: bytes | None = None) -> dict:
                                ignore_index=255, class_list="toy", source={})
 
 
+def test_a_listed_shard_that_is_gone_is_named(tmp_path):
+    folder = _shard_folder(tmp_path, [[_sample(0)], [_sample(1)]])
+    (folder / "toy-train-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"training shards in .* are incomplete: .*sizes.json lists toy-train-000001.tar "
+                                        r"but .*toy-train-000001.tar does not exist"):
+        open_shards(folder)
+
+
 @pytest.mark.parametrize("damage", ["zero bytes", "no members"])
 def test_empty_shard_is_a_clear_error(tmp_path, damage):
     import tarfile

@@ -68,7 +68,9 @@ def open_shards(root: str | Path) -> ShardSet:
     try:
         info = read_dataset_info(root)
         paths = shard_paths(root)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if (root / "dataset.json").is_file() and (root / "sizes.json").is_file():  # a listed shard is gone
+            raise DataError(f"training shards in {root} are incomplete: {e}") from None
         raise DataError(f"training shards not found in {root} (no dataset.json/sizes.json there); make them with "
                         f"`{prep_command(root)}`, or point data.root at a shard folder (--set data.root=DIR)") from None
     except ValueError as e:
