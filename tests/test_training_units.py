@@ -379,12 +379,28 @@ def test_resume_between_log_steps_keeps_the_logged_losses_and_rates(tmp_path, sy
     saved = torch.load(state, weights_only=True)
     saved["param_groups"] = saved["param_groups"][:-1]
     torch.save(saved, state)
-    refused = subprocess.run(
-        [PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "old"),
-         "--set", f"data.root={synthetic / 'train'}", "train.steps=8", "data.workers=0", "schedule.warmup_steps=0",
-         "--resume", str(state.parents[1])], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+
+    def resume(checkpoint: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(tmp_path / "old"),
+             "--set", f"data.root={synthetic / 'train'}", "train.steps=8", "data.workers=0", "schedule.warmup_steps=0",
+             "--resume", str(checkpoint)], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+
+    refused = resume(state.parents[1])
     assert refused.returncode == 2
     assert "its optimizer state has other parameter groups than this version builds" in refused.stderr
+    # a damaged state file, and a checkpoint without its state, are named with what to do instead of a traceback
+    state = tmp_path / "whole" / "checkpoints" / "step_00000003" / "state"
+    (state / "optimizer.bin").write_bytes((state / "optimizer.bin").read_bytes()[:200])
+    refused = resume(state.parent)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"{state} cannot be read" in refused.stderr and "damaged or incomplete" in refused.stderr
+    for f in state.glob("train_rank*.json"):
+        f.unlink()
+    refused = resume(state.parent)
+    assert refused.returncode == 2
+    assert f"{state.parent} holds no training state" in refused.stderr
+    assert f"--set model.pretrained={state.parent / 'model.safetensors'}" in refused.stderr
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["schedule.name=cosine", "schedule.warmup_steps=0"])
     for step in (4, 8):  # the rate of optimizer step `step` (0-based step - 1), not of the next one
         expected = cfg.optim.lr * lr_factor(step - 1, 8, cfg.schedule)
@@ -409,6 +425,10 @@ def test_pretrained_weights_of_another_preset_are_refused(tmp_path, synthetic, c
                        "--set", f"data.root={synthetic / 'train'}", f"model.pretrained={other}"])
     err = capsys.readouterr().err
     assert code == 2 and "preset 'catseg2_tiny', not 'catseg_tiny'" in err
+    missing = tmp_path / "missing.safetensors"
+    code = train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "run"),
+                       "--set", f"data.root={synthetic / 'train'}", f"model.pretrained={missing}"])
+    assert code == 2 and f"weights file '{missing}' does not exist" in capsys.readouterr().err
 
 
 def test_missing_default_shards_say_which_command_makes_them(tmp_path, capsys, monkeypatch):

@@ -285,6 +285,10 @@ class Checkpointer:
         state_file = ckpt_dir / STATE_DIR / f"train_rank{acc.process_index}.json"
         if not state_file.is_file():
             have = sorted(p.name for p in (ckpt_dir / STATE_DIR).glob("train_rank*.json"))
+            if not have:
+                raise CheckpointError(f"{ckpt_dir} holds no training state ({ckpt_dir / STATE_DIR} has no "
+                                      f"train_rank*.json), so it cannot be resumed; start a new run from its weights "
+                                      f"with --set model.pretrained={ckpt_dir / WEIGHTS_FILE}")
             raise CheckpointError(f"{ckpt_dir} has no state for process {acc.process_index} (has {', '.join(have)}); "
                                   f"resume with the process count that wrote it ({len(have)})")
         self._loading_from = ckpt_dir
@@ -304,4 +308,9 @@ class Checkpointer:
             raise CheckpointError(f"{ckpt_dir / STATE_DIR} holds pickled objects other than tensors and training state "
                                   f"({found.group(1) if found else 'an unsupported type'}); it was not loaded. Resume "
                                   f"only checkpoints written by catseg training") from None
+        except (RuntimeError, OSError, EOFError, KeyError) as error:  # a truncated or missing state file
+            raise CheckpointError(f"{ckpt_dir / STATE_DIR} cannot be read ({type(error).__name__}: {error}); the "
+                                  f"checkpoint is damaged or incomplete. Resume from an earlier one (--resume PATH) "
+                                  f"or start a new run from its weights with --set "
+                                  f"model.pretrained={ckpt_dir / WEIGHTS_FILE}") from error
         return json.loads(state_file.read_text())

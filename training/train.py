@@ -442,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ckpt.CheckpointError) as e:
         print(f"catseg train: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # the model library's refusals (wrong preset in a weights file, unknown preset)
-        print(f"catseg train: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # the model library's refusals (wrong preset in a weights file,
+        print(f"catseg train: error: {e}", file=sys.stderr)  # unknown preset, a weights file that is not there)
         return 2
     try:
         return trainer.train()
