@@ -63,6 +63,7 @@ class EvalConfig:
     precision: str = "fp32"  # fp32; or bf16: bf16 autocast with bf16 weights, the GPU's fast path (catseg.Segmenter's)
     compile: bool = False  # torch.compile the aggregation and decoder (pays over a benchmark's thousands of images)
     fused_kernels: bool = False  # the aggregation blocks as Triton kernels (catseg.inference.fused_kernels; CUDA)
+    class_chunk: int | None = None  # classes the model runs at once (None: catseg.inference.DEFAULT_CLASS_CHUNK)
 
     def __post_init__(self):
         self.checkpoint = Path(self.checkpoint)
@@ -91,6 +92,9 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.limit must be a positive integer or None, got {self.limit!r}")
         if self.rule not in RULES:
             raise ValueError(f"EvalConfig.rule must be one of: {', '.join(RULES)}; got {self.rule!r}")
+        if self.class_chunk is not None and (isinstance(self.class_chunk, bool) or not isinstance(self.class_chunk, int)
+                                             or self.class_chunk < 1):
+            raise ValueError(f"EvalConfig.class_chunk must be a positive integer or None, got {self.class_chunk!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"EvalConfig.precision must be one of: {', '.join(PRECISIONS)}; got {self.precision!r}")
 
@@ -203,7 +207,7 @@ def evaluate_benchmark(
     import torch
     from tqdm import tqdm
 
-    from catseg.inference import predict_labels, to_image_tensor
+    from catseg.inference import DEFAULT_CLASS_CHUNK, predict_labels, to_image_tensor
     from data_prep.shards import decode_sample, iter_raw_samples
 
     if not Path(shard_dir).is_dir():
@@ -236,7 +240,8 @@ def evaluate_benchmark(
             with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
                 # Patch inference (appendix A.3) merged, resized and argmaxed in class chunks: memory stays bounded
                 # for 847 classes instead of holding full-size probabilities of every class.
-                labels, _ = predict_labels(model, to_image_tensor(np.array(image)).unsqueeze(0), prompts)
+                labels, _ = predict_labels(model, to_image_tensor(np.array(image)).unsqueeze(0), prompts,
+                                           model.config.class_chunk_size or DEFAULT_CLASS_CHUNK)
             pred = bench.map_prediction(labels[0]).numpy()
             try:
                 conf += confusion_matrix(pred, gt, n, bench.ignore_index)
@@ -368,8 +373,9 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
         check_report_folder(out_dir, info)
     from catseg.inference import prepare_inference
 
-    model = prepare_inference(load_model(info, state.device), cfg.precision == "bf16", cfg.compile,
-                              cfg.fused_kernels)
+    model = load_model(info, state.device)
+    model.config.class_chunk_size = cfg.class_chunk or model.config.class_chunk_size
+    model = prepare_inference(model, cfg.precision == "bf16", cfg.compile, cfg.fused_kernels)
 
     started = time.perf_counter()
     results, confusions, total_images = {}, {}, 0
@@ -413,6 +419,7 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
         "precision": cfg.precision,
         "compile": cfg.compile,
         "fused_kernels": cfg.fused_kernels,
+        "class_chunk": model.config.class_chunk_size,
         "processes": state.num_processes,
         "device": str(state.device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -478,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the aggregation and decoder: a minute or two more at the start, then faster")
     p.add_argument("--fused-kernels", action="store_true",
                    help="run the aggregation blocks as Triton kernels (CUDA; catseg.inference.fused_kernels)")
+    p.add_argument("--class-chunk", type=int, metavar="N",
+                   help="classes the model runs at once (default 128): memory against speed for large vocabularies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -499,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             compile=args.compile,
             fused_kernels=args.fused_kernels,
+            class_chunk=args.class_chunk,
         )
         state = process_state(cfg.cpu)
         report = run_evaluation(cfg, state=state)

@@ -96,17 +96,23 @@ def test_evaluate_end_to_end_on_synthetic_shards(synthetic_root, run_dir, tmp_pa
 
 def test_bf16_and_compiled_evaluations_score_like_fp32(synthetic_root, run_dir, tmp_path):
     """--precision bf16 runs the fast path (bf16 autocast and weights), --compile the compiled aggregation and
-    decoder; each names itself in the report and counts nearly the pixels the fp32 evaluation counts."""
+    decoder, --class-chunk the model's classes in other chunks (128 by default, also for a checkpoint whose model
+    runs them all at once); each names itself in the report and counts nearly the pixels the fp32 evaluation
+    counts."""
     args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "synthetic", "--shards", str(synthetic_root),
             "--limit", "2", "--no-progress"]
     conf, reports = {}, {}
-    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16"]), ("compiled", ["--compile"])):
+    runs = (("fp32", []), ("bf16", ["--precision", "bf16"]), ("compiled", ["--compile"]),
+            ("chunk2", ["--class-chunk", "2"]))
+    for name, extra in runs:
         assert main(args + ["--out", str(tmp_path / name)] + extra) == 0
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
         conf[name] = np.load(tmp_path / name / "synthetic_confusion.npy")
-    assert [(r["precision"], r["compile"]) for r in reports.values()] == [("fp32", False), ("bf16", False),
-                                                                          ("fp32", True)]
+    assert [(r["precision"], r["compile"], r["class_chunk"]) for r in reports.values()] == [
+        ("fp32", False, 128), ("bf16", False, 128), ("fp32", True, 128), ("fp32", False, 2)]
     total = conf["fp32"].sum()
+    # the model's classes in chunks of 2 (the checkpoint's model would run them all at once): the same pixels
+    assert np.abs(conf["chunk2"] - conf["fp32"]).sum() / 2 <= 0.002 * total
     for name in ("bf16", "compiled"):
         assert conf[name].sum() == total
         # the same pixels predicted as the same class, up to a few that bf16 rounding or fused kernels tip over
