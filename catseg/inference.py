@@ -30,6 +30,7 @@ from .ops import bilinear_matrix, resize, tensor_cache
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 DEFAULT_CLASS_CHUNK = 128
+MERGE_BYTES = 256 * 2**20  # at most this much of merged float32 probabilities at the image size at once
 
 
 def crop_offsets(size: int, crop: int, stride: int) -> list[int]:
@@ -102,6 +103,8 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
             t = t.unsqueeze(0)
         if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
             raise ValueError(f"image tensor must be (3, H, W), got {tuple(t.shape)}")
+        if not (t.shape[1] and t.shape[2]):
+            raise ValueError(f"{what} is empty ({t.shape[1]}x{t.shape[2]} pixels)")
         t = t[:3] if t.shape[0] != 1 else t.expand(3, -1, -1)
         return _unit_range(t, what)
     raise TypeError(f"unsupported image type {type(image).__name__}; give a path, PIL image, array or tensor")
@@ -311,7 +314,8 @@ def host_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int = DEFAULT_CLASS_CHUNK,
                    cuda_graphs: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Label maps at each image's original size and per-class mean probabilities (B, N), in class chunks.
+    """Label maps at each image's original size and per-class mean probabilities (B, N), in class chunks (of
+    `chunk` classes, fewer where the image is so large that their merged probabilities would pass `MERGE_BYTES`).
 
     cuda_graphs: on a GPU, replay the model from a CUDA graph captured per views shape and vocabulary.
     """
@@ -323,8 +327,11 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
     labels: list[torch.Tensor] = [None] * len(ims)
     for group in groups:  # images of one size merge together; others each straight to their own size
         running = RunningArgmax()
-        for start in range(0, n, chunk):
-            running.update(merge_views(model, probs[group, :, start:start + chunk], sizes[group[0]]), start)
+        height, width = sizes[group[0]]
+        # a photo's full-size probabilities are large (12 MP: 48 MB per class): fewer classes per merge then
+        step = max(1, min(chunk, MERGE_BYTES // (4 * len(group) * height * width)))
+        for start in range(0, n, step):
+            running.update(merge_views(model, probs[group, :, start:start + step], sizes[group[0]]), start)
         host = host_labels(running.labels, n)
         for j, i in enumerate(group):
             labels[i] = host[j]

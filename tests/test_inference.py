@@ -120,6 +120,8 @@ def test_segmenter_bad_input(tiny_model, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.jpg"):
         to_image_tensor(tmp_path / "bad.jpg")
+    with pytest.raises(ValueError, match=r"image array is empty \(0x5 pixels\)"):
+        seg.predict(np.zeros((0, 5, 3), np.uint8), ["sky"])
     with pytest.raises(ValueError, match="precision"):
         Segmenter(tiny_model, precision="fp8")
     for chunk in (0, -3, 2.5):
@@ -358,3 +360,24 @@ def test_channels_last_keeps_captured_graphs_unless_the_layout_changes():
     assert "captured" in _GRAPHS[model]
     channels_last(model, False)
     assert model not in _GRAPHS
+
+
+def test_a_large_photo_is_merged_in_fewer_classes_at_once():
+    """A 12-megapixel photo's merged probabilities take 48 MB per class: its merge takes fewer classes at once, so
+    a 150-class vocabulary stays within a few hundred MiB instead of 7 GiB (counted on fake tensors); the labels
+    do not depend on how many classes are merged at once (test_predict_labels_independent_of_chunks)."""
+    import catseg
+    from catseg.inference import MERGE_BYTES, predict_labels
+    from catseg.memcount import counting
+
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", class_chunk_size=128).eval()
+    model.check_inputs = False  # its range check reads values, which fake tensors do not have
+    names = [f"class {i}" for i in range(150)]
+    model.text_embeddings(names)
+    with counting(model) as counter:
+        image = torch.rand(3, 3000, 4000)
+        predict_labels(model, image.unsqueeze(0), names, chunk=128)
+    per_class = 4 * 3000 * 4000
+    assert counter.peak < MERGE_BYTES + 40 * per_class  # the image, its views, labels and one merge's work
+    assert 128 * per_class > 5 * counter.peak  # all 128 classes of the chunk merged at once would take 6 GiB
