@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -40,8 +41,11 @@ def load_vocabulary(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--vocab {spec!r} is neither a file nor a benchmark; benchmarks: {', '.join(VOCABS)}")
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
-    if path.suffix == ".json":
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{spec}: not UTF-8 text ({e}); save the vocabulary as UTF-8") from None
+    if path.suffix.lower() == ".json":
         try:
             names = json.loads(text)
         except ValueError as e:
@@ -73,8 +77,10 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
                       if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
                       and not (inside is not None and q.resolve().is_relative_to(inside))
                       and not (q.suffix.lower() == ".png" and _written_by_catseg(q))]
-        else:
+        elif p.exists():
             found.append((p, Path(p.name)))
+        else:
+            raise ValueError(f"input {item!r} does not exist (give image files or folders)")
     seen, images = set(), []
     for path, rel in found:
         real = path.resolve()
@@ -93,12 +99,24 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
     return [(path, name) for (path, _), name in zip(images, names)]
 
 
+@functools.lru_cache(maxsize=1)
+def legend_font() -> ImageFont.ImageFont:
+    """A TrueType font with broad coverage where the system has one (class names in any script or with accents);
+    else Pillow's own, which draws ASCII only."""
+    for name in ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf"):
+        try:
+            return ImageFont.truetype(name, 11)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
 def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str], alpha: float = 0.5) -> Image.Image:
     """Colour overlay of the label map on the image, with a legend of the classes present."""
     colors = palette(len(names))
     blended = (image.astype(np.float32) * (1 - alpha) + colors[labels].astype(np.float32) * alpha).astype(np.uint8)
     present = [int(i) for i in np.unique(labels)]
-    font = ImageFont.load_default()
+    font = legend_font()
     row = 16
     width = max(120, 30 + max(int(font.getlength(names[i])) for i in present))
     h = max(image.shape[0], row * len(present) + 8)
@@ -158,7 +176,7 @@ def check_no_foreign_outputs(out: Path, stems: list[str]) -> None:
 
 def resolve_model(preset: str | None, checkpoint: str | None):
     """Build the model: a checkpoint (file or training checkpoint folder) fixes the preset."""
-    from . import create_model
+    from . import create_model, list_models
     from .weights import check_weights_file, read_preset
     if checkpoint is None:
         if preset is None:
@@ -166,16 +184,35 @@ def resolve_model(preset: str | None, checkpoint: str | None):
         warnings.warn("no --checkpoint given: the aggregation layers have random weights and the masks are "
                       "meaningless; pass weights trained with training/train.py or converted release weights")
         return create_model(preset)
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"checkpoint {checkpoint!r} not found (a .safetensors file or a checkpoint folder)")
-    stored = read_preset(check_weights_file(path))
+    path = check_weights_file(checkpoint)  # a .safetensors file or a training checkpoint folder
+    stored = read_preset(path)
     name = preset or stored
     if name is None:
         raise ValueError(f"{path} does not name its preset; pass --model")
+    if preset is None and name not in list_models():
+        raise ValueError(f"{path} names preset {name!r}, which this catseg does not know ({', '.join(list_models())}); "
+                         f"pass --model")
     return create_model(name, pretrained=str(path))
+
+
+def write_outputs(out: Path, stem: str, path: Path, image, pred, names: list[str]) -> None:
+    """An image's label map, overlay and JSON record, each written atomically; if one cannot be written (a full
+    disk), the image's outputs written before it are removed, so an image has all its outputs or none."""
+    rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    dtype = np.uint8 if len(names) <= 256 else np.uint16
+    record = {"software": SOFTWARE, "image": str(path), "size": list(pred.labels.shape), "class_names": names,
+              "areas": pred.areas(), "scores": {n: float(s) for n, s in zip(names, pred.scores)}}
+    writes = [lambda f: _atomic_save(Image.fromarray(pred.labels.astype(dtype)), f),
+              lambda f: _atomic_save(overlay_with_legend(rgb, pred.labels, names), f),
+              lambda f: write_json_atomic(f, record)]
+    files = [out / f"{stem}{suffix}" for suffix in OUTPUTS]
+    for k, (write, file) in enumerate(zip(writes, files)):
+        try:
+            write(file)
+        except OSError as e:
+            for done in files[:k]:
+                done.unlink(missing_ok=True)
+            raise OSError(f"cannot write {file} ({e.strerror or e}); the outputs of {path} were not kept") from None
 
 
 def cmd_segment(args) -> int:
@@ -217,13 +254,7 @@ def cmd_segment(args) -> int:
             print(f"skipped {path}: {e}", file=sys.stderr)
             continue
         pred = seg.predict([image], names)[0]
-        rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        dtype = np.uint8 if len(names) <= 256 else np.uint16
-        _atomic_save(Image.fromarray(pred.labels.astype(dtype)), out / f"{stem}{OUTPUTS[0]}")
-        _atomic_save(overlay_with_legend(rgb, pred.labels, names), out / f"{stem}{OUTPUTS[1]}")
-        record = {"software": SOFTWARE, "image": str(path), "size": list(pred.labels.shape), "class_names": names,
-                  "areas": pred.areas(), "scores": {n: float(s) for n, s in zip(names, pred.scores)}}
-        write_json_atomic(out / f"{stem}{OUTPUTS[2]}", record)
+        write_outputs(out, stem, path, image, pred, names)
     done = len(files) - len(failed)
     print(f"segmented {done}/{len(files)} images into {out}" + (f"; {len(failed)} failed: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -30,6 +30,9 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     return write_safetensors(model.state_dict(), path, {"format": "catseg", "preset": model.config.name})
 
 
+WEIGHTS_FILE = "model.safetensors"  # the weights of a training checkpoint folder
+
+
 def read_preset(path: str | os.PathLike) -> Optional[str]:
     """The preset name stored in a weights file (None if it has none)."""
     try:
@@ -40,8 +43,16 @@ def read_preset(path: str | os.PathLike) -> Optional[str]:
 
 
 def check_weights_file(path: str | os.PathLike) -> Path:
-    """Return `path` if it is an existing .safetensors file; raise naming it otherwise (pickles are never read)."""
+    """Return `path` if it is an existing .safetensors file, or the model.safetensors of a training checkpoint
+    folder; raise naming it otherwise (pickles are never read)."""
+    if not str(path).strip():
+        raise ValueError("the weights path is empty; give a .safetensors file or a training checkpoint folder")
     path = Path(path)
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"weights folder {str(path)!r} holds no {WEIGHTS_FILE} (a training checkpoint "
+                                    f"folder holds one; or give a .safetensors file)")
+        path = path / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix != ".safetensors":

@@ -141,6 +141,21 @@ def test_segment_refuses_bad_checkpoints_chunks_and_reads_vocab_files(workspace,
             main(["segment", str(img), "--classes", "cat", "--checkpoint", str(ck), "--out", str(workspace / "o"),
                   "--class-chunk", chunk])
         assert exit_info.value.code == 2 and f"{chunk!r} is not a positive integer" in capsys.readouterr().err
+    from catseg.weights import write_safetensors
+
+    (workspace / "empty-ck").mkdir()
+    write_safetensors({"x": torch.zeros(1)}, workspace / "future.safetensors",
+                      {"format": "catseg", "preset": "catseg_future"})
+    for checkpoint, message in (("empty-ck", "holds no model.safetensors"),
+                                ("future.safetensors", "names preset 'catseg_future', which this catseg does not know")):
+        code = main(["segment", str(img), "--classes", "cat", "--checkpoint", str(workspace / checkpoint),
+                     "--out", str(workspace / "o-ck")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and checkpoint in err and "Traceback" not in err
+    code = main(["segment", str(workspace / "no-such.jpg"), "--classes", "cat", "--checkpoint", str(ck),
+                 "--out", str(workspace / "o-missing")])
+    assert code == 2 and "input" in (err := capsys.readouterr().err) and "no-such.jpg' does not exist" in err
+    assert not (workspace / "o-missing").exists()  # refused before the model loads and the folder is made
     vocab = workspace / "vocab.txt"
     vocab.write_text("\ufeffcat\n  # a comment\nsofa, couch\n\n")
     assert load_vocabulary(str(vocab)) == ["cat", "sofa, couch"]
@@ -149,6 +164,11 @@ def test_segment_refuses_bad_checkpoints_chunks_and_reads_vocab_files(workspace,
         load_vocabulary(str(workspace / "vocab.json"))
     (workspace / "vocab.json").write_text('["cat ", "dog"]')
     assert load_vocabulary(str(workspace / "vocab.json")) == ["cat", "dog"]
+    (workspace / "upper.JSON").write_text('["cat", "dog"]')  # the suffix in any case
+    assert load_vocabulary(str(workspace / "upper.JSON")) == ["cat", "dog"]
+    (workspace / "wide.txt").write_text("cat\ndog\n", encoding="utf-16")  # Notepad's "Unicode"
+    with pytest.raises(ValueError, match="wide.txt: not UTF-8 text"):
+        load_vocabulary(str(workspace / "wide.txt"))
 
 
 def test_segment_into_the_input_folder_or_its_parent(workspace, capsys):
@@ -171,3 +191,22 @@ def test_segment_into_the_input_folder_or_its_parent(workspace, capsys):
     Image.open(folder / "p_labels.png").save(folder / "p_labels.png")  # re-saved without the text chunk
     assert main(["segment", str(folder), *common, "--out", str(folder)]) == 0
     assert "segmented 1/1 images" in capsys.readouterr().out
+
+
+def test_an_image_whose_outputs_cannot_all_be_written_keeps_none(workspace, capsys, monkeypatch):
+    """The disk fills while an image's three outputs are written: the ones already written are removed and the
+    error names the file that could not be written."""
+    import errno
+
+    import catseg.cli as cli
+
+    def full_disk(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cli, "write_json_atomic", full_disk)
+    out = workspace / "o-full"
+    code = cli.main(["segment", str(workspace / "images" / "a.jpg"), "--classes", "cat, dog", "--checkpoint",
+                     str(workspace / "tiny.safetensors"), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write {out / 'a.json'} (No space left on device)" in err
+    assert list(out.iterdir()) == []
