@@ -20,7 +20,8 @@ def create_model(name: str, pretrained: Union[bool, str, os.PathLike] = False, *
     """Build a preset.
 
     pretrained=False: random weights, no network. True: the preset's open_clip and timm weights (from
-    `weights_dir` when set, else downloaded by name). A path: a .safetensors file written by save_weights.
+    `weights_dir` when set, else downloaded by name). A path: a .safetensors file written by save_weights, or a
+    training checkpoint folder (its model.safetensors).
     """
     if not isinstance(pretrained, (bool, str, os.PathLike)) and pretrained is not None:
         raise TypeError(f"pretrained must be False, True or a .safetensors path, got {type(pretrained).__name__} "
