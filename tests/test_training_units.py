@@ -9,6 +9,7 @@ import math
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -650,3 +651,29 @@ def test_a_moved_run_folder_continues_its_mlflow_run(tmp_path, synthetic):
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
     assert "model.safetensors" in {a.path for a in client.list_artifacts(run_id)}  # the final weights, after the move
     assert (moved / "mlartifacts" / run_id / "artifacts" / "model.safetensors").is_file() and not first.exists()
+
+
+def test_repeated_set_options_all_apply():
+    from training.train import parse_args
+
+    args = parse_args(["--set", "train.steps=5", "data.workers=0", "--set", "train.batch_size=8"])
+    assert args.set == ["train.steps=5", "data.workers=0", "train.batch_size=8"]
+
+
+def test_a_crash_with_loader_workers_ends_the_process(tmp_path, synthetic):
+    """An error in the loop (here the checkpoint cannot be written: a file-size limit below its size) ends the
+    process with the error, also with loader workers, which ignore SIGTERM; before, it waited for them for ever."""
+    import resource
+
+    from test_training_fixtures import base_env
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000_000, 4_000_000))
+
+    started = time.monotonic()
+    out = subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir",
+                          str(tmp_path / "run"), "--set", f"data.root={synthetic / 'train'}", "train.steps=4",
+                          "train.ckpt_every=2", "data.workers=1", "train.log_every=2", "schedule.warmup_steps=0"],
+                         cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=240, preexec_fn=small_files)
+    assert out.returncode != 0 and "Error" in out.stderr, out.stderr[-2000:]
+    assert time.monotonic() - started < 200

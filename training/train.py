@@ -288,21 +288,28 @@ class Trainer:
         window.start_clock()
         start_step, started = self.step, time.perf_counter()
         bar = progress_bar(acc.is_main_process, self.step, cfg.train.steps)
-        while self.step < cfg.train.steps:
-            loss, norm, wait = self.train_step(batches)
-            self.step += 1
-            window.add(loss, norm, wait)
-            if self.log_step():
-                metrics = self.log_metrics(window)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-            bar.update(1)
-            stop = self.stop_requested()
-            if stop or self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
-                self.save_checkpoint()
-            if stop:
-                break
-        bar.close()
-        del batches  # shut the loader workers down before the summary
+        try:
+            while self.step < cfg.train.steps:
+                loss, norm, wait = self.train_step(batches)
+                self.step += 1
+                window.add(loss, norm, wait)
+                if self.log_step():
+                    metrics = self.log_metrics(window)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+                bar.update(1)
+                stop = self.stop_requested()
+                if stop or self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
+                    self.save_checkpoint()
+                if stop:
+                    break
+        finally:
+            bar.close()
+            # Shut the loader workers down now, also on an error: they ignore SIGTERM (the training process handles
+            # preemption), so the interpreter's exit, which terminates and then joins them, would wait for ever.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del batches
         return self.finish(time.perf_counter() - started, self.step - start_step, window)
 
     def log_step(self) -> bool:
@@ -421,8 +428,9 @@ def progress_bar(enabled: bool, start: int, total: int):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="training/train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help=f"run config YAML (default {DEFAULT_CONFIG.relative_to(REPO)})")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config values, e.g. "
-                   "train.steps=50 data.root=/data/shards/coco_stuff/train")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. train.steps=50 data.root=/data/shards/coco_stuff/train "
+                        "(may be given several times)")
     p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir, else runs/<config name>)")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint of the run folder, if any), none, or "
                    "a checkpoint folder")
