@@ -318,8 +318,11 @@ class EvaluationService:
         finally:
             self._free_memory()
         mious = {b: r["miou"] for b, r in report["benchmarks"].items()}
-        # Recorded before logging: if MLflow is unreachable, only the logging is retried, not the evaluation.
-        self.ledger.update(name, status="unlogged", step=report["step"], miou=mious, report=report["report_path"])
+        # Recorded before logging: if MLflow is unreachable, only the logging is retried, not the evaluation; with
+        # the MLflow run named by the checkpoint as it was read, for training may prune the checkpoint before then.
+        run = {k: info.meta[k] for k in ("mlflow_run_id", "mlflow_tracking_uri") if info.meta.get(k)}
+        self.ledger.update(name, status="unlogged", step=report["step"], miou=mious, report=report["report_path"],
+                           mlflow=run)
         log.info("%s (step %s): %s", name, report["step"], ", ".join(f"miou/{b}={_pct(v)}" for b, v in mious.items()))
         return report
 
@@ -328,8 +331,10 @@ class EvaluationService:
         name = ckpt.name
         try:
             meta = read_meta(ckpt) if ckpt.is_dir() else {}
-        except Exception:  # pruned since: the run id is in the report's checkpoint folder no more
+        except Exception:  # pruned since: the run id is in the checkpoint folder no more
             meta = {}
+        if not meta.get("mlflow_run_id"):  # the MLflow run the checkpoint named when it was evaluated
+            meta = {**self.ledger.get(name).get("mlflow", {}), **meta}
         try:
             run_id, uri = self.log_to_mlflow(meta, name, report)
         except Exception as e:

@@ -325,6 +325,26 @@ def test_a_missing_tracking_store_is_named_and_the_logging_retried(tmp_path, sha
     assert steps_logged(client, run_id) == [3]
 
 
+def test_a_checkpoint_pruned_after_its_evaluation_is_still_logged(tmp_path, shards_root, weights):
+    """Training prunes old checkpoints: one removed between its evaluation and the logging still has its mIoU logged
+    into the MLflow run it named when it was read."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    client, run_id = _embedded_run(run_dir, weights)
+    service = EvaluationService(ServiceConfig(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True,
+                                              once=True, interval=0.1))
+    try:
+        ckpt = run_dir / "checkpoints" / checkpoint_name(3)
+        report = service.evaluate(ckpt)
+        shutil.rmtree(ckpt)
+        service.log(ckpt, report)
+    finally:
+        service.close()
+    assert ledger(run_dir)[checkpoint_name(3)]["status"] == "done"
+    assert steps_logged(client, run_id) == [3]
+
+
 def test_metric_keys_refuse_class_names_with_commas():
     assert metric_key("miou", "ade847") == "miou/ade847"
     with pytest.raises(ValueError, match="not a legal MLflow key"):
