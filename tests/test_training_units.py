@@ -677,3 +677,20 @@ def test_a_crash_with_loader_workers_ends_the_process(tmp_path, synthetic):
                          cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=240, preexec_fn=small_files)
     assert out.returncode != 0 and "Error" in out.stderr, out.stderr[-2000:]
     assert time.monotonic() - started < 200
+
+
+def test_slurm_run_refuses_a_second_run_dir(monkeypatch, capsys):
+    """The batch scripts pass --run-dir from RUN_DIR and requeue unless that folder finished: a second --run-dir
+    after the script name would train elsewhere and requeue the job for ever, so it is refused."""
+    from training.slurm_cmd import main as slurm_main
+
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node1")
+    args = ["run", "--launch-config", "launch/cpu.yaml", "--dry-run", "--", "--config", "c.yaml", "--run-dir",
+            "runs/job-1", "--resume", "auto"]
+    monkeypatch.chdir(REPO)
+    assert slurm_main(args) == 0 and "--run-dir runs/job-1" in capsys.readouterr().out
+    assert slurm_main(args + ["--run-dir=/scratch/mine"]) == 2
+    err = capsys.readouterr().err
+    assert "--run-dir is given twice" in err and "set RUN_DIR=DIR before sbatch" in err

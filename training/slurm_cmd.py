@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(args.launch_config).is_file():
                 raise SlurmError(f"launch config {args.launch_config} not found; the configs are in launch/")
             train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+            if sum(a == "--run-dir" or a.startswith("--run-dir=") for a in train_args) > 1:
+                raise SlurmError("--run-dir is given twice: the batch scripts name the run folder themselves, from "
+                                 "RUN_DIR, and their requeue step checks that folder; set RUN_DIR=DIR before sbatch "
+                                 "instead of passing --run-dir after the script name")
             cmd = accelerate_command(node_launch_from_env(), args.launch_config, train_args)
             print(f"node {os.environ.get('SLURM_NODEID', '?')}: {shlex.join(cmd)}", flush=True)
             return 0 if dry else run_node(cmd)
