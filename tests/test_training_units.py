@@ -408,6 +408,24 @@ def test_resume_between_log_steps_keeps_the_logged_losses_and_rates(tmp_path, sy
         assert math.isclose(whole[step]["lr/head"], expected, rel_tol=1e-9), (step, whole[step]["lr/head"], expected)
 
 
+def test_resuming_with_a_process_count_that_cannot_continue_is_refused(tmp_path):
+    """Fewer processes than wrote a checkpoint continue it (their data streams restart); more have no state for the
+    new ones, and DeepSpeed's sharded optimizer state needs the same count: refused on every process before
+    anything is written, with what to do instead."""
+    path = _fake_checkpoint(tmp_path, 10)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(dict(meta, world_size=2)))
+    for count in (1, 2):
+        assert ckpt.check_compatible(path, "catseg_tiny", count)["world_size"] == 2
+    assert ckpt.check_compatible(path, "catseg_tiny", 2, deepspeed=True)["step"] == 10
+    with pytest.raises(ckpt.CheckpointError, match=r"written by 2 processes and this run has 4: processes 2..3 "
+                                                   r"would have no training state. Resume with 2 processes"):
+        ckpt.check_compatible(path, "catseg_tiny", 4)
+    with pytest.raises(ckpt.CheckpointError, match=r"has 1: its DeepSpeed optimizer state is split over those "
+                                                   r"processes.*model.pretrained=.*model.safetensors"):
+        ckpt.check_compatible(path, "catseg_tiny", 1, deepspeed=True)
+
+
 def test_resuming_a_checkpoint_of_another_preset_is_refused(tmp_path, synthetic, capsys):
     run_dir = tmp_path / "run"
     _fake_checkpoint(run_dir, 50, preset="catseg_vitb16_r101")

@@ -133,12 +133,21 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     return path
 
 
-def check_compatible(ckpt_dir: Path, preset: str) -> dict:
-    """Read a checkpoint's meta and refuse one written for another model preset."""
+def check_compatible(ckpt_dir: Path, preset: str, world_size: int | None = None, deepspeed: bool = False) -> dict:
+    """Read a checkpoint's meta and refuse one written for another model preset, or by a process count this run
+    cannot continue: more processes than wrote it (the new ones have no state), or any other count under DeepSpeed
+    (its optimizer state is sharded per process). Every process checks, before anything is written."""
     meta = read_meta(ckpt_dir)
     if meta["preset"] != preset:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds preset {meta['preset']!r} but this run builds "
                               f"{preset!r}; resume with the config that made it or use another --run-dir")
+    saved = meta.get("world_size")
+    if world_size is not None and saved is not None and saved != world_size and (deepspeed or world_size > saved):
+        why = ("its DeepSpeed optimizer state is split over those processes" if deepspeed else
+               f"processes {saved}..{world_size - 1} would have no training state")
+        raise CheckpointError(f"checkpoint {ckpt_dir} was written by {saved} processes and this run has {world_size}: "
+                              f"{why}. Resume with {saved} processes, or start a new run from its weights with --set "
+                              f"model.pretrained={ckpt_dir / WEIGHTS_FILE} and another --run-dir")
     return meta
 
 
@@ -165,7 +174,7 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     return old
 
 
-def _is_deepspeed(accelerator) -> bool:
+def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -173,7 +182,7 @@ def _is_deepspeed(accelerator) -> bool:
 
 def _zero3(accelerator) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return _is_deepspeed(accelerator) and plugin is not None and plugin.zero_stage == 3
+    return uses_deepspeed(accelerator) and plugin is not None and plugin.zero_stage == 3
 
 
 def unwrap(model):
@@ -240,7 +249,7 @@ class Checkpointer:
     def __init__(self, accelerator, model, run_dir: str | os.PathLike, keep_last: int):
         self.accelerator, self.model, self.run_dir, self.keep_last = accelerator, model, Path(run_dir), keep_last
         self._loading_from: Path | None = None
-        if not _is_deepspeed(accelerator):
+        if not uses_deepspeed(accelerator):
             accelerator.register_save_state_pre_hook(self._skip_model_weights)
             accelerator.register_load_state_pre_hook(self._load_model_weights)
 

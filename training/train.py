@@ -162,7 +162,8 @@ class Trainer:
 
         set_seed(cfg.train.seed)
         self.resume_from = ckpt.resolve_resume(self.run_dir, resume)
-        self.meta = ckpt.check_compatible(self.resume_from, cfg.model.preset) if self.resume_from else {}
+        self.meta = ckpt.check_compatible(self.resume_from, cfg.model.preset, acc.num_processes,
+                                          ckpt.uses_deepspeed(acc)) if self.resume_from else {}
 
         pretrained = cfg.model.pretrained
         model = catseg.create_model(cfg.model.preset, pretrained=pretrained if isinstance(pretrained, bool) else
