@@ -712,3 +712,38 @@ def test_slurm_run_refuses_a_second_run_dir(monkeypatch, capsys):
     assert slurm_main(args + ["--run-dir=/scratch/mine"]) == 2
     err = capsys.readouterr().err
     assert "--run-dir is given twice" in err and "set RUN_DIR=DIR before sbatch" in err
+
+
+def test_a_tracking_store_down_at_the_start_gets_the_whole_run_later(tmp_path, monkeypatch):
+    """A store that cannot be reached when training starts (here a SQLite store whose folder is a file until later)
+    gets the run's params, the config artifact and the metrics queued meanwhile once it answers, at the latest when
+    the run closes; before, the run never opened if the store was down until the end, and artifacts were dropped."""
+    import warnings
+
+    from mlflow import MlflowClient
+
+    from training import tracking
+
+    monkeypatch.setattr(tracking, "RETRY_AFTER_S", 0.0)
+    folder = tmp_path / "store"
+    folder.write_text("not a folder yet")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = tracking.MLflowLogger(uri, run_dir, "catseg", "run")
+        assert logger.run_id is None
+        config = run_dir / "config.yaml"
+        config.write_text("train:\n  steps: 2\n")
+        logger.log_params({"train.steps": 2})
+        logger.log_artifact(config)
+        logger.log_metrics({"loss": 0.5}, 1)
+        folder.unlink()
+        folder.mkdir()
+        logger.close()
+    client = MlflowClient(uri)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"train.steps": "2"}
+    assert run.data.metrics == {"loss": 0.5}
+    assert [a.path for a in client.list_artifacts(logger.run_id)] == ["config.yaml"]

@@ -19,6 +19,7 @@ LOCAL_STORE = "mlflow.db"  # a run folder's own MLflow store (SQLite) ...
 LOCAL_ARTIFACTS = "mlartifacts"  # ... and the folder of its artifacts
 # After a failed request, do not try the tracking server again for this long (training keeps going meanwhile).
 RETRY_AFTER_S = 60.0
+ARTIFACT_ATTEMPTS = 3  # uploads of one artifact tried before it is given up
 # Metrics kept for sending once the server is back; older ones stay in metrics.jsonl only.
 MAX_BACKLOG = 10000
 
@@ -136,10 +137,15 @@ class MLflowLogger(MetricLogger):
         self.run_dir = Path(run_dir)
         if uri == local_store_uri(run_dir):
             relocate_local_artifacts(run_dir)
-        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as e:  # a store that cannot even be set up now (a SQLite path it cannot create)
+            log.warning("MLflow tracking at %s cannot be set up (%s: %s)", uri, type(e).__name__, str(e)[:200])
+            self.client = None
         self._down_since: float | None = None
         self._backlog: list = []
         self._pending_params: list = []
+        self._pending_artifacts: list = []  # [path, folder, failed attempts]
         self._open_args = (experiment, run_name, run_id)
         self.run_id = self._call("open the run", self._open_run, *self._open_args)
         if self.run_id is None:
@@ -147,6 +153,10 @@ class MLflowLogger(MetricLogger):
                           stacklevel=2)
 
     def _open_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
+        if self.client is None:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
         if run_id:
             try:
                 run = self.client.get_run(run_id)
@@ -203,6 +213,17 @@ class MLflowLogger(MetricLogger):
             if self._call("log metrics", self.client.log_batch, self.run_id, metrics=chunk) is None:
                 return
             del self._backlog[:len(chunk)]
+        while self._pending_artifacts:
+            item = self._pending_artifacts[0]
+            path, folder = item[0], item[1]
+            if Path(path).exists():  # a checkpoint pruned meanwhile is not uploaded any more
+                if self._call(f"upload {path}", self.client.log_artifact, self.run_id, path, folder) is None:
+                    item[2] += 1
+                    if item[2] >= ARTIFACT_ATTEMPTS:
+                        log.warning("giving up uploading %s to MLflow after %d attempts", path, item[2])
+                        self._pending_artifacts.pop(0)
+                    return
+            self._pending_artifacts.pop(0)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -213,13 +234,14 @@ class MLflowLogger(MetricLogger):
         self._flush()
 
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
-        if self.run_id is not None:
-            self._call(f"upload {path}", self.client.log_artifact, self.run_id, str(path), folder)
+        # queued like metrics: a store that is down now (at the start, say) still gets it when it answers
+        self._pending_artifacts.append([str(path), folder, 0])
+        self._flush()
 
     def close(self, status: str = "FINISHED") -> None:
+        self._down_since = None  # one last try: open the run if it never opened, then what is queued, the status
+        self._flush()
         if self.run_id is not None:
-            self._down_since = None  # one last try for the remaining metrics and the status
-            self._flush()
             self._call("finish the run", self.client.set_terminated, self.run_id, status)
 
 
