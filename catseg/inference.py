@@ -556,8 +556,9 @@ class Segmenter:
         if class_chunk_size is not None and (isinstance(class_chunk_size, bool) or not isinstance(class_chunk_size, int)
                                              or class_chunk_size <= 0):
             raise ValueError(f"class_chunk_size={class_chunk_size!r} must be a positive integer (classes per chunk)")
-        # classes per chunk, in the model and in the merge at image size: the given value, else the model's, else 128
-        model.config.class_chunk_size = class_chunk_size or model.config.class_chunk_size or DEFAULT_CLASS_CHUNK
+        # classes per chunk, in the model and in the merge at image size: the given value, else the model's, else
+        # prepare_inference's default (128)
+        model.config.class_chunk_size = class_chunk_size or model.config.class_chunk_size
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
