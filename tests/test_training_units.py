@@ -695,6 +695,10 @@ def test_a_crash_with_loader_workers_ends_the_process(tmp_path, synthetic):
                          cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=240, preexec_fn=small_files)
     assert out.returncode != 0 and "Error" in out.stderr, out.stderr[-2000:]
     assert time.monotonic() - started < 200
+    from mlflow import MlflowClient  # the MLflow run ends FAILED, not RUNNING for ever
+
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}").search_runs(["1"])
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_slurm_run_refuses_a_second_run_dir(monkeypatch, capsys):
@@ -747,3 +751,35 @@ def test_a_tracking_store_down_at_the_start_gets_the_whole_run_later(tmp_path, m
     assert run.info.status == "FINISHED" and run.data.params == {"train.steps": "2"}
     assert run.data.metrics == {"loss": 0.5}
     assert [a.path for a in client.list_artifacts(logger.run_id)] == ["config.yaml"]
+
+
+def test_ctrl_c_checkpoints_and_stops_and_a_second_stops_at_once(tmp_path, synthetic):
+    """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included) makes the run write a
+    checkpoint and stop, its MLflow run KILLED; a second Ctrl-C stops it at once with exit 130 and no traceback,
+    the MLflow run KILLED too. Before, the first Ctrl-C killed the run without a checkpoint and left the MLflow run RUNNING."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    from test_training_fixtures import base_env, finish, metrics, start, wait_for
+
+    def interrupt(name: str, presses: int):
+        run_dir, log = tmp_path / name, tmp_path / f"{name}.txt"
+        proc = start([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+                      "--set", f"data.root={synthetic / 'train'}", "train.steps=10000", "train.log_every=1",
+                      "train.ckpt_every=10000", "data.workers=1", "schedule.warmup_steps=0"], log, env=base_env())
+        wait_for(lambda: len(metrics(run_dir)) >= 2, 180, "two logged steps", proc, log)
+        for _ in range(presses):  # the second press lands within the step or the checkpoint the first asked for
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.1)
+        out = finish(proc, log, timeout=120)
+        status = {r.info.status for r in MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").search_runs(["1"])}
+        return proc.returncode, out, status, ckpt.list_checkpoints(run_dir)
+
+    code, out, status, saved = interrupt("once", 1)
+    assert code == 0, out[-3000:]
+    assert "Ctrl-C: the run writes a checkpoint and stops" in out and "stopped by signal 2 at step" in out
+    assert len(saved) == 1 and ckpt.read_meta(saved[0])["step"] >= 2 and status == {"KILLED"}
+    code, out, status, saved = interrupt("twice", 2)
+    assert code == 130 and "catseg train: interrupted at step" in out and "Traceback" not in out, out[-3000:]
+    assert "stopped by signal" not in out and status == {"KILLED"}

@@ -345,9 +345,10 @@ class StreamState:
 
 
 def _quiet_worker(_: int) -> None:
-    # Loader workers ignore the preemption signals: the training process handles them and shuts the workers down.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Loader workers ignore the preemption signals and Ctrl-C (which a terminal sends to them too): the training
+    # process handles them, goes on fetching batches until the processes agree to stop, and shuts the workers down.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 

@@ -6,8 +6,8 @@ Usage (the launch config alone picks DDP, DeepSpeed ZeRO-2/3 or CPU):
         [--set train.steps=500 data.root=DIR ...] [--run-dir DIR] [--resume auto|none|CHECKPOINT]
 
 Accelerate takes `--config_file` (not `--config`). Without --config the ViT-B run config is used. The run stops
-cleanly on SIGTERM or SIGUSR1 after writing a checkpoint; `--resume auto` (the default) continues from the newest
-complete checkpoint of the run folder.
+cleanly on SIGTERM, SIGUSR1 or a first Ctrl-C after writing a checkpoint (a second Ctrl-C stops it at once);
+`--resume auto` (the default) continues from the newest complete checkpoint of the run folder.
 """
 
 from __future__ import annotations
@@ -42,15 +42,26 @@ DEFAULT_CONFIG = REPO / "configs" / "catseg_vitb16_r101.yaml"
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGUSR1 (the scheduler's warning before a job ends) into a flag the loop checks."""
+    """Turns SIGTERM / SIGUSR1 (the scheduler's warning before a job ends) and a first Ctrl-C (SIGINT) into a flag
+    the loop checks: the run then writes a checkpoint and stops. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.interrupts = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if world_info_from_env()[0] == 0:  # every process of a terminal's job gets it; one line is enough
+                # a raw write: the handler may run while the progress bar is writing to sys.stderr
+                os.write(2, b"\ncatseg train: Ctrl-C: the run writes a checkpoint and stops (press Ctrl-C again to "
+                            b"stop at once, without one)\n")
+        if self.signal is None:
+            self.signal = signum
 
 
 def make_accelerator(cfg: RunConfig):
@@ -303,6 +314,9 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     break
+        except BaseException as error:  # the MLflow run ends as what happened, not RUNNING for ever
+            self.logger.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
         finally:
             bar.close()
             # Shut the loader workers down now, also on an error: they ignore SIGTERM (the training process handles
@@ -454,11 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the model library's refusals (wrong preset in a weights file,
         print(f"catseg train: error: {e}", file=sys.stderr)  # unknown preset, a weights file that is not there)
         return 2
+    except KeyboardInterrupt:
+        print("catseg train: interrupted during set-up", file=sys.stderr)
+        return 130
     try:
         return trainer.train()
     except DataError as e:  # e.g. a shard that turned out unreadable mid-run
         print(f"catseg train: error at step {trainer.step}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"catseg train: interrupted at step {trainer.step}; the newest checkpoint is "
+              f"{ckpt.latest_checkpoint(trainer.run_dir)} (continue with --resume auto)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
