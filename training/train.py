@@ -43,19 +43,28 @@ DEFAULT_CONFIG = REPO / "configs" / "catseg_vitb16_r101.yaml"
 
 class StopRequest:
     """Turns SIGTERM / SIGUSR1 (the scheduler's warning before a job ends) and a first Ctrl-C (SIGINT) into a flag
-    the loop checks: the run then writes a checkpoint and stops. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    the loop checks: the run then writes a checkpoint and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
+
+    A SIGINT within SAME_PRESS_S of the first is the same press: `accelerate launch` (torch's elastic agent) passes
+    the Ctrl-C it gets on to the training processes, which the terminal has already sent it to.
+    """
+
+    SAME_PRESS_S = 1.0
 
     def __init__(self):
         self.signal: int | None = None
-        self.interrupts = 0
+        self.first_interrupt: float | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt
+            now = time.monotonic()
+            if self.first_interrupt is not None:
+                if now - self.first_interrupt > self.SAME_PRESS_S:
+                    raise KeyboardInterrupt
+                return
+            self.first_interrupt = now
             if world_info_from_env()[0] == 0:  # every process of a terminal's job gets it; one line is enough
                 # a raw write: the handler may run while the progress bar is writing to sys.stderr
                 os.write(2, b"\ncatseg train: Ctrl-C: the run writes a checkpoint and stops (press Ctrl-C again to "
