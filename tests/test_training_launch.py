@@ -220,6 +220,17 @@ def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     assert "holds pickled objects other than tensors and training state (posix.system); it was not loaded" in out
 
 
+def test_deepspeed_launch_config_with_cpu_forced_is_refused(shards, tmp_path):
+    """ACCELERATE_USE_CPU=true makes accelerate drop the launch config's DeepSpeed and run plain DDP without a word;
+    the trainer refuses to start, naming the variable and what to do."""
+    cmd = launch_cmd(_args(shards, tmp_path / "run", "train.steps=2"), launch_config="launch/zero2.yaml",
+                     extra=["--mixed_precision", "no"])
+    proc = start(cmd, tmp_path / "log.txt", env=base_env(cpu=True))
+    out = finish(proc, tmp_path / "log.txt")
+    assert proc.returncode != 0 and "asks for DeepSpeed, but ACCELERATE_USE_CPU is set" in out, out[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 class _RunsCode:
     """Unpickling this runs `touch PATH`: what a planted checkpoint file could do."""
 

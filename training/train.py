@@ -76,7 +76,7 @@ class StopRequest:
 def make_accelerator(cfg: RunConfig):
     """An Accelerator for this run: gloo on CPU, the launch config's distributed mode and precision otherwise."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env
 
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if ds_file and ds_file != "none" and not Path(ds_file).is_file():
@@ -86,8 +86,14 @@ def make_accelerator(cfg: RunConfig):
         else:
             raise ConfigError(f"DeepSpeed config {ds_file} (from the accelerate launch config) not found; launch from "
                               f"the repository root or give an absolute deepspeed_config_file")
+    forced_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    if forced_cpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # accelerate would quietly run DDP instead
+        raise ConfigError("the accelerate launch config asks for DeepSpeed, but ACCELERATE_USE_CPU is set (by --cpu, "
+                          "use_cpu: true or the environment), which makes accelerate leave DeepSpeed out and run "
+                          "plain DDP; unset it to run DeepSpeed (on a machine without a GPU it uses the CPU by "
+                          "itself), or launch with launch/cpu.yaml for DDP on CPU")
     handlers = []
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    on_cpu = not torch.cuda.is_available() or forced_cpu
     if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(mixed_precision=cfg.train.mixed_precision or None,
