@@ -789,3 +789,42 @@ def test_ctrl_c_checkpoints_and_stops_and_a_second_stops_at_once(tmp_path, synth
     code, out, status, saved = interrupt("twice", [1.5])
     assert code == 130 and "catseg train: interrupted at step" in out and "Traceback" not in out, out[-3000:]
     assert "stopped by signal" not in out and saved == [] and status == {"KILLED"}
+
+
+def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
+    """A run killed after logging step 8 with its newest checkpoint at step 4 (made here by removing the last
+    checkpoint of a finished run) trains steps 5 to 8 again: metrics.jsonl and the MLflow run hold every step once,
+    with the values the continued run logged (equal, since it resumes exactly); a record cut short by the kill is
+    dropped. Before, steps 5 to 8 were logged twice in both."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from test_training_fixtures import base_env, metrics
+
+    run_dir = tmp_path / "run"
+
+    def train(steps: int) -> str:
+        out = subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir",
+                              str(run_dir), "--set", f"data.root={synthetic / 'train'}", f"train.steps={steps}",
+                              "train.ckpt_every=4", "train.log_every=1", "schedule.warmup_steps=0", "data.workers=0",
+                              "train.deterministic=true"],
+                             cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr
+
+    train(8)
+    first = {m["step"]: m["loss"] for m in metrics(run_dir)}
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    (run_dir / ckpt.FINAL_FILE).unlink()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "time": 17')
+    err = train(8)
+    assert "dropped 5 record(s) past step 4" in err and "MLflow run" in err and "holds steps up to 8" in err
+    records = metrics(run_dir)
+    assert [m["step"] for m in records] == list(range(1, 9))
+    assert [m["loss"] for m in records] == [first[s] for s in range(1, 9)]
+    run_id = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"]
+    history = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    assert {m.step: m.value for m in history} == pytest.approx({m["step"]: m["loss"] for m in records})

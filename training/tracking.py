@@ -44,12 +44,37 @@ class MetricLogger:
 
 
 class LocalLogger(MetricLogger):
-    """Appends every metric record to RUN_DIR/metrics.jsonl (kept whatever the tracking server does)."""
+    """Appends every metric record to RUN_DIR/metrics.jsonl (kept whatever the tracking server does).
 
-    def __init__(self, run_dir: str | os.PathLike):
+    A run that continues at step `from_step` first drops the records past it: they were written after the checkpoint
+    it continues from (the run stopped without a newer one), and the steps they name are trained and logged again.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, from_step: int = 0):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_after(from_step)
         self._file = open(self.path, "a", buffering=1)
+
+    def _drop_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):  # a line cut short when the run was killed
+                record_step = None
+            if record_step is not None and record_step <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(f".tmp-{self.path.name}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+            log.warning("%s: dropped %d record(s) past step %d, written before the run stopped without a later "
+                        "checkpoint; those steps are trained and logged again", self.path, dropped, step)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -124,10 +149,14 @@ class MLflowLogger(MetricLogger):
     """Logs to an MLflow tracking store; a store that fails is skipped for a while, never fatal.
 
     Metrics that could not be sent are queued (up to MAX_BACKLOG) and sent when the store answers again.
+
+    Continuing the run `run_id` at step `from_step`, the steps past it that the run already holds (under
+    `step_key`, a metric logged at every step that logs) are not sent again: they were logged before the run
+    stopped without a later checkpoint, and MLflow cannot remove them, so the repeated steps would appear twice.
     """
 
     def __init__(self, uri: str, run_dir: str | os.PathLike, experiment: str, run_name: str,
-                 run_id: str | None = None, timeout_s: float = 10.0):
+                 run_id: str | None = None, timeout_s: float = 10.0, from_step: int = 0, step_key: str = "loss"):
         # A tracking server that went away must cost seconds, not mlflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
@@ -147,6 +176,8 @@ class MLflowLogger(MetricLogger):
         self._pending_params: list = []
         self._pending_artifacts: list = []  # [path, folder, failed attempts]
         self._open_args = (experiment, run_name, run_id)
+        self._from_step, self._step_key = from_step, step_key
+        self._logged_through = 0  # steps up to this one are in the run already
         self.run_id = self._call("open the run", self._open_run, *self._open_args)
         if self.run_id is None:
             warnings.warn(f"MLflow tracking at {uri} is unavailable; metrics go to {self.run_dir / METRICS_FILE} only",
@@ -162,6 +193,12 @@ class MLflowLogger(MetricLogger):
                 run = self.client.get_run(run_id)
                 if run.info.status != "RUNNING":
                     self.client.update_run(run_id, status="RUNNING")
+                logged = max((m.step for m in self.client.get_metric_history(run_id, self._step_key)), default=0)
+                if logged > self._from_step:
+                    self._logged_through = logged
+                    log.warning("MLflow run %s holds steps up to %d, logged before the run stopped without a later "
+                                "checkpoint than step %d; the repeated steps go to %s only", run_id, logged,
+                                self._from_step, self.run_dir / METRICS_FILE)
                 return run_id
             except Exception as e:  # the checkpoint may come from another store
                 log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, self.tracking_uri, e)
@@ -203,6 +240,7 @@ class MLflowLogger(MetricLogger):
             self.run_id = self._call("open the run", self._open_run, *self._open_args)
             if self.run_id is None:
                 return
+            self._backlog = [m for m in self._backlog if m.step > self._logged_through]  # queued while it was down
         while self._pending_params:
             chunk = self._pending_params[:100]  # the store takes at most 100 params per batch
             if self._call("log params", self.client.log_batch, self.run_id, params=chunk) is None:
@@ -228,6 +266,8 @@ class MLflowLogger(MetricLogger):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self._logged_through:
+            return
         now = int(time.time() * 1000)
         self._backlog.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         self._backlog = self._backlog[-MAX_BACKLOG:]

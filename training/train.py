@@ -268,8 +268,9 @@ class Trainer:
         # the same store, or the run folder's own store moved (or copied) along with the folder
         same = saved == uri or (uri == local_store_uri(self.run_dir) and is_moved_local_store(saved, self.run_dir))
         run_id = self.meta.get("mlflow_run_id") if same else None
-        mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s)
-        logger = MultiLogger(LocalLogger(self.run_dir), mlflow)
+        mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s,
+                              from_step=self.step)
+        logger = MultiLogger(LocalLogger(self.run_dir, from_step=self.step), mlflow)
         if run_id is None:
             logger.log_params(self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
             logger.log_artifact(config)
