@@ -223,9 +223,21 @@ class EvaluationService:
                 raise RuntimeError("run the evaluation service as one process (not under accelerate launch)")
         return self._state
 
-    def needs_work(self, name: str) -> bool:
-        """Whether checkpoint ``name`` is still to be evaluated or logged."""
-        return self.ledger.get(name).get("status") not in ("done", "failed", "removed")
+    def needs_work(self, ckpt: Path) -> bool:
+        """Whether checkpoint ``ckpt`` is still to be evaluated or logged. One evaluated while it named no MLflow run
+        (training writes checkpoints while its tracking store is down, and names the run in them once it opens) is
+        logged once it names one."""
+        entry = self.ledger.get(ckpt.name)
+        if entry.get("status") == "done" and not entry.get("mlflow_run_id") and entry.get("report"):
+            try:
+                named = read_meta(ckpt).get("mlflow_run_id")
+            except Exception:  # pruned or being replaced: looked at again at the next poll
+                named = None
+            if named:
+                log.info("%s now names MLflow run %s; logging its scores there", ckpt.name, named)
+                self.ledger.update(ckpt.name, status="unlogged")
+                return True
+        return entry.get("status") not in ("done", "failed", "removed")
 
     def needs_evaluation(self, name: str) -> bool:
         """Whether checkpoint ``name`` is new, was interrupted, or failed with a retry left."""
@@ -237,7 +249,7 @@ class EvaluationService:
         try:
             while not self.stop.is_set():
                 try:
-                    todo = [c for c in complete_checkpoints(self.cfg.watch) if self.needs_work(c.name)]
+                    todo = [c for c in complete_checkpoints(self.cfg.watch) if self.needs_work(c)]
                 except OSError as e:  # e.g. a network file system that went away for a moment
                     log.error("cannot list checkpoints of %s: %s; trying again at the next poll", self.cfg.watch, e)
                     todo = None

@@ -345,6 +345,34 @@ def test_a_checkpoint_pruned_after_its_evaluation_is_still_logged(tmp_path, shar
     assert steps_logged(client, run_id) == [3]
 
 
+def test_a_checkpoint_that_names_its_run_later_is_logged_then(tmp_path, shards_root, weights):
+    """A checkpoint written while training's tracking store was down names no MLflow run when it is evaluated; once
+    training names the run in it (ckpt.record_mlflow_run, as the trainer does when its run opens), the next poll
+    logs its scores there without evaluating it again."""
+    from mlflow import MlflowClient
+
+    from training.checkpoint import record_mlflow_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_checkpoint(run_dir, 3, weights, {})
+    common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
+    assert _run_once(ServiceConfig(**common)) == 0
+    entry = ledger(run_dir)[checkpoint_name(3)]
+    assert entry["status"] == "done" and entry["mlflow_run_id"] is None
+
+    uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("late", artifact_location=(run_dir / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    assert record_mlflow_run(run_dir, run_id, uri) == [run_dir / "checkpoints" / checkpoint_name(3)]
+    assert record_mlflow_run(run_dir, run_id, uri) == []  # named once
+    assert _run_once(ServiceConfig(**common)) == 0
+    entry = ledger(run_dir)[checkpoint_name(3)]
+    assert entry["status"] == "done" and entry["mlflow_run_id"] == run_id and entry["attempts"] == 1
+    assert steps_logged(client, run_id) == [3]
+
+
 def test_metric_keys_refuse_class_names_with_commas():
     assert metric_key("miou", "ade847") == "miou/ade847"
     with pytest.raises(ValueError, match="not a legal MLflow key"):

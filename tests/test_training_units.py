@@ -828,3 +828,32 @@ def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
     history = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 9))
     assert {m.step: m.value for m in history} == pytest.approx({m["step"]: m["loss"] for m in records})
+
+
+def test_checkpoints_written_while_the_store_was_down_name_the_run_once_it_opens(tmp_path, synthetic):
+    """A tracking store down when training starts (a SQLite store whose folder is a file until the first checkpoint
+    is written) opens its run later, at the latest when the run closes; the checkpoints written before then name that
+    run afterwards (the evaluation service logs a checkpoint's scores into the run it names). Before, they named
+    none, and a run continued from them started a new MLflow run."""
+    from mlflow import MlflowClient
+
+    from test_training_fixtures import base_env, finish, start, wait_for
+
+    folder, run_dir, log = tmp_path / "store", tmp_path / "run", tmp_path / "log.txt"
+    folder.write_text("not a folder yet")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    proc = start([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+                  "--set", f"data.root={synthetic / 'train'}", "train.steps=40", "train.ckpt_every=2",
+                  "train.keep_last=100", "train.log_every=1", "schedule.warmup_steps=0", "data.workers=0",
+                  f"tracking.uri={uri}"], log, env=base_env())
+    wait_for(lambda: ckpt.latest_checkpoint(run_dir) is not None, 180, "the first checkpoint", proc, log)
+    folder.unlink()
+    folder.mkdir()
+    out = finish(proc, log)
+    assert proc.returncode == 0 and "finished step 40/40" in out, out[-3000:]
+    metas = [ckpt.read_meta(p) for p in ckpt.list_checkpoints(run_dir)]
+    assert len(metas) == 20
+    run_ids = {m["mlflow_run_id"] for m in metas}
+    assert len(run_ids) == 1 and None not in run_ids and {m["mlflow_tracking_uri"] for m in metas} == {uri}
+    history = MlflowClient(uri).get_metric_history(run_ids.pop(), "loss")
+    assert sorted(m.step for m in history) == list(range(1, 41))

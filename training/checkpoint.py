@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import pickle
 import re
@@ -31,6 +32,7 @@ META_FILE = "meta.json"
 STATE_DIR = "state"
 FINAL_FILE = "final.json"  # in the run folder once training reached its last step: {"step", "checkpoint", "weights"}
 _NAME = re.compile(r"^step_(\d{8,})$")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +77,27 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     return meta
+
+
+def record_mlflow_run(run_dir: str | os.PathLike, run_id: str, tracking_uri: str) -> list[Path]:
+    """Name the MLflow run in the meta.json of the run folder's checkpoints that name none (written while the
+    tracking store was down, before the run could open); returns them. The evaluation service logs a checkpoint's
+    scores into the run its meta.json names."""
+    named = []
+    for ckpt_dir in list_checkpoints(run_dir):
+        try:
+            meta = read_meta(ckpt_dir)
+        except CheckpointError:
+            continue
+        if not meta.get("mlflow_run_id"):
+            try:
+                write_json_atomic(ckpt_dir / META_FILE, dict(meta, mlflow_run_id=run_id,
+                                                             mlflow_tracking_uri=tracking_uri))
+            except OSError as e:  # removed meanwhile, say; naming the run must not stop training
+                log.warning("could not name MLflow run %s in %s: %s", run_id, ckpt_dir / META_FILE, e)
+                continue
+            named.append(ckpt_dir)
+    return named
 
 
 def weights_path(ckpt_dir: str | os.PathLike) -> Path:

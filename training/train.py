@@ -374,9 +374,17 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        meta = {"preset": self.cfg.model.preset, "mlflow_run_id": self.logger.run_id,
-                "mlflow_tracking_uri": self.logger.tracking_uri, "world_size": self.acc.num_processes}
-        return self.checkpointer.save(self.step, self.state_dict(), meta)
+        run_id, uri = self.logger.run_id, self.logger.tracking_uri
+        meta = {"preset": self.cfg.model.preset, "mlflow_run_id": run_id, "mlflow_tracking_uri": uri,
+                "world_size": self.acc.num_processes}
+        saved = self.checkpointer.save(self.step, self.state_dict(), meta)
+        self.name_mlflow_run()
+        return saved
+
+    def name_mlflow_run(self) -> None:
+        """Once the MLflow run is open, name it in the checkpoints written while the store was down (main process)."""
+        if self.acc.is_main_process and self.logger.run_id is not None:
+            ckpt.record_mlflow_run(self.run_dir, self.logger.run_id, self.logger.tracking_uri)
 
     def finish(self, elapsed: float, steps: int, window: "Window") -> int:
         """Export the final weights, close tracking and print the one-line summary."""
@@ -386,6 +394,7 @@ class Trainer:
             ckpt.write_final(self.run_dir, final)
             self.logger.log_artifact(ckpt.weights_path(final))
         self.logger.close("FINISHED" if done else "KILLED")
+        self.name_mlflow_run()  # closing is the store's last chance to open the run
         if self.acc.is_main_process:
             rate = steps * self.cfg.train.batch_size / max(elapsed, 1e-9)
             loss = getattr(self, "last_metrics", {}).get("loss", float("nan"))
