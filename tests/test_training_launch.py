@@ -179,6 +179,33 @@ def test_sigterm_then_resume_continues_the_uninterrupted_loss_curve(shards, tmp_
     assert len(ids) == 1 and None not in ids
 
 
+def test_ctrl_c_through_accelerate_launch(shards, tmp_path):
+    """Ctrl-C in the terminal of a two-process run (SIGINT to the launcher's process group; the launcher passes it
+    on): the processes agree at the next log step, write a checkpoint and stop, the MLflow run KILLED. A second Ctrl-C
+    makes the launcher send its processes SIGTERM: they stop at once (exit 130, the MLflow run KILLED), not at its
+    SIGKILL 30 s later."""
+    from mlflow import MlflowClient
+
+    def interrupt(name: str, presses: int) -> tuple[str, list[str], list[Path]]:
+        run_dir, log = tmp_path / name, tmp_path / f"{name}.txt"
+        proc = start(launch_cmd(_args(shards, run_dir, "train.steps=10000", "train.log_every=20",
+                                      "train.ckpt_every=10000")), log)
+        wait_for(lambda: len(metrics(run_dir)) >= 1, 180, "the first log step", proc, log)  # 20 steps to the next
+        for press in range(presses):
+            time.sleep(1.5 * press)
+            os.killpg(proc.pid, signal.SIGINT)
+        out = finish(proc, log, timeout=120)
+        runs = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").search_runs(["1"])
+        return out, [r.info.status for r in runs], list_checkpoints(run_dir)
+
+    out, status, saved = interrupt("once", 1)
+    assert "catseg train: stopped by signal 2 at step 40/10000" in out, out[-3000:]
+    assert [p.name for p in saved] == ["step_00000040"] and status == ["KILLED"]
+    out, status, saved = interrupt("twice", 2)
+    assert "catseg train: interrupted at step" in out and "stopped by signal" not in out, out[-3000:]
+    assert "forcefully exiting via 9" not in out and saved == [] and status == ["KILLED"]
+
+
 def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     """ZeRO-2 through the launch config alone; the MLflow server is killed mid-run and training still finishes."""
     uri, up, down = mlflow_server

@@ -753,49 +753,83 @@ def test_a_tracking_store_down_at_the_start_gets_the_whole_run_later(tmp_path, m
     assert [a.path for a in client.list_artifacts(logger.run_id)] == ["config.yaml"]
 
 
-def test_ctrl_c_checkpoints_and_stops_and_a_second_stops_at_once(tmp_path, synthetic):
-    """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included) makes the run write a
-    checkpoint and stop, its MLflow run KILLED; so does a SIGINT passed on right after (as `accelerate launch` passes
-    on the Ctrl-C its training processes already got). A second Ctrl-C stops the run at once with exit 130 and no
-    traceback, the MLflow run KILLED too. Before, Ctrl-C killed the run without a checkpoint and left the MLflow run
-    RUNNING."""
+def test_stop_request_turns_signals_into_a_checkpointed_stop_or_an_immediate_one(capfd):
+    """While the loop runs, SIGTERM, SIGUSR1 and a first Ctrl-C ask for a checkpoint and a stop (the first signal is
+    the one reported); a SIGINT within a second of that Ctrl-C is the same press, a later one or a SIGTERM after it
+    (how `accelerate launch` passes on a second Ctrl-C) stops at once. Outside the loop Ctrl-C stops at once."""
+    import signal
+
+    from training.train import StopRequest
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    now = [100.0]
+    try:
+        def request() -> StopRequest:
+            stop = StopRequest()
+            stop.clock = lambda: now[0]
+            stop.armed = True
+            return stop
+
+        stop = request()
+        stop.armed = False
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+        stop.armed = True
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal == signal.SIGINT and "the run writes a checkpoint and stops" in capfd.readouterr().err
+        now[0] += 0.5
+        stop._handle(signal.SIGINT, None)  # passed on by a launcher: the same press
+        stop._handle(signal.SIGUSR1, None)
+        assert stop.signal == signal.SIGINT and capfd.readouterr().err == ""
+        now[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+
+        stop = request()
+        stop._handle(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGTERM, None)
+
+        stop = request()
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM):  # a scheduler's warnings: a stop, never abrupt
+            stop._handle(sig, None)
+        assert stop.signal == signal.SIGUSR1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_ctrl_c_in_a_terminal_checkpoints_and_stops(tmp_path, synthetic):
+    """Ctrl-C in a terminal (SIGINT to the whole process group, loader workers included) makes a one-process run write
+    a checkpoint and stop, its MLflow run KILLED. Before, it killed the run without a checkpoint and left the MLflow
+    run RUNNING. (Through `accelerate launch`: tests/test_training_launch.py.)"""
     import signal
 
     from mlflow import MlflowClient
 
     from test_training_fixtures import base_env, finish, metrics, start, wait_for
 
-    def interrupt(name: str, gaps: list[float]):
-        run_dir, log = tmp_path / name, tmp_path / f"{name}.txt"
-        # batches of 48 make a step take seconds, so the second press lands within the step the first one ends
-        proc = start([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
-                      "--set", f"data.root={synthetic / 'train'}", "train.steps=10000", "train.log_every=1",
-                      "train.ckpt_every=10000", "train.batch_size=48", "data.workers=1", "schedule.warmup_steps=0"],
-                     log, env=base_env())
-        wait_for(lambda: len(metrics(run_dir)) >= 1, 180, "a logged step", proc, log)
-        os.killpg(proc.pid, signal.SIGINT)
-        for gap in gaps:
-            time.sleep(gap)
-            os.killpg(proc.pid, signal.SIGINT)
-        out = finish(proc, log, timeout=120)
-        status = {r.info.status for r in MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").search_runs(["1"])}
-        return proc.returncode, out, status, ckpt.list_checkpoints(run_dir)
-
-    for name, gaps in ("once", []), ("passed_on", [0.1]):
-        code, out, status, saved = interrupt(name, gaps)
-        assert code == 0, out[-3000:]
-        assert "Ctrl-C: the run writes a checkpoint and stops" in out and "stopped by signal 2 at step" in out
-        assert len(saved) == 1 and ckpt.read_meta(saved[0])["step"] >= 1 and status == {"KILLED"}
-    code, out, status, saved = interrupt("twice", [1.5])
-    assert code == 130 and "catseg train: interrupted at step" in out and "Traceback" not in out, out[-3000:]
-    assert "stopped by signal" not in out and saved == [] and status == {"KILLED"}
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
+                  "--set", f"data.root={synthetic / 'train'}", "train.steps=10000", "train.log_every=1",
+                  "train.ckpt_every=10000", "data.workers=1", "schedule.warmup_steps=0"], log, env=base_env())
+    wait_for(lambda: len(metrics(run_dir)) >= 1, 180, "a logged step", proc, log)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = finish(proc, log, timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Ctrl-C: the run writes a checkpoint and stops" in out and "stopped by signal 2 at step" in out
+    saved = ckpt.list_checkpoints(run_dir)
+    assert len(saved) == 1 and ckpt.read_meta(saved[0])["step"] >= 1
+    assert [r.info.status for r in MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").search_runs(["1"])] == ["KILLED"]
 
 
 def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
     """A run killed after logging step 8 with its newest checkpoint at step 4 (made here by removing the last
     checkpoint of a finished run) trains steps 5 to 8 again: metrics.jsonl and the MLflow run hold every step once,
-    with the values the continued run logged (equal, since it resumes exactly); a record cut short by the kill is
-    dropped. Before, steps 5 to 8 were logged twice in both."""
+    with the values the continued run logged (equal, since it resumes exactly); the replaced records, and one cut
+    short by the kill, are kept aside in metrics.replaced.jsonl. Taken back to step 4 with another learning rate, the
+    run logs steps 5 to 8 into a new MLflow run tagged with the one it continues, whose points stay those of the
+    first training. Before, the repeated steps were logged twice in both."""
     import shutil
 
     from mlflow import MlflowClient
@@ -803,31 +837,53 @@ def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
     from test_training_fixtures import base_env, metrics
 
     run_dir = tmp_path / "run"
+    step4 = run_dir / "checkpoints" / "step_00000004"
 
-    def train(steps: int) -> str:
+    def train(*extra: str) -> str:
         out = subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir",
-                              str(run_dir), "--set", f"data.root={synthetic / 'train'}", f"train.steps={steps}",
+                              str(run_dir), "--set", f"data.root={synthetic / 'train'}", "train.steps=8",
                               "train.ckpt_every=4", "train.log_every=1", "schedule.warmup_steps=0", "data.workers=0",
-                              "train.deterministic=true"],
+                              "train.deterministic=true", *extra],
                              cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stderr
 
-    train(8)
+    def losses(run_id: str) -> dict[int, float]:
+        history = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_metric_history(run_id, "loss")
+        assert len({m.step for m in history}) == len(history), "a step logged twice"
+        return {m.step: m.value for m in history}
+
+    train()
     first = {m["step"]: m["loss"] for m in metrics(run_dir)}
+    first_lr = {m["step"]: m["lr/head"] for m in metrics(run_dir)}
+    first_run = ckpt.read_meta(step4)["mlflow_run_id"]
     shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
     (run_dir / ckpt.FINAL_FILE).unlink()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "time": 17')
-    err = train(8)
-    assert "dropped 5 record(s) past step 4" in err and "MLflow run" in err and "holds steps up to 8" in err
-    records = metrics(run_dir)
-    assert [m["step"] for m in records] == list(range(1, 9))
-    assert [m["loss"] for m in records] == [first[s] for s in range(1, 9)]
-    run_id = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"]
-    history = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_metric_history(run_id, "loss")
-    assert sorted(m.step for m in history) == list(range(1, 9))
-    assert {m.step: m.value for m in history} == pytest.approx({m["step"]: m["loss"] for m in records})
+    err = train()
+    assert "moved 5 record(s) past step 4 to metrics.replaced.jsonl" in err and "holds steps up to 8" in err
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 9))
+    assert [m["loss"] for m in metrics(run_dir)] == [first[s] for s in range(1, 9)]
+    assert len((run_dir / "metrics.replaced.jsonl").read_text().splitlines()) == 5
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"] == first_run
+    assert losses(first_run) == pytest.approx(first)
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    err = train("optim.lr=0.01", "--resume", str(step4))
+    assert "it logs to a new MLflow run, 'run-from-step-4'" in err
+    records = {m["step"]: m for m in metrics(run_dir)}
+    branch = {step: m["loss"] for step, m in records.items()}
+    assert sorted(branch) == list(range(1, 9)) and branch[8] != first[8]
+    # the new rate applies, at the schedule's position (before, the optimizer state brought back the old rate)
+    assert records[5]["lr/head"] == pytest.approx(10 * first_lr[5])
+    second_run = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["mlflow_run_id"]
+    assert second_run != first_run
+    assert losses(first_run) == pytest.approx(first)  # the first training's points, untouched
+    assert losses(second_run) == pytest.approx({s: branch[s] for s in range(5, 9)})
+    run = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}").get_run(second_run)
+    assert run.data.tags["catseg.continues_run"] == first_run and run.data.tags["catseg.continues_from_step"] == "4"
+    assert run.data.params["optim.lr"] == "0.01" and run.info.status == "FINISHED"
 
 
 def test_checkpoints_written_while_the_store_was_down_name_the_run_once_it_opens(tmp_path, synthetic):

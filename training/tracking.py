@@ -15,6 +15,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+REPLACED_METRICS_FILE = "metrics.replaced.jsonl"  # records of steps a continued run trained again
 LOCAL_STORE = "mlflow.db"  # a run folder's own MLflow store (SQLite) ...
 LOCAL_ARTIFACTS = "mlartifacts"  # ... and the folder of its artifacts
 # After a failed request, do not try the tracking server again for this long (training keeps going meanwhile).
@@ -46,35 +47,39 @@ class MetricLogger:
 class LocalLogger(MetricLogger):
     """Appends every metric record to RUN_DIR/metrics.jsonl (kept whatever the tracking server does).
 
-    A run that continues at step `from_step` first drops the records past it: they were written after the checkpoint
-    it continues from (the run stopped without a newer one), and the steps they name are trained and logged again.
+    A run that continues from the checkpoint of step `from_step` first moves the records past that step to
+    RUN_DIR/metrics.replaced.jsonl (a crash after the checkpoint, or a run taken back to an earlier checkpoint): the
+    steps they name are trained and logged again, so metrics.jsonl holds the run as it went on, each step once.
     """
 
     def __init__(self, run_dir: str | os.PathLike, from_step: int = 0):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_after(from_step)
+        self._replace_after(from_step)
         self._file = open(self.path, "a", buffering=1)
 
-    def _drop_after(self, step: int) -> None:
+    def _replace_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        kept, dropped = [], 0
-        for line in self.path.read_text(errors="replace").splitlines():
+        kept, replaced = [], []
+        for line in self.path.read_text(errors="replace").splitlines(keepends=True):
             try:
                 record_step = int(json.loads(line)["step"])
             except (ValueError, KeyError, TypeError):  # a line cut short when the run was killed
                 record_step = None
-            if record_step is not None and record_step <= step:
-                kept.append(line + "\n")
-            else:
-                dropped += 1
-        if dropped:
-            tmp = self.path.with_name(f".tmp-{self.path.name}")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
-            log.warning("%s: dropped %d record(s) past step %d, written before the run stopped without a later "
-                        "checkpoint; those steps are trained and logged again", self.path, dropped, step)
+            (kept if record_step is not None and record_step <= step else replaced).append(line.rstrip("\n") + "\n")
+        if not replaced:
+            return
+        from data_prep.shards import write_bytes_atomic
+
+        aside = self.path.with_name(REPLACED_METRICS_FILE)
+        with open(aside, "a") as f:  # first, so that a kill in between loses nothing
+            f.writelines(replaced)
+            f.flush()
+            os.fsync(f.fileno())
+        write_bytes_atomic(self.path, "".join(kept).encode())
+        log.warning("%s: moved %d record(s) past step %d to %s; the run continues from the checkpoint of step %d and "
+                    "logs those steps again", self.path, len(replaced), step, aside.name, step)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -148,15 +153,21 @@ def relocate_local_artifacts(run_dir: str | os.PathLike) -> int:
 class MLflowLogger(MetricLogger):
     """Logs to an MLflow tracking store; a store that fails is skipped for a while, never fatal.
 
-    Metrics that could not be sent are queued (up to MAX_BACKLOG) and sent when the store answers again.
+    Metrics that could not be sent are queued (up to MAX_BACKLOG) and sent when the store answers again. `params`
+    and `artifacts` are recorded in a run this logger starts (not in one it continues).
 
-    Continuing the run `run_id` at step `from_step`, the steps past it that the run already holds (under
-    `step_key`, a metric logged at every step that logs) are not sent again: they were logged before the run
-    stopped without a later checkpoint, and MLflow cannot remove them, so the repeated steps would appear twice.
+    Continuing the run `run_id` from the checkpoint of step `from_step`, the run may already hold later steps
+    (`step_key` is a metric logged at every step that logs), which MLflow cannot remove:
+    - after a crash (`branch` false: the newest checkpoint, the same settings) they are the steps trained again,
+      with the same values, so they are not sent again;
+    - a run continued with other settings or from a chosen checkpoint (`branch` true) logs to a new MLflow run,
+      tagged with the run and step it continues, so that no step holds points of two different trainings.
     """
 
     def __init__(self, uri: str, run_dir: str | os.PathLike, experiment: str, run_name: str,
-                 run_id: str | None = None, timeout_s: float = 10.0, from_step: int = 0, step_key: str = "loss"):
+                 run_id: str | None = None, timeout_s: float = 10.0, from_step: int = 0, step_key: str = "loss",
+                 branch: bool = False, params: dict[str, Any] | None = None,
+                 artifacts: list[str | os.PathLike] = ()):
         # A tracking server that went away must cost seconds, not mlflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
@@ -172,36 +183,53 @@ class MLflowLogger(MetricLogger):
             log.warning("MLflow tracking at %s cannot be set up (%s: %s)", uri, type(e).__name__, str(e)[:200])
             self.client = None
         self._down_since: float | None = None
+        self._closed = False
         self._backlog: list = []
         self._pending_params: list = []
         self._pending_artifacts: list = []  # [path, folder, failed attempts]
         self._open_args = (experiment, run_name, run_id)
-        self._from_step, self._step_key = from_step, step_key
+        self._from_step, self._step_key, self._branch = from_step, step_key, branch
+        self._start_records = (dict(params or {}), [str(a) for a in artifacts])
         self._logged_through = 0  # steps up to this one are in the run already
         self.run_id = self._call("open the run", self._open_run, *self._open_args)
-        if self.run_id is None:
+        if self.run_id is not None:
+            self._flush()
+        else:
             warnings.warn(f"MLflow tracking at {uri} is unavailable; metrics go to {self.run_dir / METRICS_FILE} only",
                           stacklevel=2)
 
     def _open_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
         if self.client is None:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        tags = {}
         if run_id:
             try:
                 run = self.client.get_run(run_id)
-                if run.info.status != "RUNNING":
-                    self.client.update_run(run_id, status="RUNNING")
+            except MlflowException as e:  # the checkpoint may come from another store; other errors: store down
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("MLflow run %s not found at %s; starting a new run", run_id, self.tracking_uri)
+                run = None
+            if run is not None:
                 logged = max((m.step for m in self.client.get_metric_history(run_id, self._step_key)), default=0)
-                if logged > self._from_step:
-                    self._logged_through = logged
-                    log.warning("MLflow run %s holds steps up to %d, logged before the run stopped without a later "
-                                "checkpoint than step %d; the repeated steps go to %s only", run_id, logged,
-                                self._from_step, self.run_dir / METRICS_FILE)
-                return run_id
-            except Exception as e:  # the checkpoint may come from another store
-                log.warning("MLflow run %s not found at %s (%s); starting a new run", run_id, self.tracking_uri, e)
+                if logged <= self._from_step or not self._branch:
+                    if logged > self._from_step:
+                        self._logged_through = logged
+                        log.warning("MLflow run %s holds steps up to %d; the run continues from the checkpoint of "
+                                    "step %d with the same settings, so the steps it trains again go to %s only",
+                                    run_id, logged, self._from_step, self.run_dir / METRICS_FILE)
+                    if run.info.status != "RUNNING":
+                        self.client.update_run(run_id, status="RUNNING")
+                    return run_id
+                tags = {"catseg.continues_run": run_id, "catseg.continues_from_step": str(self._from_step)}
+                run_name = f"{run_name}-from-step-{self._from_step}"
+                log.warning("MLflow run %s holds steps up to %d, and this run continues from the checkpoint of step "
+                            "%d with other settings or from a chosen checkpoint; it logs to a new MLflow run, %r",
+                            run_id, logged, self._from_step, run_name)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = None
@@ -210,7 +238,13 @@ class MLflowLogger(MetricLogger):
             exp_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             exp_id = found.experiment_id
-        return self.client.create_run(exp_id, run_name=run_name).info.run_id
+        new_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        from mlflow.entities import Param
+
+        params, artifacts = self._start_records  # sent first by the flush that follows
+        self._pending_params[:0] = [Param(k, str(v)) for k, v in params.items()]
+        self._pending_artifacts[:0] = [[path, None, 0] for path in artifacts]
+        return new_id
 
     def _call(self, what: str, fn, *args, **kwargs):
         if self._down_since is not None and time.monotonic() - self._down_since < RETRY_AFTER_S:
@@ -279,6 +313,9 @@ class MLflowLogger(MetricLogger):
         self._flush()
 
     def close(self, status: str = "FINISHED") -> None:
+        if self._closed:  # the run's end is recorded once
+            return
+        self._closed = True
         self._down_since = None  # one last try: open the run if it never opened, then what is queued, the status
         self._flush()
         if self.run_id is not None:

@@ -6,7 +6,7 @@ Usage (the launch config alone picks DDP, DeepSpeed ZeRO-2/3 or CPU):
         [--set train.steps=500 data.root=DIR ...] [--run-dir DIR] [--resume auto|none|CHECKPOINT]
 
 Accelerate takes `--config_file` (not `--config`). Without --config the ViT-B run config is used. The run stops
-cleanly on SIGTERM, SIGUSR1 or a first Ctrl-C after writing a checkpoint (a second Ctrl-C stops it at once);
+cleanly on SIGTERM, SIGUSR1 or a Ctrl-C after writing a checkpoint (a second Ctrl-C stops it at once);
 `--resume auto` (the default) continues from the newest complete checkpoint of the run folder.
 """
 
@@ -39,14 +39,18 @@ from training.tracking import (LocalLogger, MetricLogger, MLflowLogger, MultiLog
 log = logging.getLogger("catseg.train")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "catseg_vitb16_r101.yaml"
+# optimizer group entries that come from the run config (optim.*), not from a checkpoint's optimizer state
+CONFIGURED_HYPERPARAMETERS = ("base_lr", "weight_decay", "betas", "eps")
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGUSR1 (the scheduler's warning before a job ends) and a first Ctrl-C (SIGINT) into a flag
-    the loop checks: the run then writes a checkpoint and stops. A second Ctrl-C stops at once (KeyboardInterrupt).
+    """Turns SIGTERM / SIGUSR1 (the scheduler's warning before a job ends) and, while the loop runs, a Ctrl-C
+    (SIGINT) into a flag the loop checks: the run then writes a checkpoint and stops.
 
-    A SIGINT within SAME_PRESS_S of the first is the same press: `accelerate launch` (torch's elastic agent) passes
-    the Ctrl-C it gets on to the training processes, which the terminal has already sent it to.
+    After that Ctrl-C, a second one or a SIGTERM stops the process at once (KeyboardInterrupt): `accelerate launch`
+    answers a second Ctrl-C by sending its processes SIGTERM (and SIGKILL 30 s later). A SIGINT within SAME_PRESS_S
+    of the first is the same press (a launcher may pass on a Ctrl-C that the terminal sent its processes too).
+    Outside the loop (set-up, the final export) Ctrl-C stops at once.
     """
 
     SAME_PRESS_S = 1.0
@@ -54,23 +58,30 @@ class StopRequest:
     def __init__(self):
         self.signal: int | None = None
         self.first_interrupt: float | None = None
+        self.armed = False  # set while the loop runs: only then can a Ctrl-C end with a checkpoint
+        self.clock = time.monotonic
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        now = self.clock()
+        if signum == signal.SIGINT and not self.armed:
+            raise KeyboardInterrupt
+        if self.first_interrupt is not None and (
+                signum == signal.SIGTERM or signum == signal.SIGINT and now - self.first_interrupt > self.SAME_PRESS_S):
+            raise KeyboardInterrupt
         if signum == signal.SIGINT:
-            now = time.monotonic()
             if self.first_interrupt is not None:
-                if now - self.first_interrupt > self.SAME_PRESS_S:
-                    raise KeyboardInterrupt
                 return
             self.first_interrupt = now
-            if world_info_from_env()[0] == 0:  # every process of a terminal's job gets it; one line is enough
-                # a raw write: the handler may run while the progress bar is writing to sys.stderr
-                os.write(2, b"\ncatseg train: Ctrl-C: the run writes a checkpoint and stops (press Ctrl-C again to "
-                            b"stop at once, without one)\n")
         if self.signal is None:
             self.signal = signum
+        if signum == signal.SIGINT and world_info_from_env()[0] == 0:  # one line for a multi-process job
+            try:  # a raw write: the handler may run while the progress bar is writing to sys.stderr
+                os.write(2, b"\ncatseg train: Ctrl-C: the run writes a checkpoint and stops (press Ctrl-C again to "
+                            b"stop at once, without one)\n")
+            except OSError:  # stderr gone (a pipe whose reader the Ctrl-C ended): the stop goes on regardless
+                pass
 
 
 def make_accelerator(cfg: RunConfig):
@@ -88,10 +99,10 @@ def make_accelerator(cfg: RunConfig):
                               f"the repository root or give an absolute deepspeed_config_file")
     forced_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
     if forced_cpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # accelerate would quietly run DDP instead
-        raise ConfigError("the accelerate launch config asks for DeepSpeed, but ACCELERATE_USE_CPU is set (by --cpu, "
-                          "use_cpu: true or the environment), which makes accelerate leave DeepSpeed out and run "
-                          "plain DDP; unset it to run DeepSpeed (on a machine without a GPU it uses the CPU by "
-                          "itself), or launch with launch/cpu.yaml for DDP on CPU")
+        raise ConfigError("the accelerate launch config asks for DeepSpeed, but ACCELERATE_USE_CPU is set in the "
+                          "environment, which makes accelerate leave DeepSpeed out and run plain DDP; unset it to run "
+                          "DeepSpeed (on a machine without a GPU it uses the CPU by itself), or launch with "
+                          "launch/cpu.yaml for DDP on CPU")
     handlers = []
     on_cpu = not torch.cuda.is_available() or forced_cpu
     if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
@@ -188,6 +199,7 @@ class Trainer:
 
         set_seed(cfg.train.seed)
         self.resume_from = ckpt.resolve_resume(self.run_dir, resume)
+        self.chosen_checkpoint = resume not in ("auto", "", "none")  # --resume PATH, not the newest by default
         self.meta = ckpt.check_compatible(self.resume_from, cfg.model.preset, acc.num_processes,
                                           ckpt.uses_deepspeed(acc)) if self.resume_from else {}
 
@@ -230,7 +242,12 @@ class Trainer:
         self.step = 0
         self.window = Window(acc.device)
         if self.resume_from is not None:
-            self.load_state_dict(self.checkpointer.load(self.resume_from))
+            # the optimizer state brings the rates it was saved with; a run continued with other ones uses those
+            configured = [{k: group[k] for k in CONFIGURED_HYPERPARAMETERS} for group in self.optimizer.param_groups]
+            state = self.checkpointer.load(self.resume_from)
+            for group, values in zip(self.optimizer.param_groups, configured):
+                group.update(values)
+            self.load_state_dict(state)
             self.unwrapped().text_embeddings(self.class_names)
         self.logger = self.open_logger()
 
@@ -268,14 +285,15 @@ class Trainer:
         # the same store, or the run folder's own store moved (or copied) along with the folder
         same = saved == uri or (uri == local_store_uri(self.run_dir) and is_moved_local_store(saved, self.run_dir))
         run_id = self.meta.get("mlflow_run_id") if same else None
+        # A run continued with other settings or from a chosen checkpoint is another training from there on; when
+        # its MLflow run already holds later steps, it gets a new MLflow run (MLflow cannot remove those points).
+        branch = kept is not None or self.chosen_checkpoint
         mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s,
-                              from_step=self.step)
+                              from_step=self.step, branch=branch, artifacts=[config],
+                              params=self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
         logger = MultiLogger(LocalLogger(self.run_dir, from_step=self.step), mlflow)
-        if run_id is None:
-            logger.log_params(self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
-            logger.log_artifact(config)
-        elif kept is not None:  # the run's params stay those it started with; the config it continues with beside
-            logger.log_artifact(config, f"config_from_step_{self.step:08d}")
+        if run_id is not None and kept is not None:  # a continued run's params stay those it started with; the
+            logger.log_artifact(config, f"config_from_step_{self.step:08d}")  # config it continues with beside
         return logger
 
     def make_loader(self):
@@ -309,13 +327,24 @@ class Trainer:
         return total / self.cfg.train.grad_accum, norm, wait
 
     def train(self) -> int:
-        """The loop: step, maybe log, maybe checkpoint, stop on a signal; returns the process exit code."""
+        """Run the loop, then finish; returns the process exit code. An error or an interrupt ends the MLflow run as
+        FAILED or KILLED (not RUNNING for ever) and is raised on."""
+        try:
+            return self.finish(*self.loop())
+        except BaseException as error:
+            self.logger.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            self.name_mlflow_run()  # the close may have opened a run the store had been down for
+            raise
+
+    def loop(self) -> tuple[float, int, "Window"]:
+        """The loop: step, maybe log, maybe checkpoint, stop on a signal; returns (seconds, steps done, window)."""
         cfg, acc = self.cfg, self.acc
         batches = iter(self.make_loader())
         window = self.window
         window.start_clock()
         start_step, started = self.step, time.perf_counter()
         bar = progress_bar(acc.is_main_process, self.step, cfg.train.steps)
+        self.stop.armed = True
         try:
             while self.step < cfg.train.steps:
                 loss, norm, wait = self.train_step(batches)
@@ -330,10 +359,8 @@ class Trainer:
                     self.save_checkpoint()
                 if stop:
                     break
-        except BaseException as error:  # the MLflow run ends as what happened, not RUNNING for ever
-            self.logger.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-            raise
         finally:
+            self.stop.armed = False
             bar.close()
             # Shut the loader workers down now, also on an error: they ignore SIGTERM (the training process handles
             # preemption), so the interpreter's exit, which terminates and then joins them, would wait for ever.
@@ -341,7 +368,7 @@ class Trainer:
             if shutdown is not None:
                 shutdown()
             del batches
-        return self.finish(time.perf_counter() - started, self.step - start_step, window)
+        return time.perf_counter() - started, self.step - start_step, window
 
     def log_step(self) -> bool:
         """Whether the step just done logs its metrics: every train.log_every steps, and the last one."""
@@ -384,7 +411,11 @@ class Trainer:
     def name_mlflow_run(self) -> None:
         """Once the MLflow run is open, name it in the checkpoints written while the store was down (main process)."""
         if self.acc.is_main_process and self.logger.run_id is not None:
-            ckpt.record_mlflow_run(self.run_dir, self.logger.run_id, self.logger.tracking_uri)
+            try:
+                ckpt.record_mlflow_run(self.run_dir, self.logger.run_id, self.logger.tracking_uri)
+            except Exception as e:  # a checkpoint folder removed meanwhile, say: this must not stop training
+                log.warning("could not name MLflow run %s in the checkpoints of %s: %s", self.logger.run_id,
+                            self.run_dir, e)
 
     def finish(self, elapsed: float, steps: int, window: "Window") -> int:
         """Export the final weights, close tracking and print the one-line summary."""
@@ -502,8 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"catseg train: error at step {trainer.step}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"catseg train: interrupted at step {trainer.step}; the newest checkpoint is "
-              f"{ckpt.latest_checkpoint(trainer.run_dir)} (continue with --resume auto)", file=sys.stderr)
+        if trainer.acc.is_main_process:
+            newest = ckpt.latest_checkpoint(trainer.run_dir)
+            print(f"catseg train: interrupted at step {trainer.step}; "
+                  + (f"the newest checkpoint is {newest} (continue with --resume auto)" if newest else
+                     "no checkpoint written yet"), file=sys.stderr)
         return 130
 
 
