@@ -147,10 +147,18 @@ class Ledger:
         """Change checkpoint ``name``'s entry and write the file."""
         entry = self.entries.setdefault(name, {})
         entry.update(fields, updated=_now())
+        self._write()
+        return entry
+
+    def forget(self, name: str) -> None:
+        """Drop checkpoint ``name``'s entry (a new checkpoint took its name) and write the file."""
+        if self.entries.pop(name, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
         tmp.write_text(json.dumps({"version": 1, "checkpoints": self.entries}, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.path)
-        return entry
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -224,17 +232,28 @@ class EvaluationService:
         return self._state
 
     def needs_work(self, ckpt: Path) -> bool:
-        """Whether checkpoint ``ckpt`` is still to be evaluated or logged. One evaluated while it named no MLflow run
-        (training writes checkpoints while its tracking store is down, and names the run in them once it opens) is
-        logged once it names one."""
+        """Whether checkpoint ``ckpt`` is still to be evaluated or logged.
+
+        - One written again under the same name (a run taken back to an earlier checkpoint saves its steps anew) is
+          evaluated afresh: its meta.json has another creation time than the one evaluated.
+        - One evaluated while it named no MLflow run (training writes checkpoints while its tracking store is down,
+          and names the run in them once it opens) is logged once it names one.
+        """
         entry = self.ledger.get(ckpt.name)
+        if not entry:
+            return True
+        try:
+            meta = read_meta(ckpt)
+        except Exception:  # pruned or being replaced: looked at again at the next poll
+            meta = {}
+        if entry.get("created") and meta.get("created") and meta["created"] != entry["created"]:
+            log.info("%s was written again (created %s; the one evaluated was created %s); evaluating it afresh",
+                     ckpt.name, meta["created"], entry["created"])
+            self.ledger.forget(ckpt.name)
+            return True
         if entry.get("status") == "done" and not entry.get("mlflow_run_id") and entry.get("report"):
-            try:
-                named = read_meta(ckpt).get("mlflow_run_id")
-            except Exception:  # pruned or being replaced: looked at again at the next poll
-                named = None
-            if named:
-                log.info("%s now names MLflow run %s; logging its scores there", ckpt.name, named)
+            if meta.get("mlflow_run_id"):
+                log.info("%s now names MLflow run %s; logging its scores there", ckpt.name, meta["mlflow_run_id"])
                 self.ledger.update(ckpt.name, status="unlogged")
                 return True
         return entry.get("status") not in ("done", "failed", "removed")
@@ -297,7 +316,11 @@ class EvaluationService:
             self.ledger.update(name, status="failed", errors=entry.get("errors", []) + [message])
             return None
         attempt = int(entry.get("attempts", 0)) + 1
-        self.ledger.update(name, status="running", attempts=attempt, started=_now())
+        try:
+            created = read_meta(ckpt).get("created")  # which checkpoint of this name (see needs_work)
+        except Exception:  # a failure resolve_checkpoint reports below
+            created = None
+        self.ledger.update(name, status="running", attempts=attempt, started=_now(), created=created)
         log.info("evaluating %s (attempt %d of %d)", name, attempt, self.cfg.retries + 1)
         info = None
         try:

@@ -90,7 +90,7 @@ def write_checkpoint(run_dir: Path, step: int, weights: Path, meta: dict, slow: 
             f.write(data[i * len(data) // chunks:(i + 1) * len(data) // chunks])
             f.flush()
             time.sleep(slow / chunks)
-    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, preset="catseg_tiny", created="now")))
+    (tmp / "meta.json").write_text(json.dumps({"created": "now", **meta, "step": step, "preset": "catseg_tiny"}))
     os.replace(tmp, final)
     return final
 
@@ -371,6 +371,29 @@ def test_a_checkpoint_that_names_its_run_later_is_logged_then(tmp_path, shards_r
     entry = ledger(run_dir)[checkpoint_name(3)]
     assert entry["status"] == "done" and entry["mlflow_run_id"] == run_id and entry["attempts"] == 1
     assert steps_logged(client, run_id) == [3]
+
+
+def test_a_checkpoint_written_again_under_its_name_is_evaluated_again(tmp_path, shards_root, weights):
+    """A run taken back to an earlier checkpoint saves its later steps anew, under the names the first training's
+    checkpoints had (and logs to a new MLflow run): the service tells them apart by their creation time and evaluates
+    the new one into the run it names; the first run keeps its score."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    client, first = _embedded_run(run_dir, weights)
+    common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
+    assert _run_once(ServiceConfig(**common)) == 0
+    name = checkpoint_name(3)
+    assert ledger(run_dir)[name]["created"] == "now"
+
+    second = client.create_run(client.get_run(first).info.experiment_id).info.run_id
+    shutil.rmtree(run_dir / "checkpoints" / name)
+    write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": second, "created": "later"})
+    assert _run_once(ServiceConfig(**common)) == 0
+    entry = ledger(run_dir)[name]
+    assert entry["created"] == "later" and entry["status"] == "done" and entry["mlflow_run_id"] == second
+    assert steps_logged(client, first) == [3] and steps_logged(client, second) == [3]
+    assert _run_once(ServiceConfig(**common)) == 0 and ledger(run_dir)[name]["updated"] == entry["updated"]
 
 
 def test_metric_keys_refuse_class_names_with_commas():
