@@ -258,6 +258,17 @@ def test_deepspeed_launch_config_with_cpu_forced_is_refused(shards, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_accelerate_cpu_switch_starting_one_process_is_named(shards, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process without a word; the trainer says so and names
+    the launch that starts two."""
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "training/train.py",
+           *_args(shards, tmp_path / "run", "train.steps=2")]
+    out = run(cmd, tmp_path / "log.txt")
+    assert "starts ONE process whatever N says" in out and "launch/cpu.yaml" in out, out[-3000:]
+    assert "catseg train: finished step 2/2" in out
+
+
 class _RunsCode:
     """Unpickling this runs `touch PATH`: what a planted checkpoint file could do."""
 

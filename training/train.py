@@ -103,6 +103,11 @@ def make_accelerator(cfg: RunConfig):
                           "environment, which makes accelerate leave DeepSpeed out and run plain DDP; unset it to run "
                           "DeepSpeed (on a machine without a GPU it uses the CPU by itself), or launch with "
                           "launch/cpu.yaml for DDP on CPU")
+    if forced_cpu and world_info_from_env()[2] == 1 and os.environ.get("MASTER_PORT"):
+        # what `accelerate launch --cpu --num_processes N` leaves behind: it sets the rendezvous, then starts one process
+        log.warning("one training process, with ACCELERATE_USE_CPU and MASTER_PORT set: `accelerate launch --cpu "
+                    "--num_processes N` (or use_cpu: true) starts ONE process whatever N says; for N CPU processes "
+                    "use ACCELERATE_USE_CPU=true accelerate launch --config_file launch/cpu.yaml --num_processes N")
     handlers = []
     on_cpu = not torch.cuda.is_available() or forced_cpu
     if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
