@@ -23,6 +23,7 @@ from test_training_fixtures import (PYTHON, REPO, base_env, finish, free_port, l
 from training.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+WEIGHTS = "model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,37 @@ def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     out = finish(proc, tmp_path / "planted.txt")
     assert proc.returncode != 0 and not marker.exists()
     assert "holds pickled objects other than tensors and training state (posix.system); it was not loaded" in out
+
+
+def test_deepspeed_zero3_resumes_exactly_and_exports_whole_weights(shards, tmp_path):
+    """ZeRO-3 (the launch of the ViT-H/G configs) shards the parameters too: each checkpoint's model.safetensors
+    still holds every weight whole, and a run that stopped after its step-3 checkpoint without a later one (a copy
+    of the finished run with the step-6 checkpoint removed) ends at step 6 with the uninterrupted run's weights and
+    losses, in the same MLflow run."""
+    import catseg
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+
+    def cmd(run_dir: Path) -> list[str]:
+        return launch_cmd(_args(shards, run_dir, "train.steps=6", "train.log_every=1", "train.ckpt_every=3"),
+                          launch_config="launch/zero3.yaml", extra=["--mixed_precision", "no"])
+
+    run(cmd(whole), tmp_path / "whole.txt", env=base_env(cpu=False))
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    (resumed / "final.json").unlink()
+    out = run(cmd(resumed), tmp_path / "resumed.txt", env=base_env(cpu=False))
+    assert "catseg train: finished step 6/6" in out and "logs to a new MLflow run" not in out
+    assert (whole / "checkpoints" / "step_00000003" / "state" / "pytorch_model").is_dir(), "a DeepSpeed checkpoint"
+    a = load_file(whole / "checkpoints" / "step_00000006" / WEIGHTS)
+    b = load_file(resumed / "checkpoints" / "step_00000006" / WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(resumed) == _losses(whole) and sorted(_losses(whole)) == list(range(1, 7))
+    # every weight whole (ZeRO-3 holds a shard of each parameter per process, empty elsewhere): the file loads into
+    # a fresh model, which refuses a missing or mis-shaped tensor
+    catseg.load_weights(catseg.create_model("catseg_tiny"), whole / "checkpoints" / "step_00000003" / WEIGHTS)
+    assert {read_meta(p)["mlflow_run_id"] for p in list_checkpoints(resumed)} == \
+        {read_meta(whole / "checkpoints" / "step_00000003")["mlflow_run_id"]}
 
 
 def test_deepspeed_launch_config_with_cpu_forced_is_refused(shards, tmp_path):

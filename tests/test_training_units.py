@@ -578,7 +578,7 @@ def test_sbatch_scripts_start_one_accelerate_launch_per_node_and_requeue(tmp_pat
 
 
 def test_config_changes_name_each_changed_key(tmp_path):
-    from training.config import ABSENT, config_changes, describe_changes, replace_config
+    from training.config import ABSENT, config_changes, describe_changes, replace_config, trains_differently
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml")
     path = tmp_path / "config.yaml"
@@ -589,6 +589,10 @@ def test_config_changes_name_each_changed_key(tmp_path):
     other = load_config(REPO / "configs" / "quickstart.yaml", ["train.steps=70", "optim.lr=0.5"])
     kept, changes = replace_config(other, path, 5)
     assert changes == {"train.steps": (cfg.train.steps, 70), "optim.lr": (cfg.optim.lr, 0.5)}
+    # a moved run folder (its config names the old place) or another tracking store train the same; a new MLflow
+    # run is for a continuation that trains differently
+    assert trains_differently(changes) and trains_differently({"train.steps": (1, 2)})
+    assert not trains_differently({"train.run_dir": ("a", "b"), "tracking.uri": ("", "x"), "train.log_every": (1, 2)})
     assert kept == tmp_path / "config.until_step_00000005.yaml" and kept.read_text() == saved
     assert load_config(path).train.steps == 70
     # a key of another version, and the same step again: a second name

@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch training/
 import torch
 
 from training import checkpoint as ckpt
-from training.config import ConfigError, RunConfig, describe_changes, load_config, replace_config
+from training.config import (ConfigError, RunConfig, describe_changes, load_config, replace_config,
+                             trains_differently)
 from training.criterion import PixelBCECriterion
 from training.dist import world_info_from_env
 from training.data import AugmentConfig, DataError, ShardStream, StreamState, make_loader, open_shards
@@ -292,7 +293,7 @@ class Trainer:
         run_id = self.meta.get("mlflow_run_id") if same else None
         # A run continued with other settings or from a chosen checkpoint is another training from there on; when
         # its MLflow run already holds later steps, it gets a new MLflow run (MLflow cannot remove those points).
-        branch = kept is not None or self.chosen_checkpoint
+        branch = trains_differently(changes) or self.chosen_checkpoint
         mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s,
                               from_step=self.step, branch=branch, artifacts=[config],
                               params=self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
