@@ -99,16 +99,70 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
     return [(path, name) for (path, _), name in zip(images, names)]
 
 
-@functools.lru_cache(maxsize=1)
-def legend_font() -> ImageFont.ImageFont:
-    """A TrueType font with broad coverage where the system has one (class names in any script or with accents);
-    else Pillow's own, which draws ASCII only."""
-    for name in ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf"):
+LEGEND_SIZE = 11  # legend text size, px
+
+
+@functools.lru_cache(maxsize=None)
+def legend_font(path: str | None = None) -> ImageFont.ImageFont:
+    """The font at `path`; without one, a TrueType font with broad coverage where the system has one (class names
+    with accents, Cyrillic, Greek, ...), else Pillow's own, which draws ASCII only."""
+    for name in ([path] if path else ["DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf"]):
         try:
-            return ImageFont.truetype(name, 11)
+            return ImageFont.truetype(name, LEGEND_SIZE)
         except OSError:
             continue
     return ImageFont.load_default()
+
+
+@functools.lru_cache(maxsize=None)
+def _glyph(path: str, size: int, char: str) -> tuple:
+    # basic layout: a text-shaping engine may refuse a lone character it cannot place
+    mask = ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.BASIC).getmask(char)
+    return mask.size, bytes(mask)
+
+
+def missing_glyphs(font: ImageFont.ImageFont, text: str) -> list[str]:
+    """The characters of `text` that `font` cannot draw: they render as the font's box for a missing glyph, as the
+    noncharacter U+FFFF does (Pillow's own font: anything beyond ASCII)."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return sorted({c for c in text if ord(c) > 126})
+    box = _glyph(font.path, font.size, "\uffff")
+    return sorted({c for c in text if not c.isspace() and _glyph(font.path, font.size, c) == box})
+
+
+@functools.lru_cache(maxsize=None)
+def font_with(chars: str) -> str | None:
+    """A system font (through fontconfig's fc-list) that has every character of `chars`, regular styles first."""
+    import subprocess
+
+    charset = " ".join(f"{ord(c):x}" for c in chars)
+    try:
+        found = subprocess.run(["fc-list", f":charset={charset}", "--format", "%{file}\n"], capture_output=True,
+                               text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):  # no fontconfig here
+        return None
+    styled = ("Bold", "Italic", "Oblique", "Light", "Mono")
+    found = sorted(found, key=lambda f: (sum(s in Path(f).name for s in styled), Path(f).name))
+    return found[0] if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def legend_font_for(name: str) -> ImageFont.ImageFont:
+    """The legend font, or a system font that draws every character of class `name` where the legend font cannot
+    (CJK or Thai names, say); warns when no installed font can."""
+    font = legend_font()
+    missing = missing_glyphs(font, name)
+    if not missing:
+        return font
+    path = font_with("".join(missing))
+    if path is not None:
+        other = legend_font(path)
+        if not missing_glyphs(other, name):
+            return other
+    warnings.warn(f"no installed font draws {''.join(missing)!r} of class name {name!r}: the legend shows boxes "
+                  f"for them; install a font that has them (for Chinese, Japanese or Korean names, Noto Sans CJK: "
+                  f"the fonts-noto-cjk package)", stacklevel=2)
+    return font
 
 
 def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str], alpha: float = 0.5) -> Image.Image:
@@ -116,9 +170,9 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str],
     colors = palette(len(names))
     blended = (image.astype(np.float32) * (1 - alpha) + colors[labels].astype(np.float32) * alpha).astype(np.uint8)
     present = [int(i) for i in np.unique(labels)]
-    font = legend_font()
+    fonts = {i: legend_font_for(names[i]) for i in present}
     row = 16
-    width = max(120, 30 + max(int(font.getlength(names[i])) for i in present))
+    width = max(120, 30 + max(int(fonts[i].getlength(names[i])) for i in present))
     h = max(image.shape[0], row * len(present) + 8)
     canvas = Image.new("RGB", (image.shape[1] + width, h), (255, 255, 255))
     canvas.paste(Image.fromarray(blended), (0, 0))
@@ -127,7 +181,7 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, names: list[str],
         y = 4 + k * row
         x = image.shape[1] + 6
         draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(c) for c in colors[i]), outline=(0, 0, 0))
-        draw.text((x + 18, y), names[i], fill=(0, 0, 0), font=font)
+        draw.text((x + 18, y), names[i], fill=(0, 0, 0), font=fonts[i])
     return canvas
 
 

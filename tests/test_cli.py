@@ -210,3 +210,47 @@ def test_an_image_whose_outputs_cannot_all_be_written_keeps_none(workspace, caps
     err = capsys.readouterr().err
     assert code == 2 and f"cannot write {out / 'a.json'} (No space left on device)" in err
     assert list(out.iterdir()) == []
+
+
+def test_legend_draws_each_class_name_with_a_font_that_has_its_characters(tmp_path, monkeypatch):
+    """Where the legend font lacks characters of a class name, the name is drawn with a system font that has them,
+    found through fontconfig (here a private font folder holding one font); where no font has them, a warning names
+    the class and what to install. Before, such names were drawn as boxes without a word."""
+    import shutil
+
+    from PIL import ImageFont
+
+    from catseg import cli
+
+    matplotlib = pytest.importorskip("matplotlib")  # ships the STIX fonts, which have characters DejaVu Sans lacks
+    if shutil.which("fc-list") is None or not isinstance(cli.legend_font(), ImageFont.FreeTypeFont):
+        pytest.skip("needs fontconfig and a TrueType legend font")
+    fonts = tmp_path / "fonts"
+    fonts.mkdir()
+    shutil.copy(Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "STIXGeneral.ttf", fonts)
+    conf = tmp_path / "fonts.conf"
+    conf.write_text(f'<?xml version="1.0"?>\n<fontconfig><dir>{fonts}</dir><cachedir>{tmp_path / "cache"}</cachedir>'
+                    f'</fontconfig>\n')
+    monkeypatch.setenv("FONTCONFIG_FILE", str(conf))
+    caches = (cli.font_with, cli.legend_font_for)  # found fonts are kept per process: none from before or after
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        arc, han = "arc \u2312", "\u4e2d"
+        assert cli.missing_glyphs(cli.legend_font(), arc) == ["\u2312"]
+        assert Path(cli.legend_font_for(arc).path) == fonts / "STIXGeneral.ttf"
+        assert cli.legend_font_for("caf\u00e9") is cli.legend_font()
+        with pytest.warns(UserWarning, match="no installed font draws '\u4e2d' of class name '\u4e2d'.*fonts-noto-cjk"):
+            assert cli.legend_font_for(han) is cli.legend_font()
+        labels = np.zeros((40, 40), np.int64)
+        labels[20:] = 1
+
+        def overlay():
+            return np.asarray(cli.overlay_with_legend(np.zeros((40, 40, 3), np.uint8), labels, [arc, "sky"]))
+
+        drawn = overlay()
+        monkeypatch.setattr(cli, "legend_font_for", lambda name: cli.legend_font())
+        assert not np.array_equal(drawn, overlay())  # the legend was drawn with the font found, not with boxes
+    finally:
+        for cached in caches:
+            cached.cache_clear()
