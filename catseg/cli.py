@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .files import write_bytes_atomic, write_json_atomic
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+MAX_CLASSES = 2**16  # class ids 0 .. 65535 in the 16-bit label map PNG
 
 
 def palette(n: int) -> np.ndarray:
@@ -54,7 +55,12 @@ def load_vocabulary(spec: str) -> list[str]:
             raise ValueError(f"{spec}: a JSON vocabulary must be a list of strings")
         return [n.strip() for n in names]
     lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    names = [line for line in lines if line and not line.startswith("#")]
+    if len(names) == 1 and "," in names[0]:  # a list written on one line, which would label every pixel alike
+        warnings.warn(f"{spec} holds one line, {names[0][:80]!r}: that is ONE class with synonyms separated by "
+                      f"commas; for several classes put one class per line (or pass --classes \"a, b, c\")",
+                      stacklevel=2)
+    return names
 
 
 def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple[Path, str]]:
@@ -69,12 +75,15 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
     outputs = out_dir.resolve() if out_dir is not None else None
     found: list[tuple[Path, Path]] = []
     for item in inputs:
+        if not item.strip():  # Path("") is the current folder: an empty shell variable must not segment all of it
+            raise ValueError("an input is empty (''); give image files or folders")
         p = Path(item)
         if p.is_dir():
             inside = outputs if outputs is not None and outputs != p.resolve() and outputs.is_relative_to(p.resolve()) \
                 else None
-            found += [(q, Path(p.name) / q.relative_to(p)) for q in sorted(p.rglob("*"))
+            found += [(q, Path(p.resolve().name) / q.relative_to(p)) for q in sorted(p.rglob("*"))  # "." too
                       if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                      and not any(part.startswith(".") for part in q.relative_to(p).parts)  # hidden, macOS ._x.jpg
                       and not (inside is not None and q.resolve().is_relative_to(inside))
                       and not (q.suffix.lower() == ".png" and _written_by_catseg(q))]
         elif p.exists():
@@ -246,6 +255,9 @@ def resolve_model(preset: str | None, checkpoint: str | None):
     if preset is None and name not in list_models():
         raise ValueError(f"{path} names preset {name!r}, which this catseg does not know ({', '.join(list_models())}); "
                          f"pass --model")
+    if preset is not None and stored is not None and preset != stored:
+        raise ValueError(f"{path} holds weights of preset {stored!r}, not --model {preset!r}; pass --model {stored} "
+                         f"or leave --model out")
     return create_model(name, pretrained=str(path))
 
 
@@ -269,6 +281,17 @@ def write_outputs(out: Path, stem: str, path: Path, image, pred, names: list[str
             raise OSError(f"cannot write {file} ({e.strerror or e}); the outputs of {path} were not kept") from None
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that could not be made or written in, without making it (the model loads first)."""
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write to output folder {str(out)!r}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to output folder {str(out)!r}: no permission to write in {existing}")
+
+
 def cmd_segment(args) -> int:
     import torch
     from tqdm import tqdm
@@ -283,11 +306,16 @@ def cmd_segment(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     CatSeg.validate_class_names(names)
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{len(names)} classes: the label map PNG holds 16-bit class ids, so at most {MAX_CLASSES}")
+    if not args.out.strip():
+        raise ValueError("--out is empty (''); give an output folder")
     out = Path(args.out)
     files = collect_images(args.inputs, out)  # inputs and outputs checked before the model loads
     if not files:
         raise ValueError(f"no images found in {args.inputs}")
     check_no_foreign_outputs(out, [stem for _, stem in files])
+    check_output_folder(out)
     model = resolve_model(args.model, args.checkpoint)
     torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,

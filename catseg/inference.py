@@ -562,15 +562,17 @@ class Segmenter:
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (images per model call)")
         self.model = prepare_inference(model.to(self.device).eval(), self.bf16, compile, fused_kernels)
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs  # replay each (batch shape, vocabulary) from a CUDA graph on a GPU
 
     def predict(self, images: Union[ImageLike, Iterable[ImageLike]], class_names: Sequence[str]) -> list[Prediction]:
         """Label maps and class scores for one image or a list of them (paths, PIL images, arrays, tensors)."""
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
-                torch.is_tensor(images) and images.ndim == 3):
-            images = [images]
+        if isinstance(images, (str, os.PathLike, Image.Image)) or (
+                isinstance(images, np.ndarray) and images.ndim <= 3) or (torch.is_tensor(images) and images.ndim <= 3):
+            images = [images]  # one image; a 4-D array or tensor is a batch of them
         self.model.validate_class_names(class_names)
         names = [n.strip() for n in class_names]
         out: list[Prediction] = []

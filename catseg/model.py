@@ -319,12 +319,13 @@ class CatSeg(nn.Module):
             raise ValueError(f"class names must be non-empty strings naming at least one class (not blank, not only "
                              f"commas), got {bad[:5]}")
         seen, dups = set(), []
-        for n in class_names:  # CLIP's tokenizer lower-cases: "Cat" and "cat" get one embedding
-            key = n.strip().lower()
+        for n in class_names:  # CLIP's tokenizer lower-cases and collapses spaces: "Cat" and "cat" get one embedding,
+            # and a class's synonyms are averaged, so "sofa, couch" and "couch,sofa" are one class too
+            key = frozenset(" ".join(s.lower().split()) for s in split_synonyms(n))
             (dups.append(n) if key in seen else seen.add(key))
         if dups:
-            raise ValueError(f"duplicate class names {sorted(set(dups))} (names are compared without case); each "
-                             f"class must appear once")
+            raise ValueError(f"duplicate class names {sorted(set(dups))} (names are compared without case, spacing "
+                             f"or synonym order); each class must appear once")
 
     def forward(self, images: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
         self.validate(images, class_names)

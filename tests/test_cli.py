@@ -86,6 +86,18 @@ def test_segment_bad_input(workspace, capsys, monkeypatch):
     assert code == 2 and "duplicate" in err
     code, err = call(img, "--classes", "cat", "--checkpoint", workspace / "nope.safetensors", "--out", workspace / "o5")
     assert code == 2 and "nope.safetensors" in err
+    # an empty input or output (an unset shell variable) would mean the current folder: refused
+    code, err = call("", "--classes", "cat", "--checkpoint", ck, "--out", workspace / "o7")
+    assert code == 2 and "an input is empty" in err and not (workspace / "o7").exists()
+    code, err = call(img, "--classes", "cat", "--checkpoint", ck, "--out", "")
+    assert code == 2 and "--out is empty" in err
+    # an output folder that cannot be made is named before the model loads (here its weights would fail to)
+    (workspace / "o8").write_text("a file")
+    code, err = call(img, "--classes", "cat", "--checkpoint", workspace / "nope.safetensors", "--out", workspace / "o8")
+    assert code == 2 and "cannot write to output folder" in err and "nope" not in err
+    code, err = call(img, "--classes", "cat", "--model", "catseg_vitb16_r101", "--checkpoint", ck, "--out",
+                     workspace / "o9")
+    assert code == 2 and "pass --model catseg_tiny or leave --model out" in err
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU without Triton's interpreter cannot run Triton kernels
     code, err = call(img, "--classes", "cat", "--checkpoint", ck, "--out", workspace / "o6", "--device", "cpu",
                      "--fused-kernels")
@@ -169,6 +181,27 @@ def test_segment_refuses_bad_checkpoints_chunks_and_reads_vocab_files(workspace,
     (workspace / "wide.txt").write_text("cat\ndog\n", encoding="utf-16")  # Notepad's "Unicode"
     with pytest.raises(ValueError, match="wide.txt: not UTF-8 text"):
         load_vocabulary(str(workspace / "wide.txt"))
+    (workspace / "one-line.txt").write_text("cat,dog,sofa\n")  # meant as three classes: every pixel would be "cat"
+    with pytest.warns(UserWarning, match="holds one line, 'cat,dog,sofa': that is ONE class with synonyms"):
+        assert load_vocabulary(str(workspace / "one-line.txt")) == ["cat,dog,sofa"]
+
+
+def test_segment_a_folder_given_as_dot_dot_names_outputs_by_it_and_skips_hidden_files(workspace, capsys,
+                                                                                        monkeypatch):
+    from catseg.cli import main
+
+    folder = workspace / "dotted"
+    rng = np.random.default_rng(3)
+    for rel in ("x/same.jpg", "y/same.jpg", ".cache/z.jpg"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / rel)
+    (folder / "x" / "._same.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # left by a copy from a Mac
+    monkeypatch.chdir(folder / "x")
+    out = workspace / "o-dot"
+    assert main(["segment", "..", "--classes", "cat", "--checkpoint", str(workspace / "tiny.safetensors"), "--out",
+                 str(out), "--quiet"]) == 0
+    assert "segmented 2/2 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.json")) == ["dotted_x_same_jpg.json", "dotted_y_same_jpg.json"]
 
 
 def test_segment_into_the_input_folder_or_its_parent(workspace, capsys):

@@ -111,6 +111,10 @@ def test_segmenter_accepts_paths_pil_arrays_and_modes(tiny_model, tmp_path):
         assert abs(sum(p.areas().values()) - 1) < 1e-9
     single = seg.predict(rgb, ["sky", "tree", "road"])
     assert len(single) == 1 and np.array_equal(single[0].labels, preds[0].labels)
+    gray = seg.predict(torch.rand(30, 40), ["sky", "tree", "road"])  # a 2-D tensor is one grayscale image
+    assert [p.labels.shape for p in gray] == [(30, 40)]
+    stacked = seg.predict(np.stack([rgb, rgb]), ["sky", "tree", "road"])  # a 4-D array is a batch, as a tensor is
+    assert len(stacked) == 2 and all(np.array_equal(p.labels, preds[0].labels) for p in stacked)
 
 
 def test_segmenter_bad_input(tiny_model, tmp_path):
@@ -131,6 +135,14 @@ def test_segmenter_bad_input(tiny_model, tmp_path):
         seg.predict(np.zeros((10, 10, 3), np.uint8), ["cat", 3])
     with pytest.raises(ValueError, match="duplicate class names.*compared without case"):
         seg.predict(np.zeros((10, 10, 3), np.uint8), ["cat", "Cat "])
+    # one embedding each: the tokenizer collapses spaces, and a class's synonyms are averaged in any order
+    for names in (["sofa, couch", "couch,sofa"], ["traffic  light", "traffic light"], ["cat,", "cat"]):
+        with pytest.raises(ValueError, match="duplicate class names"):
+            seg.predict(np.zeros((10, 10, 3), np.uint8), names)
+    seg.predict(np.zeros((10, 10, 3), np.uint8), ["sofa, couch", "couch"])  # sharing a synonym is another class
+    for size in (0, -1, None, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_size={size} must be a positive integer"):
+            Segmenter(tiny_model, batch_size=size)
 
 
 def test_images_are_read_as_viewers_show_them_and_never_clamped(tmp_path):
