@@ -19,6 +19,9 @@ def write_safetensors(state: dict, path: str | os.PathLike, metadata: Optional[d
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)  # safetensors makes the file readable by its owner only; give it the usual permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

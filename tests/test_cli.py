@@ -95,6 +95,9 @@ def test_segment_bad_input(workspace, capsys, monkeypatch):
     (workspace / "o8").write_text("a file")
     code, err = call(img, "--classes", "cat", "--checkpoint", workspace / "nope.safetensors", "--out", workspace / "o8")
     assert code == 2 and "cannot write to output folder" in err and "nope" not in err
+    code, err = call(img, "--classes", ", ".join(f"thing {i}" for i in range(65537)), "--checkpoint", ck, "--out",
+                     workspace / "o10")  # a label map PNG holds 16-bit ids
+    assert code == 2 and "65537 classes" in err and "at most 65536" in err and not (workspace / "o10").exists()
     code, err = call(img, "--classes", "cat", "--model", "catseg_vitb16_r101", "--checkpoint", ck, "--out",
                      workspace / "o9")
     assert code == 2 and "pass --model catseg_tiny or leave --model out" in err

@@ -1,5 +1,7 @@
 """The model library: shapes, invariances, fine-tuning modes, presets, weights, text cache, bad input."""
 import math
+import os
+import stat
 
 import open_clip
 import pytest
@@ -265,6 +267,12 @@ def test_save_and_load_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, names(4)), model(x, names(4)), rtol=0, atol=0)
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
+    umask = os.umask(0o027)  # a group-readable setting: the file follows it, as any other file would
+    try:
+        shared = catseg.save_weights(model, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o640  # safetensors alone makes it 0o600, unreadable to a team
 
 
 def test_load_refuses_other_preset_and_pickles(tmp_path):
