@@ -81,7 +81,8 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
         if p.is_dir():
             inside = outputs if outputs is not None and outputs != p.resolve() and outputs.is_relative_to(p.resolve()) \
                 else None
-            found += [(q, Path(p.resolve().name) / q.relative_to(p)) for q in sorted(p.rglob("*"))  # "." too
+            folder = Path(Path(os.path.abspath(p)).name)  # its name as given, also for "." and ".."
+            found += [(q, folder / q.relative_to(p)) for q in sorted(p.rglob("*"))
                       if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
                       and not any(part.startswith(".") for part in q.relative_to(p).parts)  # hidden, macOS ._x.jpg
                       and not (inside is not None and q.resolve().is_relative_to(inside))
@@ -109,13 +110,21 @@ def collect_images(inputs: list[str], out_dir: Path | None = None) -> list[tuple
 
 
 LEGEND_SIZE = 11  # legend text size, px
+# fc-list styles passed over while a regular one has the characters
+_STYLES = ("Bold", "Black", "Heavy", "Medium", "Semi", "Demi", "Light", "Thin", "Italic", "Oblique", "Mono")
+_fontconfig = {"usable": True}  # off for the process after fc-list failed or hung once
 
 
 @functools.lru_cache(maxsize=None)
-def legend_font(path: str | None = None) -> ImageFont.ImageFont:
-    """The font at `path`; without one, a TrueType font with broad coverage where the system has one (class names
-    with accents, Cyrillic, Greek, ...), else Pillow's own, which draws ASCII only."""
-    for name in ([path] if path else ["DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf"]):
+def legend_font(path: str | None = None) -> ImageFont.ImageFont | None:
+    """The font file at `path` at the legend's size (None if it cannot be opened); without one, a TrueType font with
+    broad coverage where the system has one (class names with accents, Cyrillic, Greek, ...), else Pillow's own."""
+    if path is not None:
+        try:
+            return ImageFont.truetype(path, LEGEND_SIZE)
+        except OSError:  # a bitmap or colour font FreeType cannot size, say
+            return None
+    for name in ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf"):
         try:
             return ImageFont.truetype(name, LEGEND_SIZE)
         except OSError:
@@ -132,27 +141,29 @@ def _glyph(path: str, size: int, char: str) -> tuple:
 
 def missing_glyphs(font: ImageFont.ImageFont, text: str) -> list[str]:
     """The characters of `text` that `font` cannot draw: they render as the font's box for a missing glyph, as the
-    noncharacter U+FFFF does (Pillow's own font: anything beyond ASCII)."""
-    if not isinstance(font, ImageFont.FreeTypeFont):
+    noncharacter U+FFFF does. A font without a file (Pillow's own): anything beyond ASCII."""
+    if not isinstance(font, ImageFont.FreeTypeFont) or not isinstance(font.path, (str, os.PathLike)):
         return sorted({c for c in text if ord(c) > 126})
-    box = _glyph(font.path, font.size, "\uffff")
-    return sorted({c for c in text if not c.isspace() and _glyph(font.path, font.size, c) == box})
+    box = _glyph(str(font.path), font.size, "\uffff")
+    return sorted({c for c in text if not c.isspace() and _glyph(str(font.path), font.size, c) == box})
 
 
 @functools.lru_cache(maxsize=None)
-def font_with(chars: str) -> str | None:
-    """A system font (through fontconfig's fc-list) that has every character of `chars`, regular styles first."""
+def fonts_with(chars: str) -> tuple[str, ...]:
+    """System font files (through fontconfig's fc-list) that have every character of `chars`, regular styles
+    first; none where fontconfig is missing or does not answer."""
     import subprocess
 
+    if not _fontconfig["usable"]:
+        return ()
     charset = " ".join(f"{ord(c):x}" for c in chars)
     try:
         found = subprocess.run(["fc-list", f":charset={charset}", "--format", "%{file}\n"], capture_output=True,
-                               text=True, timeout=20).stdout.split()
-    except (OSError, subprocess.SubprocessError):  # no fontconfig here
-        return None
-    styled = ("Bold", "Italic", "Oblique", "Light", "Mono")
-    found = sorted(found, key=lambda f: (sum(s in Path(f).name for s in styled), Path(f).name))
-    return found[0] if found else None
+                               text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        _fontconfig["usable"] = False
+        return ()
+    return tuple(sorted(filter(None, found), key=lambda f: (sum(s in Path(f).name for s in _STYLES), Path(f).name)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,10 +174,9 @@ def legend_font_for(name: str) -> ImageFont.ImageFont:
     missing = missing_glyphs(font, name)
     if not missing:
         return font
-    path = font_with("".join(missing))
-    if path is not None:
+    for path in fonts_with("".join(missing)):
         other = legend_font(path)
-        if not missing_glyphs(other, name):
+        if other is not None and not missing_glyphs(other, name):
             return other
     warnings.warn(f"no installed font draws {''.join(missing)!r} of class name {name!r}: the legend shows boxes "
                   f"for them; install a font that has them (for Chinese, Japanese or Korean names, Noto Sans CJK: "
@@ -317,6 +327,7 @@ def cmd_segment(args) -> int:
     check_no_foreign_outputs(out, [stem for _, stem in files])
     check_output_folder(out)
     model = resolve_model(args.model, args.checkpoint)
+    CatSeg.validate_class_names(names, model.config.synonyms)  # its own rule for synonyms, before any image
     torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
     seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
                     class_chunk_size=args.class_chunk, compile=args.compile, fused_kernels=args.fused_kernels)

@@ -10,6 +10,7 @@ Memory stays bounded for large vocabularies: the model runs its per-class work i
 """
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 import weakref
@@ -562,8 +563,12 @@ class Segmenter:
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; choose one of: auto, fp32, bf16")
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (images per model call)")
+        try:
+            if isinstance(batch_size, bool) or operator.index(batch_size) <= 0:
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (images per model call)") from None
+        batch_size = int(batch_size)
         self.model = prepare_inference(model.to(self.device).eval(), self.bf16, compile, fused_kernels)
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs  # replay each (batch shape, vocabulary) from a CUDA graph on a GPU
@@ -573,7 +578,7 @@ class Segmenter:
         if isinstance(images, (str, os.PathLike, Image.Image)) or (
                 isinstance(images, np.ndarray) and images.ndim <= 3) or (torch.is_tensor(images) and images.ndim <= 3):
             images = [images]  # one image; a 4-D array or tensor is a batch of them
-        self.model.validate_class_names(class_names)
+        self.model.validate_class_names(class_names, self.model.config.synonyms)
         names = [n.strip() for n in class_names]
         out: list[Prediction] = []
         batch: list[torch.Tensor] = []

@@ -12,6 +12,20 @@ from safetensors.torch import load_file, save_file
 from .config import CatSegConfig
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it, even for a moment, would
+    apply to files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_safetensors(state: dict, path: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
     """Write a state dict to `path` as safetensors through a temporary name, renamed when complete."""
     path = Path(path)
@@ -19,9 +33,10 @@ def write_safetensors(state: dict, path: str | os.PathLike, metadata: Optional[d
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-        umask = os.umask(0)  # safetensors makes the file readable by its owner only; give it the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        try:  # safetensors makes the file readable by its owner only; give it the usual permissions
+            os.chmod(tmp, 0o666 & ~current_umask())
+        except OSError:  # a file system without permissions (some network mounts): as it is
+            pass
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

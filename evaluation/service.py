@@ -250,6 +250,7 @@ class EvaluationService:
             log.info("%s was written again (created %s; the one evaluated was created %s); evaluating it afresh",
                      ckpt.name, meta["created"], entry["created"])
             self.ledger.forget(ckpt.name)
+            self.ledger.update(ckpt.name, replaces=entry["created"])
             return True
         if entry.get("status") == "done" and not entry.get("mlflow_run_id") and entry.get("report"):
             if meta.get("mlflow_run_id"):
@@ -411,7 +412,7 @@ class EvaluationService:
         client = MlflowClient(tracking_uri=uri)
         step = int(report["step"] or 0)
         timestamp = int(time.time() * 1000)
-        metrics = []
+        metrics, held = [], []
         for bench, result in report["benchmarks"].items():
             for metric in LOGGED_METRICS:
                 key = metric_key(metric, bench)
@@ -419,10 +420,17 @@ class EvaluationService:
                     continue
                 # A service killed after logging but before recording it must not log the step twice.
                 if any(m.step == step for m in client.get_metric_history(run_id, key)):
+                    held.append(key)
                     continue
                 metrics.append(Metric(key, float(result[metric]), timestamp, step))
         # The rule behind the numbers travels with them (the report artifact names it too).
         tags = [RunTag("evaluation.rule", report["rule"])]
+        replaced = self.ledger.get(name).get("replaces")
+        if held and replaced:  # MLflow cannot replace a point: say where the new checkpoint's scores are
+            note = (f"{', '.join(held)} at step {step} hold the scores of an earlier {name} (created {replaced}); "
+                    f"this one's are in {report.get('report_path')}")
+            log.warning("MLflow run %s: %s", run_id, note)
+            tags.append(RunTag(f"evaluation.not_logged.{name}", note[:5000]))
         client.log_batch(run_id, metrics=metrics, tags=tags)
         report_path = report.get("report_path")
         if report_path:

@@ -261,21 +261,24 @@ def test_legend_draws_each_class_name_with_a_font_that_has_its_characters(tmp_pa
     matplotlib = pytest.importorskip("matplotlib")  # ships the STIX fonts, which have characters DejaVu Sans lacks
     if shutil.which("fc-list") is None or not isinstance(cli.legend_font(), ImageFont.FreeTypeFont):
         pytest.skip("needs fontconfig and a TrueType legend font")
-    fonts = tmp_path / "fonts"
+    fonts = tmp_path / "my fonts"  # spaces in the path, as macOS and user font folders have
     fonts.mkdir()
-    shutil.copy(Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "STIXGeneral.ttf", fonts)
+    shutil.copy(Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "STIXGeneral.ttf",
+                fonts / "STIX General.ttf")
     conf = tmp_path / "fonts.conf"
     conf.write_text(f'<?xml version="1.0"?>\n<fontconfig><dir>{fonts}</dir><cachedir>{tmp_path / "cache"}</cachedir>'
                     f'</fontconfig>\n')
     monkeypatch.setenv("FONTCONFIG_FILE", str(conf))
-    caches = (cli.font_with, cli.legend_font_for)  # found fonts are kept per process: none from before or after
+    caches = (cli.fonts_with, cli.legend_font_for)  # found fonts are kept per process: none from before or after
     for cached in caches:
         cached.cache_clear()
     try:
         arc, han = "arc \u2312", "\u4e2d"
         assert cli.missing_glyphs(cli.legend_font(), arc) == ["\u2312"]
-        assert Path(cli.legend_font_for(arc).path) == fonts / "STIXGeneral.ttf"
+        assert Path(cli.legend_font_for(arc).path) == fonts / "STIX General.ttf"
         assert cli.legend_font_for("caf\u00e9") is cli.legend_font()
+        # Pillow's own font (where no TrueType font is installed) has no file: ASCII only, no error
+        assert cli.missing_glyphs(ImageFont.load_default(), "caf\u00e9 cat") == ["\u00e9"]
         with pytest.warns(UserWarning, match="no installed font draws '\u4e2d' of class name '\u4e2d'.*fonts-noto-cjk"):
             assert cli.legend_font_for(han) is cli.legend_font()
         labels = np.zeros((40, 40), np.int64)

@@ -394,6 +394,13 @@ def test_a_checkpoint_written_again_under_its_name_is_evaluated_again(tmp_path, 
     assert entry["created"] == "later" and entry["status"] == "done" and entry["mlflow_run_id"] == second
     assert steps_logged(client, first) == [3] and steps_logged(client, second) == [3]
     assert _run_once(ServiceConfig(**common)) == 0 and ledger(run_dir)[name]["updated"] == entry["updated"]
+    # written again into the same MLflow run, which holds a score at the step already: not logged twice, but said
+    shutil.rmtree(run_dir / "checkpoints" / name)
+    write_checkpoint(run_dir, 3, weights, {"mlflow_run_id": second, "created": "latest"})
+    assert _run_once(ServiceConfig(**common)) == 0
+    assert ledger(run_dir)[name]["created"] == "latest" and steps_logged(client, second) == [3]
+    note = client.get_run(second).data.tags[f"evaluation.not_logged.{name}"]
+    assert "hold the scores of an earlier step_00000003 (created later)" in note and "report.json" in note
 
 
 def test_metric_keys_refuse_class_names_with_commas():

@@ -216,19 +216,27 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+@contextlib.contextmanager
+def whole_parameters(accelerator, module):
+    """Within it, `module`'s parameters are whole on every process (collective): ZeRO-3 keeps a shard of each
+    parameter per process and gathers them only for its own forward and backward. Elsewhere it does nothing."""
+    if not _zero3(accelerator):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
 def export_weights(accelerator, model, path: Path) -> None:
     """Write the full model weights as safetensors from the main process (gathering ZeRO-3 partitions first)."""
     import catseg
 
     unwrapped = unwrap(model)
-    if _zero3(accelerator):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
-            if accelerator.is_main_process:
-                catseg.save_weights(unwrapped, path)
-    elif accelerator.is_main_process:
-        catseg.save_weights(unwrapped, path)
+    with whole_parameters(accelerator, unwrapped):
+        if accelerator.is_main_process:
+            catseg.save_weights(unwrapped, path)
 
 
 def _deepspeed_state_types() -> list:

@@ -254,7 +254,8 @@ class Trainer:
             for group, values in zip(self.optimizer.param_groups, configured):
                 group.update(values)
             self.load_state_dict(state)
-            self.unwrapped().text_embeddings(self.class_names)
+            with ckpt.whole_parameters(acc, self.unwrapped().clip):  # called outside the engine's forward
+                self.unwrapped().text_embeddings(self.class_names)
         self.logger = self.open_logger()
 
     def unwrapped(self):
