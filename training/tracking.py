@@ -160,8 +160,9 @@ class MLflowLogger(MetricLogger):
     (`step_key` is a metric logged at every step that logs), which MLflow cannot remove:
     - after a crash (`branch` false: the newest checkpoint, the same settings) they are the steps trained again,
       with the same values, so they are not sent again;
-    - a run continued with other settings or from a chosen checkpoint (`branch` true) logs to a new MLflow run,
-      tagged with the run and step it continues, so that no step holds points of two different trainings.
+    - a run continued with settings that change what is trained, or from a chosen checkpoint (`branch` true), logs
+      to a new MLflow run, tagged with the run and step it continues, so that no step holds points of two different
+      trainings.
     """
 
     def __init__(self, uri: str, run_dir: str | os.PathLike, experiment: str, run_name: str,
@@ -228,7 +229,8 @@ class MLflowLogger(MetricLogger):
                 tags = {"catseg.continues_run": run_id, "catseg.continues_from_step": str(self._from_step)}
                 run_name = f"{run_name}-from-step-{self._from_step}"
                 log.warning("MLflow run %s holds steps up to %d, and this run continues from the checkpoint of step "
-                            "%d with other settings or from a chosen checkpoint; it logs to a new MLflow run, %r",
+                            "%d with settings that change what is trained, or from a chosen checkpoint; it logs to "
+                            "a new MLflow run, %r",
                             run_id, logged, self._from_step, run_name)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:

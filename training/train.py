@@ -292,8 +292,9 @@ class Trainer:
         # the same store, or the run folder's own store moved (or copied) along with the folder
         same = saved == uri or (uri == local_store_uri(self.run_dir) and is_moved_local_store(saved, self.run_dir))
         run_id = self.meta.get("mlflow_run_id") if same else None
-        # A run continued with other settings or from a chosen checkpoint is another training from there on; when
-        # its MLflow run already holds later steps, it gets a new MLflow run (MLflow cannot remove those points).
+        # A run continued with settings that change what is trained, or from a chosen checkpoint, is another training
+        # from there on; when its MLflow run already holds later steps, it gets a new MLflow run (MLflow cannot
+        # remove those points).
         branch = trains_differently(changes) or self.chosen_checkpoint
         mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s,
                               from_step=self.step, branch=branch, artifacts=[config],
