@@ -352,16 +352,16 @@ def replace_config(cfg: RunConfig, path: str | os.PathLike, step: int) -> tuple[
     return kept, changes or {}
 
 
-# Keys that say where things go and how often they are written, not what is trained: a run continued with only
-# these changed (a run folder moved along with its config, say) trains as it would have.
+# Keys (and sections) that say where things go and how often they are written, not what is trained: a run
+# continued with only these changed (a run folder moved along with its config, say) trains as it would have.
 BOOKKEEPING_KEYS = ("name", "train.run_dir", "train.log_every", "train.ckpt_every", "train.keep_last",
-                    "model.weights_dir", "tracking.")
+                    "model.weights_dir")
+BOOKKEEPING_SECTIONS = ("tracking.",)
 
 
 def trains_differently(changes: dict[str, Any]) -> bool:
-    """Whether `config_changes`' dict changes what is trained (any key but BOOKKEEPING_KEYS; "tracking." is a
-    prefix)."""
-    return any(not (key in BOOKKEEPING_KEYS or key.startswith("tracking.")) for key in changes)
+    """Whether `config_changes`' dict changes what is trained (any key but the bookkeeping ones)."""
+    return any(key not in BOOKKEEPING_KEYS and not key.startswith(BOOKKEEPING_SECTIONS) for key in changes)
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]], most: int = 8) -> str:

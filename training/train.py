@@ -409,9 +409,8 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        run_id, uri = self.logger.run_id, self.logger.tracking_uri
-        meta = {"preset": self.cfg.model.preset, "mlflow_run_id": run_id, "mlflow_tracking_uri": uri,
-                "world_size": self.acc.num_processes}
+        meta = {"preset": self.cfg.model.preset, "mlflow_run_id": self.logger.run_id,
+                "mlflow_tracking_uri": self.logger.tracking_uri, "world_size": self.acc.num_processes}
         saved = self.checkpointer.save(self.step, self.state_dict(), meta)
         self.name_mlflow_run()
         return saved
