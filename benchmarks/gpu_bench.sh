@@ -15,7 +15,9 @@
 # the guidance Swin's fused window attention;
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile);
 # `class_aggregation` one class aggregation block alone: products, Triton kernels (bench_class_aggregation.py).
-# Compiled inference runs the decoder's upsampling as a stencil (as Segmenter does); `b_compile_no_stencil` without it.
+# Compiled inference (`--compile`, as Segmenter(compile=True)) compiles the aggregation, the decoder and the image
+# encoders and runs the decoder's upsampling as a stencil; `b_compile_no_stencil` without the stencil.
+# `--fused-kernels` runs the Swin blocks as Triton kernels (as Segmenter); `b_compile_fused_class` the class blocks'.
 # A copy of an older catseg/ under .baseline/ is benchmarked side by side ("baseline" variants). Each run has its
 # own time limit, so one failure leaves the others' figures; results land in OUT_DIR/*.json and *.log (ARCHIVE=path
 # keeps a tarball of them after every run), and a summary table is printed last.
@@ -42,7 +44,7 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"l_compile l_compile_enc b_compile_fused_spatial b_compile_enc tests_train b_compile_c256 l_compile_fused_spatial b_model_cl_ro_stencil b_compile b_compile_fused tests b_model_cl_ro l_model_cl_ro_stencil l_model_cl_ro b_compile_fused_class b_infer b_fused b_compile_fused_sdpa l_compile_fused b_model_cl b b_compile_ma l"}
+variants=${*:-"tests_train b_compile_fused l_compile_fused b_compile b_compile_c256 b_compile_batch l_compile_batch tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone: NHWC, NCHW, compiled with the stencil upsampling
@@ -69,6 +71,10 @@ for v in $variants; do
         l) bench l14 150 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 ;;
         b_batch) bench b16_batch 120 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 --batches 8,32 --no-train ;;
         l_batch) bench l14_batch 120 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 --batches 8,32 --no-train ;;
+        b_compile_batch) bench b16_compile_batch 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150 \
+            --batches 8,32 --compile --fused-kernels --no-train ;;
+        l_compile_batch) bench l14_compile_batch 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150 \
+            --batches 8,32 --compile --fused-kernels --no-train ;;
         b_keep) bench b16_keep_mlp 100 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20 --no-mlp-recompute ;;
         l_keep) bench l14_keep_mlp 100 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20 --no-mlp-recompute ;;
         b_guess) bench b16_cudnn_guess 150 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --no-cudnn-benchmark ;;
@@ -89,10 +95,6 @@ for v in $variants; do
             --compile --no-train --fused-kernels --profile ;;
         b_compile_fused_class) bench b16_compile_fused_class 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-parts class --profile ;;
-        b_compile_fused_spatial) bench b16_compile_fused_spatial 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
-            --classes 20,150,847 --compile --no-train --fused-kernels --fused-parts spatial --profile ;;
-        l_compile_fused_spatial) bench l14_compile_fused_spatial 300 "$root" --preset "${L:-catseg_vitl14_swinb}" \
-            --classes 20,150,847 --compile --no-train --fused-kernels --fused-parts spatial ;;
         b_compile_fused_sdpa) bench b16_compile_fused_sdpa 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-attention sdpa ;;
         l_compile_fused) bench l14_compile_fused_kernels 300 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 \
@@ -104,10 +106,6 @@ for v in $variants; do
             --compile --compile-mode max-autotune-no-cudagraphs --no-train ;;
         b_compile_c256) bench b16_compile_chunk256 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 150,847 --compile \
             --no-train --class-chunk 256 ;;
-        b_compile_enc) bench b16_compile_enc 400 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile \
-            --compile-encoders --no-train ;;
-        l_compile_enc) bench l14_compile_enc 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --classes 20,150,847 --compile \
-            --compile-encoders --no-train ;;
         b_compile_train) bench b16_compile_train 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile --no-inference ;;
         l_compile_train) bench l14_compile_train 400 "$root" --preset "${L:-catseg_vitl14_swinb}" --compile --no-inference ;;
         b_model) bench b16_compile_model 400 "$root" --preset "${B:-catseg_vitb16_r101}" --compile-model --no-inference \

@@ -351,7 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="training: the convolutions channels-last as "
                    "train.channels_last runs them (inference runs them so unless --no-channels-last)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers and decoder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the aggregation layers, decoder, CLIP's "
+                   "image blocks and the guidance backbone, as Segmenter(compile=True)")
     p.add_argument("--compile-model", action="store_true", help="training: torch.compile the whole model, its "
                    "forward and backward one graph each (as the trainer's train.compile: true)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for every --compile* option, e.g. "
@@ -360,7 +361,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "kernels from generated C++ instead of Python (torch._inductor.config.cpp_wrapper), less host "
                    "time per kernel without CUDA graphs; compiling takes longer")
     p.add_argument("--compile-encoders", action="store_true", help="torch.compile CLIP's image blocks and the "
-                   "guidance backbone (catseg.inference.compile_encoders)")
+                   "guidance backbone only (catseg.inference.compile_encoders; --compile includes them)")
     p.add_argument("--no-mlp-recompute", action="store_true",
                    help="keep the aggregation MLPs' hidden activations for backward instead of recomputing them")
     p.add_argument("--count-memory", action="store_true",
@@ -378,10 +379,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "unless --no-stencil-upsampling)")
     p.add_argument("--no-stencil-upsampling", action="store_true", help="compiled inference: the decoder's x2 "
                    "upsampling as two matrix products instead of the stencil Segmenter runs")
-    p.add_argument("--fused-kernels", action="store_true", help="inference: the aggregation blocks as Triton kernels "
-                   "(catseg.inference.fused_kernels: two per Swin block, two per class aggregation block)")
+    p.add_argument("--fused-kernels", action="store_true", help="inference: the Swin blocks as Triton kernels, as "
+                   "Segmenter(fused_kernels=True) (catseg.inference.fused_kernels: two per Swin block)")
     p.add_argument("--fused-parts", help="with --fused-kernels: which blocks run as kernels, comma-separated: "
-                   "spatial (the Swin blocks), class (the class aggregation blocks); default both")
+                   "spatial (the Swin blocks), class (the class aggregation blocks, two kernels each); default "
+                   f"{','.join(inference.INFERENCE_FUSED_PARTS)}, as Segmenter")
     p.add_argument("--fused-attention", choices=["kernel", "sdpa"], default="kernel", help="with --fused-kernels: "
                    "the Swin windows' attention inside the Triton kernel (kernel) or PyTorch's fused attention between "
                    "two kernels (sdpa)")
@@ -402,7 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "--compile-model")
     if args.fused_parts is not None and not args.fused_kernels:
         p.error("--fused-parts chooses which blocks --fused-kernels runs as kernels: add --fused-kernels")
-    parts = list(inference.FUSED_PARTS) if args.fused_parts is None else args.fused_parts.split(",")
+    parts = list(inference.INFERENCE_FUSED_PARTS) if args.fused_parts is None else args.fused_parts.split(",")
     if not set(parts) <= set(inference.FUSED_PARTS):
         p.error(f"--fused-parts {args.fused_parts}: give a comma-separated list of {', '.join(inference.FUSED_PARTS)}")
     args.fused_parts = parts
@@ -437,7 +439,7 @@ def main(argv=None) -> dict:
     compile_kwargs = _compile_kwargs(args)
     if args.compile:  # the aggregation layers and the decoder, as Segmenter(compile=True) does
         inference.compile_aggregation(model, **compile_kwargs)
-    if args.compile_encoders:
+    if args.compile or args.compile_encoders:  # CLIP's image blocks and the backbone, as Segmenter(compile=True)
         inference.compile_encoders(model, **compile_kwargs)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)

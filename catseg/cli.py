@@ -380,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     s.add_argument("--class-chunk", type=_positive_int, default=128, help="classes per chunk (bounds memory)")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the aggregation and decoder (pays off over many images; compiling takes minutes)")
+                   help="torch.compile the aggregation, decoder and image encoders (pays off over many images; "
+                   "compiling takes minutes)")
     s.add_argument("--fused-kernels", action="store_true",
-                   help="run the aggregation blocks as Triton kernels (CUDA; see catseg.inference.fused_kernels)")
+                   help="run the Swin blocks of the spatial aggregation as Triton kernels (CUDA; see "
+                   "catseg.inference.fused_kernels)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_segment)
     ls = sub.add_parser("list", help="list model presets")

@@ -426,6 +426,11 @@ def channels_last(model: CatSeg, enable: bool = True) -> CatSeg:
 
 
 FUSED_PARTS = ("spatial", "class")
+# what `prepare_inference(fused=True)` (Segmenter, `catseg segment --fused-kernels`, the bench's --fused-kernels)
+# switches: the Swin blocks, which took the ViT-B spatial aggregation at 847 classes from 66.1 to 54.6 ms of kernels
+# on an H200 (benchmarks/results/h200_2026-11-27c/); the class aggregation blocks' kernels ran slower than their
+# compiled modules there (28.8 against 14.4 ms for one block alone, h200_2026-11-27b/), so they stay modules
+INFERENCE_FUSED_PARTS = ("spatial",)
 
 
 def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel",
@@ -441,7 +446,8 @@ def fused_kernels(model: CatSeg, enable: bool = True, attention: str = "kernel",
     fuse their feed-forward half only, `residual_mlp`). The MLPs' hidden layers, the norms' outputs, the layout
     copies and the class attention's intermediates then never go through memory. Training (autograd on) always takes
     the modules. Needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests); a block it cannot fuse
-    raises ValueError. Off by default until measured on a GPU (bench `--fused-kernels`)."""
+    raises ValueError. Inference takes the Swin blocks' kernels when asked (`prepare_inference(fused=True)`,
+    `INFERENCE_FUSED_PARTS`); off by default."""
     if attention not in ("kernel", "sdpa"):
         raise ValueError(f"attention={attention!r}; choose 'kernel' or 'sdpa'")
     if isinstance(parts, str) or not set(parts) <= set(FUSED_PARTS):
@@ -517,8 +523,9 @@ def compile_encoders(model: CatSeg, **compile_kwargs) -> CatSeg:
     The blocks before CLIP's last one (the last runs its value path only, see `ClipEncoder.encode_dense`) share one
     compiled code; the backbone is compiled whole. What it fuses: norms, activations, residual adds and autocast's
     casts between the matrix products. Parameters and state_dict keys stay as they are; the text tower (run once
-    per vocabulary) stays eager. An experiment next to `compile_aggregation` (`python -m catseg.bench --compile
-    --compile-encoders`); calling it again does nothing.
+    per vocabulary) stays eager. Compiled inference (`prepare_inference(compile=True)`) runs it next to
+    `compile_aggregation`: on an H200 it saved 1-2 ms per image for ViT-B and about 5 ms for ViT-L at every
+    vocabulary size (benchmarks/results/h200_2026-11-27c/). Calling it again does nothing.
     """
     if getattr(model, "_encoders_compiled", False):
         return model
@@ -534,8 +541,9 @@ def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False, fused: b
     """Ready `model` for inference in place, as `Segmenter` does; returns it. bf16 (to run under bf16 autocast):
     the image path's matmul weights stored in bf16 (`cast_matmul_weights`); otherwise they are put back to fp32 if an
     earlier call cast them. The convolutions go channels-last (`channels_last`), the decoder's compiled upsampling
-    fuses with its neighbours (`stencil_upsampling`), `fused` runs the aggregation blocks as Triton kernels
-    (`fused_kernels`), and `compile` compiles the aggregation and decoder (`compile_aggregation`). A model built to
+    fuses with its neighbours (`stencil_upsampling`), `fused` runs the Swin blocks as Triton kernels
+    (`fused_kernels` of `INFERENCE_FUSED_PARTS`), and `compile` compiles the aggregation and decoder
+    (`compile_aggregation`) and CLIP's image blocks and the guidance backbone (`compile_encoders`). A model built to
     run all its classes at once (`config.class_chunk_size` None, as training builds it) gets chunks of
     `DEFAULT_CLASS_CHUNK`: an 847-class vocabulary would otherwise hold every class's maps at once (about 28 GiB
     per image in fp32 instead of 6.5, counted for ViT-B); results are the same up to rounding."""
@@ -543,8 +551,8 @@ def prepare_inference(model: CatSeg, bf16: bool, compile: bool = False, fused: b
     cast_matmul_weights(model, torch.bfloat16 if bf16 else torch.float32)
     stencil_upsampling(channels_last(model))
     if fused:
-        fused_kernels(model)
-    return compile_aggregation(model) if compile else model
+        fused_kernels(model, parts=INFERENCE_FUSED_PARTS)
+    return compile_encoders(compile_aggregation(model)) if compile else model
 
 
 class Segmenter:

@@ -61,8 +61,8 @@ class EvalConfig:
     cpu: bool = False  # run on CPU even when a GPU is present
     progress: bool = True  # show a progress bar on the main process
     precision: str = "fp32"  # fp32; or bf16: bf16 autocast with bf16 weights, the GPU's fast path (catseg.Segmenter's)
-    compile: bool = False  # torch.compile the aggregation and decoder (pays over a benchmark's thousands of images)
-    fused_kernels: bool = False  # the aggregation blocks as Triton kernels (catseg.inference.fused_kernels; CUDA)
+    compile: bool = False  # torch.compile the aggregation, decoder and encoders (pays over a benchmark's images)
+    fused_kernels: bool = False  # the Swin blocks as Triton kernels (catseg.inference.fused_kernels; CUDA)
     class_chunk: int | None = None  # classes the model runs at once (None: catseg.inference.DEFAULT_CLASS_CHUNK)
 
     def __post_init__(self):
@@ -482,9 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (default) or bf16: bf16 autocast and weights, the fast path on a GPU")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the aggregation and decoder: a minute or two more at the start, then faster")
+                   help="torch.compile the aggregation, decoder and image encoders: a minute or two more at the start, "
+                   "then faster")
     p.add_argument("--fused-kernels", action="store_true",
-                   help="run the aggregation blocks as Triton kernels (CUDA; catseg.inference.fused_kernels)")
+                   help="run the Swin blocks as Triton kernels (CUDA; catseg.inference.fused_kernels)")
     p.add_argument("--class-chunk", type=int, metavar="N",
                    help="classes the model runs at once (default 128): memory against speed for large vocabularies")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -219,10 +219,10 @@ def test_peak_memory_sublinear_when_chunked():
 
 
 def test_compiled_aggregation_segments_like_the_eager_model():
-    """Segmenter(compile=True) compiles the aggregation layers and decoder in place: same scores and labels, same
-    state_dict keys. What is compiled is the work on one class chunk, not the loop over chunks, and the class
-    dimension turns dynamic after its second size: once a vocabulary in chunks of new sizes has compiled again,
-    vocabularies of other sizes in more chunks reuse the compiled code."""
+    """Segmenter(compile=True) compiles the aggregation layers, decoder and encoders in place: same scores and
+    labels, same state_dict keys. What is compiled is the work on one class chunk, not the loop over chunks, and the
+    class dimension turns dynamic after its second size: once a vocabulary in chunks of new sizes has compiled
+    again, vocabularies of other sizes in more chunks reuse the compiled code."""
     import catseg
 
     torch.manual_seed(0)
@@ -237,6 +237,9 @@ def test_compiled_aggregation_segments_like_the_eager_model():
     graphs = counters["stats"]["unique_graphs"]
     compiled = Segmenter(model, device="cpu", class_chunk_size=4, compile=True).predict(image, names)[0]
     assert counters["stats"]["unique_graphs"] > graphs  # compiled code ran
+    # CLIP's image blocks and the guidance backbone are compiled too (compile_encoders, tested on its own below)
+    assert model.clip.model.visual.transformer.resblocks[0]._compiled_call_impl is not None
+    assert model.backbone.body._compiled_call_impl is not None
     assert list(model.state_dict()) == keys
     np.testing.assert_allclose(compiled.scores, eager.scores, rtol=1e-4, atol=1e-6)
     assert (compiled.labels == eager.labels).mean() > 0.999
