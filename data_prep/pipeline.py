@@ -363,6 +363,11 @@ def _convert_one(ref: SampleRef) -> tuple[str, Any]:
         return "ok", _SOURCE.load(ref, _SPLIT)
     except BadSample as bad:
         return "bad", {"key": key, "file": bad.file, "error": bad.message}
+    except MemoryError:
+        raise
+    except Exception as error:  # a malformed file the converter did not foresee: a bad sample naming it, not a crash
+        return "bad", {"key": key, "file": ref.label or ref.image, "error": f"cannot convert ({type(error).__name__}: "
+                       f"{error})"}
 
 
 def _ensure_writable(folder: Path) -> None:
@@ -455,6 +460,15 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
         "bad": summary.bad,
     }
     shards.write_json_atomic(report_path(folder, options), report)
+    # Parts started together (a SLURM array) each listed the shards before the others had written theirs: whichever
+    # finishes last finds them complete now and writes the split's lists. Another part's shard that skipped bad
+    # samples (--skip-bad) is complete as that part wrote it; only its own part redoes it on a later run.
+    for i in range(num_shards):
+        if i not in records and i % options.num_parts != options.part:
+            record = shards.read_shard_record(paths[i])
+            if record is not None and record.source_id == source_id and \
+                    sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]):
+                records[i] = record
     if len(records) == num_shards:
         info = source.info(split)
         info["shard_size"] = size

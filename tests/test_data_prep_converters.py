@@ -456,6 +456,12 @@ def test_dataset_specific_bad_labels_are_refused_with_the_file_named(tmp_path, c
     (root / "trainval_merged.json").write_text(json.dumps(annotations))
     assert convert("pc59", "--root", str(root), "--out", str(tmp_path / "out"), "--id-list", str(tmp_path / "ids.txt")) == 1
     assert f"trainval_merged.json#{stems[0]}: the image entry has no valid 'height' and 'width'" in capsys.readouterr().out
+    # a malformed mask the converter does not foresee (RLE counts null) is a bad sample naming its entry, not a crash
+    image_entry["height"] = 3
+    annotations["annos_segmentation"][0].update(category_id=2, segmentation={"size": [3, 4], "counts": None})
+    (root / "trainval_merged.json").write_text(json.dumps(annotations))
+    assert convert("pc59", "--root", str(root), "--out", str(tmp_path / "out"), "--id-list", str(tmp_path / "ids.txt")) == 1
+    assert f"trainval_merged.json#{stems[0]}: cannot convert (TypeError: " in capsys.readouterr().out
 
     # VOC: 21 is out of range; an id in val.txt whose files are missing
     voc = voc_tree(tmp_path / "v", {"2007_000033": np.full((3, 4), 21, np.uint8)})

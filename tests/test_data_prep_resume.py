@@ -160,6 +160,30 @@ def test_parts_convert_disjoint_shards_and_finish_together(tmp_path):
             assert parts[name] == data, name
 
 
+def test_parts_started_together_finish_the_split(tmp_path, monkeypatch):
+    """Parts run at the same time (a SLURM array) each list the shards before the others have written theirs; the
+    one that finishes last finds the others' shards complete, those that skipped bad samples too, and writes the
+    split's lists."""
+    from data_prep import pipeline
+
+    raw = coco_tree(tmp_path / "raw", 8)
+    (raw / "images/train2017/000000000003.jpg").write_bytes(b"not a jpeg")  # in shard 1, part 1's
+    common = ("coco_stuff", "--root", str(raw), "--out", str(tmp_path / "out"), "--split", "train", "--shard-size",
+              "2", "--num-parts", "2", "--skip-bad")
+    run_pending = pipeline._run_pending
+
+    def part_1_runs_meanwhile(*args, **kwargs):  # part 0 has listed the shards; part 1 runs whole now
+        monkeypatch.setattr(pipeline, "_run_pending", run_pending)
+        assert convert(*common, "--part", "1") == 0
+        assert not (tmp_path / "out/coco_stuff/train/dataset.json").exists()  # part 0's shards are not there yet
+        return run_pending(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run_pending", part_1_runs_meanwhile)
+    assert convert(*common, "--part", "0") == 0
+    info = shards.read_dataset_info(tmp_path / "out/coco_stuff/train")
+    assert (info["num_samples"], info["num_skipped"]) == (7, 1)
+
+
 def test_verify_detects_a_changed_shard(tmp_path, capsys):
     raw = coco_tree(tmp_path / "raw", 4)
     out = tmp_path / "out"
