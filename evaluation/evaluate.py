@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -175,8 +176,18 @@ def check_shards(bench: Benchmark, shard_dir: Path) -> dict:
     """Read the shards' dataset.json and check it describes ``bench``'s ground truth; return it."""
     from data_prep.shards import read_dataset_info
 
+    if not Path(shard_dir).is_dir():
+        raise FileNotFoundError(
+            f"benchmark {bench.name!r}: no shard folder {shard_dir}; write it with data_prep or pass --shard-dir "
+            f"{bench.name}=PATH"
+        )
     info = read_dataset_info(shard_dir)
     where = Path(shard_dir) / "dataset.json"
+    if info.get("split", bench.split) != bench.split:
+        raise ValueError(
+            f"{where}: split {info['split']!r} but benchmark {bench.name!r} scores the {bench.split!r} split; "
+            f"give the {bench.split} folder"
+        )
     if int(info["ignore_index"]) != bench.ignore_index:
         raise ValueError(
             f"{where}: ignore_index {info['ignore_index']} but benchmark {bench.name!r} expects {bench.ignore_index}; "
@@ -210,11 +221,6 @@ def evaluate_benchmark(
     from catseg.inference import DEFAULT_CLASS_CHUNK, predict_labels, to_image_tensor
     from data_prep.shards import decode_sample, iter_raw_samples
 
-    if not Path(shard_dir).is_dir():
-        raise FileNotFoundError(
-            f"benchmark {bench.name!r}: no shard folder {shard_dir}; write it with data_prep or pass --shard-dir "
-            f"{bench.name}=PATH"
-        )
     total = int(check_shards(bench, shard_dir)["num_samples"])
     device_type = next(model.parameters()).device.type
     prompts = bench.prompt_names(shard_dir)
@@ -249,6 +255,9 @@ def evaluate_benchmark(
                 raise ValueError(f"{raw.get('__url__', shard_dir)}: sample {raw.get('__key__', index)!r}: {e}") from e
             images += 1
             bar.update(1)
+    except tarfile.TarError as e:  # a shard cut short or overwritten since it was written
+        failure = ValueError(f"benchmark {bench.name!r}: cannot read the shards in {shard_dir} ({e}); check them "
+                             f"with `python -m data_prep.convert {bench.dataset} --out SHARDS --verify`")
     except Exception as e:
         failure = e
     finally:
@@ -260,6 +269,13 @@ def evaluate_benchmark(
     if failed:
         raise EvaluationFailed(
             f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log"
+        )
+    expected = total if limit is None else min(total, limit)
+    if images != expected:  # a shard missing or cut at a member boundary reads as fewer images, without an error
+        raise ValueError(
+            f"benchmark {bench.name!r}: read {images} images from {shard_dir} but its dataset.json counts {total}"
+            f"{f' (--limit {limit})' if limit is not None else ''}; a shard is missing or cut short: check them with "
+            f"`python -m data_prep.convert {bench.dataset} --out SHARDS --verify`"
         )
     conf = reduce_confusion(conf)
     return conf, images
@@ -316,8 +332,18 @@ def check_report_folder(out_dir: Path, info: CheckpointInfo) -> None:
 
 
 def write_report(report: dict, confusions: dict[str, np.ndarray], out_dir: Path) -> Path:
-    """Write report.json, one per-class CSV and one confusion matrix per benchmark into ``out_dir``."""
+    """Write report.json, one per-class CSV and one confusion matrix per benchmark into ``out_dir``; the files of
+    benchmarks an earlier report in the folder had and this one has not are removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_FILE
+    try:
+        earlier = set(json.loads(path.read_text()).get("benchmarks") or ()) if path.is_file() else set()
+    except (OSError, ValueError, AttributeError, TypeError):
+        earlier = set()
+    path.unlink(missing_ok=True)  # the folder is incomplete until the new report is written
+    for name in earlier - set(report["benchmarks"]):
+        for stale in (f"{name}.csv", f"{name}_confusion.npy"):
+            (out_dir / stale).unlink(missing_ok=True)
     for name, result in report["benchmarks"].items():
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -331,7 +357,6 @@ def write_report(report: dict, confusions: dict[str, np.ndarray], out_dir: Path)
         npy = io.BytesIO()
         np.save(npy, confusions[name])
         write_bytes_atomic(out_dir / f"{name}_confusion.npy", npy.getvalue())
-    path = out_dir / REPORT_FILE
     # The report goes last: its presence means the whole folder is complete.
     write_bytes_atomic(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return path
@@ -363,14 +388,16 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != state.num_processes:
         # Images are split by the state's count but matrices summed over the group: the counts would be multiplied.
-        raise RuntimeError(
+        raise ValueError(
             f"process group has {dist.get_world_size()} processes but accelerate reports {state.num_processes}; "
             f"launch with --cpu or ACCELERATE_USE_CPU=true for CPU processes"
         )
     info = resolve_checkpoint(cfg.checkpoint)
     out_dir = cfg.out if cfg.out is not None else default_out_dir(info)
-    if cfg.out is None:  # every run has a step_00080000: the default folder must not take another run's report
-        check_report_folder(out_dir, info)
+    # every run has a step_00080000: a folder must not take another checkpoint's report
+    check_report_folder(out_dir, info)
+    benches = [get_benchmark(name) for name in cfg.benchmarks]
+    shard_infos = {bench.name: check_shards(bench, cfg.shard_dir(bench)) for bench in benches}  # before any work
     from catseg.inference import prepare_inference
 
     model = load_model(info, state.device)
@@ -379,9 +406,8 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
 
     started = time.perf_counter()
     results, confusions, total_images = {}, {}, 0
-    for name in cfg.benchmarks:
-        bench = get_benchmark(name)
-        shard_dir = cfg.shard_dir(bench)
+    for bench in benches:
+        name, shard_dir = bench.name, cfg.shard_dir(bench)
         t0 = time.perf_counter()
         conf, images = evaluate_benchmark(
             model,
@@ -401,6 +427,7 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
         result.update(
             shards=str(shard_dir),
             images=images,
+            skipped_in_conversion=int(shard_infos[name].get("num_skipped", 0)),  # bad samples data_prep left out
             limit=cfg.limit,
             seconds=round(seconds, 3),
             images_per_s=round(images / seconds, 4) if seconds > 0 else None,

@@ -459,8 +459,11 @@ class EvaluationService:
 
     @staticmethod
     def _free_memory() -> None:
+        import gc
+
         import torch
 
+        gc.collect()  # a compiled model holds itself in a reference cycle (its compiled methods): free it now
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -94,6 +94,77 @@ def test_evaluate_end_to_end_on_synthetic_shards(synthetic_root, run_dir, tmp_pa
     assert report2["benchmarks"]["synthetic"]["miou"] == pytest.approx(summarize(conf, "absent_as_zero")["miou"])
 
 
+def test_damaged_or_missing_shards_are_refused(synthetic_root, run_dir, tmp_path, capsys, monkeypatch):
+    """Every benchmark's shard folder is checked before the model loads; a shard cut at a member boundary (fewer
+    images than dataset.json counts, no read error) or in the middle of a file is refused, not scored; the train
+    split given for a benchmark is refused."""
+    import shutil
+    import tarfile
+
+    from evaluation import evaluate
+
+    ckpt = str(_ckpt(run_dir))
+    loaded = []
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: loaded.append(a) or pytest.fail("model loaded"))
+    assert main(["--checkpoint", ckpt, "--benchmarks", "synthetic,pc59", "--shards", str(synthetic_root),
+                 "--out", str(tmp_path / "r0")]) == 2
+    assert "benchmark 'pc59': no shard folder" in capsys.readouterr().err and not loaded
+    train = tmp_path / "train_shards"
+    write_synthetic(train, SyntheticConfig(num_train=2, num_val=0, size=64, seed=3, shard_size=4))
+    assert main(["--checkpoint", ckpt, "--benchmarks", "synthetic", "--shard-dir",
+                 f"synthetic={train / 'synthetic' / 'train'}", "--out", str(tmp_path / "r1")]) == 2
+    assert "split 'train' but benchmark 'synthetic' scores the 'val' split" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    val = tmp_path / "cut" / "synthetic" / "val"
+    shutil.copytree(synthetic_root / "synthetic" / "val", val)
+    last = sorted(val.glob("*.tar"))[-1]
+    with tarfile.open(last) as tar:  # keep the first sample's members only: a cut at a member boundary
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = members[0][0].name.split(".")[0]
+    with tarfile.open(last, "w") as tar:
+        for member, data in members:
+            if member.name.split(".")[0] == first:
+                tar.addfile(member, io.BytesIO(data))
+    args = ["--checkpoint", ckpt, "--benchmarks", "synthetic", "--shards", str(tmp_path / "cut"), "--cpu",
+            "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "benchmark 'synthetic': read 5 images" in err and "counts 6; a shard is missing or cut short" in err
+    assert not (tmp_path / "r2" / "report.json").exists()
+    assert main(args + ["--out", str(tmp_path / "r3"), "--limit", "4"]) == 0  # the images asked for are all there
+    capsys.readouterr()
+    last.write_bytes(last.read_bytes()[:1000])  # cut inside a member
+    assert main(args + ["--out", str(tmp_path / "r4")]) == 2
+    assert "benchmark 'synthetic': cannot read the shards in" in capsys.readouterr().err
+
+
+def test_a_report_folder_keeps_one_checkpoint_and_its_current_benchmarks(synthetic_root, run_dir, tmp_path, capsys):
+    """An explicit --out holding another checkpoint's report is refused too; re-evaluating the same checkpoint with
+    fewer benchmarks removes the files of those left out, so the folder describes one evaluation."""
+    ckpt = _ckpt(run_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = {"weights": "/elsewhere/model.safetensors", "benchmarks": {"synthetic": {}}}
+    (out / "report.json").write_text(json.dumps(foreign))
+    args = ["--checkpoint", str(ckpt), "--benchmarks", "synthetic", "--shards", str(synthetic_root), "--limit", "2",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 2
+    assert "holds the report of checkpoint weights /elsewhere/model.safetensors" in capsys.readouterr().err
+    own = {"weights": str((ckpt / "model.safetensors").resolve()), "benchmarks": {"synthetic": {}, "pc59": {}}}
+    (out / "report.json").write_text(json.dumps(own))
+    for stale in ("pc59.csv", "pc59_confusion.npy"):
+        (out / stale).write_text("an earlier evaluation's")
+    (out / "notes.txt").write_text("the user's")
+    assert main(args) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["benchmarks"]) == ["synthetic"]
+    assert report["benchmarks"]["synthetic"]["skipped_in_conversion"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.json", "synthetic.csv",
+                                                     "synthetic_confusion.npy"]
+
+
 def test_bf16_and_compiled_evaluations_score_like_fp32(synthetic_root, run_dir, tmp_path):
     """--precision bf16 runs the fast path (bf16 autocast and weights), --compile the compiled aggregation and
     decoder, --class-chunk the model's classes in other chunks (128 by default, also for a checkpoint whose model
