@@ -1,6 +1,7 @@
 """Compile catseg's Triton kernels for an NVIDIA GPU architecture on any machine (no GPU needed: Triton's own ptxas)
-and report each autotuning configuration's registers per thread and spill stack: what can be checked of the GPU code
-without a GPU. A configuration that spills (stack > 0) keeps part of its tiles in local memory.
+and report each autotuning configuration's registers per thread, spill stack and tensor-core instructions: what can be
+checked of the GPU code without a GPU. A configuration that spills (stack > 0) keeps part of its tiles in local
+memory; one whose matrix products show as mma.sync rather than wgmma on sm_90 takes the pre-Hopper tensor-core path.
 
     python benchmarks/compile_kernels.py                  # sm_90 (H100 / H200), the presets' widths, bf16
     python benchmarks/compile_kernels.py --arch 80 --dtype fp32
@@ -55,7 +56,11 @@ def compile_config(fn, dtype: str, arch: int, constexprs: dict, num_warps: int, 
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    return _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    # Hopper's warpgroup matrix instructions (wgmma) against the older warp-level ones (mma.sync): which tensor-core
+    # path the configuration's matrix products take
+    return {**_resource_usage(compiled.asm["cubin"]), "wgmma": ptx.count("wgmma.mma_async"),
+            "mma_sync": ptx.count("mma.sync")}
 
 
 def widths(preset_width: int = 128, heads: int = 4, window: int = 12, mlp_ratio: int = 4) -> dict:
@@ -93,7 +98,8 @@ def main(argv=None) -> list[dict]:
                    "dtype": args.dtype, **compile_config(fn, args.dtype, args.arch, {**fixed, **meta}, warps, stages)}
             rows.append(row)
             print(f"{name:24s} {json.dumps(meta):32s} warps {warps} stages {stages}: {row['registers']:3d} registers, "
-                  f"spill stack {row['spill_stack_bytes']:4d} bytes", flush=True)
+                  f"spill stack {row['spill_stack_bytes']:4d} bytes, wgmma {row['wgmma']:3d}, mma.sync "
+                  f"{row['mma_sync']:3d}", flush=True)
     if args.json:
         write_json_atomic(args.json, rows)
     return rows

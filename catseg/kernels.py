@@ -365,9 +365,11 @@ _CONFIGS = {
                            [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2)]],
     "_window_output_kernel": [(dict(BLOCK_M=m, BLOCK_H=h), w, s) for m, h, w, s in
                               [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 64, 4, 2)]],
+    # (64-token tiles with 8 warps are the ones whose products compile to Hopper's wgmma; with 4 warps they spill)
     "_window_block_kernel": [(dict(BLOCK_M=m, BLOCK_K=k, BLOCK_H=h), w, s) for m, k, h, w, s in
                              [(16, 64, 64, 4, 2), (16, 32, 64, 4, 2), (16, 16, 64, 4, 2), (32, 64, 64, 8, 2),
-                              (32, 32, 64, 8, 2), (64, 64, 64, 8, 2)]],
+                              (32, 32, 64, 8, 2), (64, 64, 64, 8, 2), (64, 64, 32, 8, 2), (64, 32, 64, 8, 2),
+                              (64, 32, 32, 8, 2), (64, 64, 64, 8, 3)]],
 }
 _KEYS = {"_residual_mlp_kernel": ["C", "HIDDEN", "RELU", "TF32"], "_class_summary_kernel": ["C", "D", "TF32"],
          "_class_update_kernel": ["C", "D", "HIDDEN", "RELU", "TF32"], "_window_qkv_kernel": ["C", "WINDOW", "TF32"],

@@ -315,3 +315,7 @@ def test_kernels_compile_for_the_gpu_without_spilling(tmp_path):
     assert len(rows[0]) == len(rows[1]) == configs
     assert [r for r in rows[0] if r["spill_stack_bytes"]] == []
     assert all(0 < r["registers"] <= 255 for r in rows[0] + rows[1])
+    # on sm_90 the Swin blocks' kernels and the MLP's have configurations on Hopper's tensor-core path (wgmma)
+    for name in ("_residual_mlp_kernel", "_window_qkv_kernel", "_window_output_kernel", "_window_block_kernel"):
+        assert any(r["wgmma"] for r in rows[0] if r["kernel"] == name), name
+    assert not any(r["wgmma"] for r in rows[1])  # (sm_80 has none)
