@@ -139,9 +139,15 @@ class HuggingFaceSource(Source):
         return loaded
 
     def source_id(self, split: str) -> str:
-        # Samples are keyed by row number: a row removed or added moves every later row under an old key. The
-        # dataset's fingerprint (from its files and processing) tells a changed dataset apart.
-        return f"datasets:{getattr(self.dataset(split), '_fingerprint', '') or ''}"
+        # Samples are keyed by row number: a row removed or added moves every later row under an old key. The row
+        # count and each column's stored bytes tell such a dataset apart. Not the datasets library's fingerprint:
+        # for files read by load_dataset it follows their modification times, so the same files copied to another
+        # machine (parts converted on several nodes) or touched would redo every shard.
+        dataset = self.dataset(split)
+        columns = [(name, str(dataset.data.schema.field(name).type), dataset.data.column(name).nbytes)
+                   for name in dataset.data.column_names]
+        digest = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
+        return f"datasets:{len(dataset)} rows:{digest}"
 
     def list_samples(self, split: str) -> list[SampleRef]:
         self.check_split(split)

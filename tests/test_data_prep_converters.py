@@ -399,6 +399,36 @@ def test_hf_rows_removed_between_runs_redo_the_shards(tmp_path):
         np.testing.assert_array_equal(got[key][0], want[key][0])
 
 
+def test_hf_files_copied_or_touched_keep_their_shards(tmp_path, capsys):
+    """The same parquet files with another modification time (copied to another node, or touched) are the same
+    dataset: a rerun finds every shard complete instead of redoing them."""
+    import os
+
+    import datasets
+
+    rows = {"image": [], "label": []}
+    for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((4, 5, 3), i * 20, dtype=np.uint8)).save(buffer, "PNG")
+        rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows["label"].append(grid([i % 3], 4, 5).astype(int).tolist())
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.Sequence(datasets.Sequence(datasets.Value("int32")))})
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "pq" / "data.parquet"))
+    (tmp_path / "names.json").write_text(json.dumps(["a", "b", "c"]))
+    args = ["hf", "--root", str(tmp_path / "pq"), "--class-names", str(tmp_path / "names.json"), "--shard-size", "2",
+            "--out", str(tmp_path / "out")]
+    assert convert(*args) == 0
+    capsys.readouterr()
+    shard = tmp_path / "out/hf/train/hf-train-000000.tar"
+    written = shard.stat().st_mtime_ns
+    later = os.stat(tmp_path / "pq" / "data.parquet").st_mtime + 3600
+    os.utime(tmp_path / "pq" / "data.parquet", (later, later))
+    assert convert(*args) == 0
+    assert shard.stat().st_mtime_ns == written and "outdated" not in capsys.readouterr().out.lower()
+
+
 def test_hf_ignore_value_that_is_a_class_value_is_refused(tmp_path, capsys):
     from data_prep.hf import HuggingFaceConfig
 
