@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from evaluation.benchmarks import BENCHMARKS, parse_benchmarks
+from evaluation.benchmarks import BENCHMARKS, get_benchmark, parse_benchmarks
 from evaluation.evaluate import (
     PRECISIONS,
     EvalConfig,
     EvaluationInterrupted,
+    check_shards,
     parse_shard_dirs,
     process_state,
     resolve_checkpoint,
@@ -82,7 +83,8 @@ class ServiceConfig:
     rule: str = DEFAULT_RULE  # metric rule, named in every report
     cpu: bool = False  # evaluate on CPU even when a GPU is present
     precision: str = "fp32"  # fp32 or bf16 (bf16 autocast and weights: the fast path on a GPU)
-    compile: bool = False  # torch.compile the aggregation and decoder
+    compile: bool = False  # torch.compile the aggregation, decoder and image encoders
+    fused_kernels: bool = False  # the Swin blocks as Triton kernels (CUDA)
     once: bool = False  # evaluate what is there (with retries), then exit instead of watching
     retries: int = 1  # further attempts after a failed evaluation
     out: Path | None = None  # report folders go to <out>/<checkpoint>; None: RUN_DIR/eval (state, lock, log stay there)
@@ -98,8 +100,12 @@ class ServiceConfig:
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"ServiceConfig.retries must be an integer >= 0, got {self.retries!r}")
         self.out = Path(self.out) if self.out is not None else self.state_dir
-        # Validates benchmarks, shard folders, limit and rule with the evaluation's own messages.
-        self.eval_config(self.watch)
+        # Validates benchmarks, shard folders, limit and rule with the evaluation's own messages; each benchmark's
+        # shards are checked now rather than at every checkpoint's evaluation.
+        config = self.eval_config(self.watch)
+        for name in self.benchmarks:
+            bench = get_benchmark(name)
+            check_shards(bench, config.shard_dir(bench))
 
     @property
     def state_dir(self) -> Path:
@@ -120,6 +126,7 @@ class ServiceConfig:
             progress=False,
             precision=self.precision,
             compile=self.compile,
+            fused_kernels=self.fused_kernels,
         )
 
 
@@ -492,7 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="evaluate on CPU even when a GPU is present")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (default) or bf16: bf16 autocast and weights, the fast path on a GPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the aggregation and decoder")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the aggregation, decoder and image encoders")
+    p.add_argument("--fused-kernels", action="store_true",
+                   help="run the Swin blocks as Triton kernels (CUDA; catseg.inference.fused_kernels)")
     p.add_argument("--once", action="store_true", help="evaluate the checkpoints present, then exit")
     p.add_argument("--retries", type=int, default=1, help="further attempts after a failure (default 1)")
     p.add_argument("--out", type=Path, help="report folders root (default RUN_DIR/eval)")
@@ -519,13 +529,14 @@ def main(argv: list[str] | None = None) -> int:
             cpu=args.cpu,
             precision=args.precision,
             compile=args.compile,
+            fused_kernels=args.fused_kernels,
             once=args.once,
             retries=args.retries,
             out=args.out,
         )
         stop = threading.Event()
         service = EvaluationService(cfg, stop)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"service: error: {e}", file=sys.stderr)
         return 2
     handler = logging.FileHandler(cfg.state_dir / LOG_FILE)

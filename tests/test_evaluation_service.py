@@ -15,6 +15,7 @@ import pytest
 import catseg
 from data_prep.synthetic import SyntheticConfig, write_synthetic
 from evaluation.service import STATE_FILE, EvaluationService, ServiceConfig, metric_key
+from evaluation.service import main as service_main
 from training.checkpoint import checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,7 +410,7 @@ def test_metric_keys_refuse_class_names_with_commas():
         metric_key("iou", "person, individual, someone")
 
 
-def test_one_service_per_run_folder(tmp_path, shards_root):
+def test_one_service_per_run_folder(tmp_path, shards_root, capsys, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     cfg = ServiceConfig(watch=tmp_path, benchmarks="synthetic", shards=shards_root)
     first = EvaluationService(cfg)
@@ -443,3 +444,10 @@ def test_one_service_per_run_folder(tmp_path, shards_root):
         ServiceConfig(watch=tmp_path / "missing", benchmarks="synthetic", shards=shards_root)
     with pytest.raises(ValueError, match="ServiceConfig.interval must be > 0"):
         ServiceConfig(watch=tmp_path, benchmarks="synthetic", shards=shards_root, interval=0)
+    # every benchmark's shards are checked when the service starts, not at each checkpoint's evaluation
+    with pytest.raises(FileNotFoundError, match="benchmark 'pc59': no shard folder"):
+        ServiceConfig(watch=tmp_path, benchmarks="synthetic,pc59", shards=shards_root)
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        monkeypatch.setenv(name, os.environ.get(name, value))  # what main sets where unset, undone after the test
+    assert service_main(["--watch", str(tmp_path), "--benchmarks", "synthetic,pc59", "--shards", str(shards_root)]) == 2
+    assert "service: error: benchmark 'pc59': no shard folder" in capsys.readouterr().err
