@@ -210,13 +210,13 @@ def test_ctrl_c_through_accelerate_launch(shards, tmp_path):
 
 
 def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
-    """ZeRO-2 through the launch config alone; the MLflow server is killed mid-run and training still finishes."""
+    """ZeRO-2 through the launch config alone, in its precision (bf16 autocast with fp32 weights, DeepSpeed's
+    torch_autocast); the MLflow server is killed mid-run and training still finishes."""
     uri, up, down = mlflow_server
     run_dir = tmp_path / "run"
     log = tmp_path / "log.txt"
     cmd = launch_cmd(_args(shards, run_dir, "train.steps=30", "train.log_every=2", f"tracking.uri={uri}",
-                           "tracking.timeout_s=2"),
-                     launch_config="launch/zero2.yaml", extra=["--mixed_precision", "no"])
+                           "tracking.timeout_s=2", "train.mixed_precision="), launch_config="launch/zero2.yaml")
     proc = start(cmd, log, env=base_env(cpu=False))  # DeepSpeed picks its CPU accelerator by itself
     wait_for(lambda: len(metrics(run_dir)) >= 3, 240, "three logged steps", proc, log)
     down()
@@ -229,6 +229,10 @@ def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     losses = _losses(run_dir)
     assert sorted(losses) == list(range(2, 31, 2)), "every metric kept locally while the server was gone"
     assert losses[30] < 0.8 * losses[2]
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient(uri).get_run(read_meta(latest_checkpoint(run_dir))["mlflow_run_id"]).data.params
+    assert params["precision"] == "bf16"  # from launch/ds_zero2.json: the run config leaves it to the launch
     state = latest_checkpoint(run_dir) / "state"
     assert (state / "pytorch_model").is_dir(), "a DeepSpeed engine checkpoint"
     import catseg
@@ -297,6 +301,22 @@ def test_deepspeed_launch_config_with_cpu_forced_is_refused(shards, tmp_path):
     proc = start(cmd, tmp_path / "log.txt", env=base_env(cpu=True))
     out = finish(proc, tmp_path / "log.txt")
     assert proc.returncode != 0 and "asks for DeepSpeed, but ACCELERATE_USE_CPU is set" in out, out[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_deepspeed_config_storing_weights_in_bf16_is_refused(shards, tmp_path):
+    """A DeepSpeed config with bf16.enabled true would store the weights in bf16 (the forward then fails on fp32
+    images); the trainer refuses it before building the model, naming the file and what to set."""
+    ds = json.loads((REPO / "launch" / "ds_zero2.json").read_text())
+    ds["bf16"]["enabled"] = True
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    launch = tmp_path / "zero2.yaml"
+    launch.write_text((REPO / "launch" / "zero2.yaml").read_text().replace("launch/ds_zero2.json",
+                                                                          str(tmp_path / "ds.json")))
+    cmd = launch_cmd(_args(shards, tmp_path / "run", "train.steps=2"), launch_config=str(launch), num_processes=1)
+    proc = start(cmd, tmp_path / "log.txt", env=base_env(cpu=False))
+    out = finish(proc, tmp_path / "log.txt")
+    assert proc.returncode != 0 and f"{tmp_path / 'ds.json'}: bf16.enabled is true" in out, out[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

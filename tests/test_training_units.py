@@ -24,7 +24,7 @@ from training.data import (AugmentConfig, DataError, ShardStream, StreamState, a
 from training.dist import world_info_from_env
 from training.optim import build_optimizer, lr_factor, norm_parameters, param_groups
 from training.slurm_cmd import accelerate_command, expand_hostlist, node_launch_from_env
-from training.train import main as train_main, micro_batch_size
+from training.train import deepspeed_precision, main as train_main, micro_batch_size
 
 
 @pytest.fixture(scope="module")
@@ -917,3 +917,26 @@ def test_checkpoints_written_while_the_store_was_down_name_the_run_once_it_opens
     assert len(run_ids) == 1 and None not in run_ids and {m["mlflow_tracking_uri"] for m in metas} == {uri}
     history = MlflowClient(uri).get_metric_history(run_ids.pop(), "loss")
     assert sorted(m.step for m in history) == list(range(1, 41))
+
+
+@pytest.mark.parametrize("fields, launch, configured, expected", [
+    ("zero_stage,mixed_precision", "bf16", "", "bf16"),  # mixed_precision in the launch YAML
+    ("zero_stage,mixed_precision", "no", "", "no"),  # the YAML's "no" is a choice too
+    ("", "bf16", "", "bf16"),  # --mixed_precision bf16 on the command line
+    ("", "no", "", None),  # nothing asked: the DeepSpeed config's torch_autocast decides
+    ("zero_stage,mixed_precision", "bf16", "no", "no"),  # the run config wins
+    ("", "no", "bf16", "bf16"),
+])
+def test_deepspeed_precision_is_taken_out_of_accelerates_way(monkeypatch, fields, launch, configured, expected):
+    """Under DeepSpeed the precision the launch or the run config asks for becomes torch autocast; accelerate is
+    left with "no" and without the YAML's mixed_precision, which it refuses beside a DeepSpeed config file (and its
+    bf16 would store the weights in bf16)."""
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", fields)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch)
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f'train.mixed_precision="{configured}"'])
+    assert deepspeed_precision(cfg) == expected
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert os.environ["ACCELERATE_CONFIG_DS_FIELDS"] == ("zero_stage" if fields else "")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="fp16 under DeepSpeed is not supported"):
+        deepspeed_precision(load_config(REPO / "configs" / "quickstart.yaml", ["train.mixed_precision="]))

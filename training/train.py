@@ -113,8 +113,49 @@ def make_accelerator(cfg: RunConfig):
     on_cpu = not torch.cuda.is_available() or forced_cpu
     if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=cfg.train.mixed_precision or None,
-                       gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return Accelerator(mixed_precision=cfg.train.mixed_precision or None,
+                           gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
+    precision = deepspeed_precision(cfg)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key in ("bf16", "fp16"):
+        if (ds.get(key) or {}).get("enabled") is True:
+            raise ConfigError(f"{os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']}: {key}.enabled is true, which makes "
+                              f"DeepSpeed store the model's weights in {key} (the model trains in fp32 weights under "
+                              f"autocast); set it to \"auto\" and choose the precision with train.mixed_precision or "
+                              f"\"torch_autocast\"")
+    if precision is not None:
+        ds["torch_autocast"] = {**(ds.get("torch_autocast") or {}), "enabled": precision == "bf16",
+                                "dtype": "bfloat16"}
+    return accelerator
+
+
+def training_precision(accelerator) -> str:
+    """The precision the forward runs in: "bf16" (autocast), "fp16" or "no" (fp32)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        return "bf16" if (plugin.deepspeed_config.get("torch_autocast") or {}).get("enabled") else "no"
+    return accelerator.mixed_precision
+
+
+def deepspeed_precision(cfg: RunConfig) -> str | None:
+    """Under DeepSpeed the model trains as it does without it: fp32 weights, the forward under torch's bf16
+    autocast, which DeepSpeed runs from its config's "torch_autocast" (its own "bf16" mode would store the weights in
+    bf16, and accelerate autocasts nothing for it). The precision the run asks for ("bf16" or "no"; None: the
+    DeepSpeed config's "torch_autocast" decides), taken out of accelerate's way: its launcher refuses a
+    mixed_precision of the launch YAML beside a DeepSpeed config file, and a --mixed_precision bf16 would turn on
+    DeepSpeed's bf16 mode."""
+    fields = [f for f in os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f]
+    launch = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    explicit = "mixed_precision" in fields or launch != "no"  # from the launch YAML, or --mixed_precision bf16/fp16
+    os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = ",".join(f for f in fields if f != "mixed_precision")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    precision = cfg.train.mixed_precision or (launch if explicit else None)
+    if precision == "fp16":
+        raise ConfigError("fp16 under DeepSpeed is not supported (no loss scaling for the autocast forward); use bf16 "
+                          "(train.mixed_precision: bf16) or fp32 (no)")
+    return precision
 
 
 def micro_batch_size(cfg: RunConfig, num_processes: int) -> int:
@@ -298,7 +339,8 @@ class Trainer:
         branch = trains_differently(changes) or self.chosen_checkpoint
         mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s,
                               from_step=self.step, branch=branch, artifacts=[config],
-                              params=self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro})
+                              params=self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro,
+                                                        "precision": training_precision(self.acc)})
         logger = MultiLogger(LocalLogger(self.run_dir, from_step=self.step), mlflow)
         if run_id is not None and kept is not None:  # a continued run's params stay those it started with; the
             logger.log_artifact(config, f"config_from_step_{self.step:08d}")  # config it continues with beside
