@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -361,8 +362,11 @@ def test_two_machines_on_one_host_finish_together(shards, tmp_path):
     assert sorted(_losses(run_dir)) == [4, 8, 12]
 
 
-def test_slurm_node_wrapper_checkpoints_on_the_preemption_signal(shards, tmp_path):
-    """`python -m training.slurm_cmd run` as a SLURM step would start it; SIGUSR1 makes training save and stop."""
+@pytest.mark.parametrize("how", ["SIGUSR1 to the wrapper", "SIGTERM to the whole step"])
+def test_slurm_node_wrapper_checkpoints_on_the_preemption_signal(shards, tmp_path, how):
+    """`python -m training.slurm_cmd run` as a SLURM step would start it; SIGUSR1 (the time limit's warning) or the
+    SIGTERM that SLURM sends every process of the step (preemption, scancel) makes training save and stop; the
+    launcher does not end its training processes on that SIGTERM."""
     run_dir = tmp_path / "run"
     env = dict(base_env(), SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
                SLURM_GPUS_ON_NODE="2", SLURM_JOB_ID="4321", MASTER_PORT=str(free_port()))
@@ -371,11 +375,15 @@ def test_slurm_node_wrapper_checkpoints_on_the_preemption_signal(shards, tmp_pat
     log = tmp_path / "node.txt"
     proc = start(cmd, log, env)
     wait_for(lambda: len(metrics(run_dir)) >= 3, 180, "three logged steps", proc, log)
-    proc.send_signal(signal.SIGUSR1)
+    if how.startswith("SIGUSR1"):
+        proc.send_signal(signal.SIGUSR1)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)  # the wrapper was started in a session of its own
     out = finish(proc, log)
     assert proc.returncode == 0, out[-4000:]
     assert "--num_machines 1 --machine_rank 0 --main_process_ip localhost" in out
-    assert "catseg train: stopped by signal 10 at step" in out
+    assert re.search(r"catseg train: stopped by signal (10|15) at step", out), out[-4000:]
+    assert "death signal" not in out, out[-4000:]  # torch's launcher would have ended its processes
     assert read_meta(latest_checkpoint(run_dir))["step"] >= 3
     requeue = subprocess.run([PYTHON, "-m", "training.slurm_cmd", "requeue", "--run-dir", str(run_dir), "--dry-run"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

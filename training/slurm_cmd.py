@@ -154,9 +154,22 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run_node(cmd: list[str]) -> int:
-    """Run the launcher; SIGUSR1/SIGTERM to this process reach the training processes as SIGUSR1."""
-    launcher = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    """Run the launcher; SIGUSR1/SIGTERM to this process reach the training processes as SIGUSR1.
+
+    The launcher itself ignores both: SLURM sends SIGTERM to every process of the step (preemption, scancel), and
+    torch's launcher would answer it by ending its training processes, with SIGKILL 30 s later, before a large
+    model's checkpoint is written. It keeps its handlers of SIGINT, SIGHUP and SIGQUIT (torchrun's
+    --signals-to-handle, which accelerate launch takes from PET_SIGNALS_TO_HANDLE); the training processes install
+    their own handlers of SIGTERM and SIGUSR1.
+    """
+    env = dict(os.environ, PET_SIGNALS_TO_HANDLE="SIGINT,SIGHUP,SIGQUIT")
+    launcher = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, env=env)
 
     def forward(signum, frame):
         # The launcher's children are the training processes; they checkpoint and stop on SIGUSR1.
