@@ -121,7 +121,8 @@ def make_accelerator(cfg: RunConfig):
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     for key in ("bf16", "fp16"):
         if (ds.get(key) or {}).get("enabled") is True:
-            raise ConfigError(f"{os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']}: {key}.enabled is true, which makes "
+            where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
+            raise ConfigError(f"{where}: {key}.enabled is true, which makes "
                               f"DeepSpeed store the model's weights in {key} (the model trains in fp32 weights under "
                               f"autocast); set it to \"auto\" and choose the precision with train.mixed_precision or "
                               f"\"torch_autocast\"")
