@@ -89,6 +89,10 @@ def test_ddp_two_processes_loss_decreases_tracked_in_mlflow(shards, mlflow_serve
 
     meta = read_meta(latest_checkpoint(run_dir))
     assert meta["mlflow_tracking_uri"] == uri and meta["preset"] == "catseg_tiny" and meta["world_size"] == 2
+    # each process draws its own random numbers (stochastic depth differs between the images of a step)
+    states = [torch.load(latest_checkpoint(run_dir) / "state" / f"random_states_{i}.pkl", weights_only=False)
+              for i in (0, 1)]  # (written by this test's own run)
+    assert not torch.equal(states[0]["torch_manual_seed"], states[1]["torch_manual_seed"])
     client = MlflowClient(uri)
     mlrun = client.get_run(meta["mlflow_run_id"])
     assert mlrun.info.status == "FINISHED"

@@ -283,6 +283,10 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         configure_deepspeed(acc, cfg, self.micro)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        # Each process its own random stream from here on (seed + process index), as the release's detectron2 seeds
+        # them: with one seed, a Swin guidance backbone's stochastic depth dropped the same blocks for every image
+        # of a step. The weights were made with the shared seed above (and DDP / DeepSpeed start from rank 0's).
+        set_seed(cfg.train.seed, device_specific=True)
         self.schedule = LRSchedule(self.optimizer, cfg.train.steps, cfg.schedule)
         self.criterion = PixelBCECriterion(self.shards.ignore_index, cfg.loss.mask_ignore)
         self.checkpointer = ckpt.Checkpointer(acc, self.model, self.run_dir, cfg.train.keep_last)
