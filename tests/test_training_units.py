@@ -20,7 +20,8 @@ from test_training_fixtures import PYTHON, REPO, free_port, write_synthetic
 from training import checkpoint as ckpt
 from training.config import ConfigError, OptimConfig, ScheduleConfig, load_config
 from training.criterion import PixelBCECriterion
-from training.data import (AugmentConfig, DataError, ShardStream, StreamState, augment, make_loader, open_shards)
+from training.data import (PAD_RGB, AugmentConfig, DataError, ShardStream, StreamState, augment, make_loader,
+                           open_shards, photometric_jitter)
 from training.dist import world_info_from_env
 from training.optim import build_optimizer, lr_factor, norm_parameters, param_groups
 from training.slurm_cmd import accelerate_command, expand_hostlist, node_launch_from_env
@@ -214,6 +215,43 @@ def test_augment_resizes_crops_and_pads_label_with_ignore_keeping_integer_ids():
     assert (out_label[40:] == 65535).all()  # short side 40 < crop 64: label padded with ignore
     again = augment(image, label, cfg, np.random.default_rng(1))
     assert np.array_equal(again[0], out_image) and np.array_equal(again[1], out_label)
+    # the padding comes last, as in the release: bottom and right, never jittered or flipped
+    for seed in range(8):
+        out_image, out_label = augment(image, label, cfg, np.random.default_rng(seed))
+        assert (out_image[40:] == PAD_RGB).all() and (out_image[:, 60:] == PAD_RGB).all(), seed
+        assert (out_label[:, 60:] == 65535).all() and (out_label[:40, :60] != 65535).all(), seed
+
+
+class _Draws:
+    """Stands in for the random generator of photometric_jitter: these coins and values."""
+
+    def __init__(self, coins, brightness=0.0, contrast=1.0, saturation=1.0, hue=0):
+        self.coins, self.uniforms, self.hue = np.array(coins), [brightness, contrast, saturation], hue
+
+    def random(self, n):
+        return self.coins[:n]
+
+    def uniform(self, low, high):
+        return self.uniforms.pop(0)
+
+    def integers(self, low, high):
+        return self.hue
+
+
+def test_photometric_jitter_is_the_releases():
+    """detectron2's ColorAugSSDTransform: the saturation scales HSV's S (brightness kept), the hue moves by OpenCV's
+    2-degree steps (+-18 of them: +-36 degrees)."""
+    import colorsys
+
+    red = np.full((2, 2, 3), (200, 40, 40), np.uint8)
+    no, yes = 0.9, 0.1
+    out = photometric_jitter(red, _Draws([no, no, yes, no, no], saturation=0.5))
+    np.testing.assert_allclose(out[0, 0], (200, 120, 120), atol=2)  # not a blend with grey: (144, 64, 64)
+    out = photometric_jitter(red, _Draws([no, no, no, yes, no], hue=18))
+    h, s, v = colorsys.rgb_to_hsv(*(np.array((200, 40, 40)) / 255))
+    np.testing.assert_allclose(out[0, 0], np.array(colorsys.hsv_to_rgb(h + 36 / 360, s, v)) * 255, atol=3)
+    out = photometric_jitter(red, _Draws([yes, yes, no, no, yes], brightness=80.0, contrast=1.5))
+    assert tuple(out[0, 0]) == (255, 180, 180)  # each step clipped: (200 + 80) -> 255, then x1.5 -> 255
 
 
 def _batches(shards, seed=0, rank=0, world=1, workers=2, positions=None, rotation=0, count=10):

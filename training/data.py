@@ -181,17 +181,17 @@ def augment(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.ra
     box = (x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)
     image = np.asarray(Image.fromarray(image).resize((cw, ch), Image.BILINEAR, box=box))
     label = _resize_nearest(label, nh, nw, y0, x0, ch, cw)
-    if (ch, cw) != (c, c):
+    if cfg.jitter:
+        image = photometric_jitter(image, rng)
+    if cfg.hflip and rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    if (ch, cw) != (c, c):  # padded last, as the release does: the padding is neither jittered nor flipped
         padded_image = np.empty((c, c, 3), np.uint8)
         padded_image[:] = PAD_RGB
         padded_label = np.full((c, c), cfg.ignore_index, label.dtype)
         padded_image[:ch, :cw] = image
         padded_label[:ch, :cw] = label
         image, label = padded_image, padded_label
-    if cfg.jitter:
-        image = photometric_jitter(image, rng)
-    if cfg.hflip and rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
@@ -207,28 +207,31 @@ def _resize_nearest(label: np.ndarray, nh: int, nw: int, y0: int = 0, x0: int = 
 
 
 def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """SSD-style colour jitter, each part with probability 1/2: brightness, contrast, saturation, hue."""
+    """The release's colour jitter (detectron2's ColorAugSSDTransform): brightness +-32, then contrast x[0.5, 1.5]
+    first or last, the HSV saturation x[0.5, 1.5] and the hue +-18 of OpenCV's 180 steps (+-36 degrees), each part
+    with probability 1/2 and the image clipped to 0..255 after each."""
     # Draw every random number up front so the sequence does not depend on which branches run.
     coins = rng.random(5)
     brightness, contrast, saturation = rng.uniform(-32, 32), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5)
-    hue = int(rng.integers(-18, 19))
-    img = image.astype(np.float32)
-    if coins[0] < 0.5:
-        img += brightness
+    hue = int(rng.integers(-18, 19))  # OpenCV's 8-bit hue: 2 degrees a step
+
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    img = convert(image, beta=brightness) if coins[0] < 0.5 else image
     contrast_first = coins[4] < 0.5
     if contrast_first and coins[1] < 0.5:
-        img = img * contrast
-    if coins[2] < 0.5:
-        gray = img @ np.float32([0.299, 0.587, 0.114])
-        img = gray[..., None] + (img - gray[..., None]) * saturation
-    if coins[3] < 0.5 and hue:
-        hsv = np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("HSV")).copy()
-        # PIL hue is 0..255 for 0..360 degrees; +-18 degrees is +-13 steps, wrapping around.
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(hue * 256 / 360)) % 256
-        img = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB")).astype(np.float32)
+        img = convert(img, alpha=contrast)
+    if coins[2] < 0.5 or (coins[3] < 0.5 and hue):
+        hsv = np.asarray(Image.fromarray(img).convert("HSV")).copy()
+        if coins[2] < 0.5:
+            hsv[..., 1] = convert(hsv[..., 1], alpha=saturation)
+        if coins[3] < 0.5:  # PIL's hue is 0..255 for 360 degrees, wrapping around
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(hue * 256 / 180)) % 256
+        img = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
     if not contrast_first and coins[1] < 0.5:
-        img = img * contrast
-    return np.clip(img, 0, 255).astype(np.uint8)
+        img = convert(img, alpha=contrast)
+    return img
 
 
 # -- the stream ----------------------------------------------------------------------------------------------------
