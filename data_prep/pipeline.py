@@ -425,11 +425,16 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     outdated: list[str] = []
     source_id = source.source_id(split)
     records: dict[int, shards.ShardRecord] = {}
+
+    def planned(record: shards.ShardRecord, i: int) -> bool:
+        """Whether shard i's record holds what the current sample list and shard size put there."""
+        return sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]) and record.source_id == source_id
+
     for i in range(num_shards):
         record = shards.read_shard_record(paths[i])
         if record is None:
             continue
-        if sorted(record.sample_keys()) != sorted(keys[i * size : (i + 1) * size]) or record.source_id != source_id:
+        if not planned(record, i):
             outdated.append(paths[i].name)  # made from another sample list or shard size: its part redoes it
         elif not record.skipped:
             records[i] = record
@@ -466,8 +471,7 @@ def convert_split(source: Source, split: str, options: ConvertOptions) -> Summar
     for i in range(num_shards):
         if i not in records and i % options.num_parts != options.part:
             record = shards.read_shard_record(paths[i])
-            if record is not None and record.source_id == source_id and \
-                    sorted(record.sample_keys()) == sorted(keys[i * size : (i + 1) * size]):
+            if record is not None and planned(record, i):
                 records[i] = record
     if len(records) == num_shards:
         info = source.info(split)

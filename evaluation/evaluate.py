@@ -105,6 +105,12 @@ class EvalConfig:
             return self.shard_dirs[bench.name]
         return bench.shard_dir(self.shards)
 
+    def check_all_shards(self) -> dict[str, dict]:
+        """Check every benchmark's shard folder and dataset.json (`check_shards`) before any work; returns each
+        benchmark's dataset.json by name."""
+        return {name: check_shards(bench, self.shard_dir(bench))
+                for name, bench in ((name, get_benchmark(name)) for name in self.benchmarks)}
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -396,8 +402,7 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
     out_dir = cfg.out if cfg.out is not None else default_out_dir(info)
     # every run has a step_00080000: a folder must not take another checkpoint's report
     check_report_folder(out_dir, info)
-    benches = [get_benchmark(name) for name in cfg.benchmarks]
-    shard_infos = {bench.name: check_shards(bench, cfg.shard_dir(bench)) for bench in benches}  # before any work
+    shard_infos = cfg.check_all_shards()
     from catseg.inference import prepare_inference
 
     model = load_model(info, state.device)
@@ -406,8 +411,9 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
 
     started = time.perf_counter()
     results, confusions, total_images = {}, {}, 0
-    for bench in benches:
-        name, shard_dir = bench.name, cfg.shard_dir(bench)
+    for name in cfg.benchmarks:
+        bench = get_benchmark(name)
+        shard_dir = cfg.shard_dir(bench)
         t0 = time.perf_counter()
         conf, images = evaluate_benchmark(
             model,

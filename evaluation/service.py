@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from evaluation.benchmarks import BENCHMARKS, get_benchmark, parse_benchmarks
+from evaluation.benchmarks import BENCHMARKS, parse_benchmarks
 from evaluation.evaluate import (
     PRECISIONS,
     EvalConfig,
     EvaluationInterrupted,
-    check_shards,
     parse_shard_dirs,
     process_state,
     resolve_checkpoint,
@@ -102,10 +101,7 @@ class ServiceConfig:
         self.out = Path(self.out) if self.out is not None else self.state_dir
         # Validates benchmarks, shard folders, limit and rule with the evaluation's own messages; each benchmark's
         # shards are checked now rather than at every checkpoint's evaluation.
-        config = self.eval_config(self.watch)
-        for name in self.benchmarks:
-            bench = get_benchmark(name)
-            check_shards(bench, config.shard_dir(bench))
+        self.eval_config(self.watch).check_all_shards()
 
     @property
     def state_dir(self) -> Path:

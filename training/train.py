@@ -98,8 +98,8 @@ def make_accelerator(cfg: RunConfig):
         else:
             raise ConfigError(f"DeepSpeed config {ds_file} (from the accelerate launch config) not found; launch from "
                               f"the repository root or give an absolute deepspeed_config_file")
-    forced_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
-    if forced_cpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # accelerate would quietly run DDP instead
+    forced_cpu, deepspeed = parse_flag_from_env("ACCELERATE_USE_CPU"), parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if forced_cpu and deepspeed:  # accelerate would quietly run DDP instead
         raise ConfigError("the accelerate launch config asks for DeepSpeed, but ACCELERATE_USE_CPU is set in the "
                           "environment, which makes accelerate leave DeepSpeed out and run plain DDP; unset it to run "
                           "DeepSpeed (on a machine without a GPU it uses the CPU by itself), or launch with "
@@ -113,7 +113,7 @@ def make_accelerator(cfg: RunConfig):
     on_cpu = not torch.cuda.is_available() or forced_cpu
     if on_cpu and world_info_from_env()[2] > 1:  # a backend given to a single process would wait for a group
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    if not deepspeed:
         return Accelerator(mixed_precision=cfg.train.mixed_precision or None,
                            gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
     precision = deepspeed_precision(cfg)
