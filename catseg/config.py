@@ -13,6 +13,13 @@ LAST_RESIDUALS = ("token", "cls")
 SYNONYM_RULES = ("mean", "first")
 
 
+def _int(name: str, value: Any, least: Optional[int], note: str = "") -> None:
+    """Refuse anything but an integer (>= least unless None; a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        bound = f" >= {least}" if least is not None else ""
+        raise ValueError(f"{name}={value!r} must be an integer{bound}{' ' + note if note else ''}")
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
@@ -94,41 +101,49 @@ class CatSegConfig:
         _choice("decoder_upsample", self.decoder_upsample, UPSAMPLERS)
         _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
         _choice("synonyms", self.synonyms, SYNONYM_RULES)
-        for name in ("zero_init_residual", "backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized", "class_pool_eval",
-                     "class_pooled_residual", "class_guidance_norm", "class_attention_proj"):
+        for name in ("zero_init_residual", "backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized",
+                     "class_pool_eval", "class_pooled_residual", "class_guidance_norm", "class_attention_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if not isinstance(self.class_pad_to, int) or self.class_pad_to < 0:
-            raise ValueError(f"class_pad_to={self.class_pad_to!r} must be an integer >= 0 (0 = no padding)")
-        for name in ("image_size", "clip_image_size", "embed_dim", "num_heads", "window_size", "inference_size",
-                     "inference_stride", "class_pool_train"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        _int("class_pad_to", self.class_pad_to, 0, "(0 = no padding)")
+        for name in ("image_size", "clip_image_size", "clip_context_length", "embed_dim", "num_heads", "window_size",
+                     "inference_size", "inference_stride", "class_pool_train"):
+            _int(name, getattr(self, name), 1)
+        _int("num_layers", self.num_layers, 0)
+        for name in ("appearance_guidance_dim", "text_guidance_dim"):
+            _int(name, getattr(self, name), 0, "(0 = no guidance)")
+        for name in ("class_chunk_size", "top_k_classes"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 1, "or None")
+        ratio = self.mlp_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio * self.embed_dim >= 1:
+            raise ValueError(f"mlp_ratio={ratio!r} must be a number with mlp_ratio * embed_dim >= 1 (the MLP's "
+                             f"hidden width; embed_dim={self.embed_dim})")
         rate = self.backbone_drop_path_rate
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1):
             raise ValueError(f"backbone_drop_path_rate={rate!r} must be a number in [0, 1) or None (timm's default)")
-        if self.num_layers < 0:
-            raise ValueError(f"num_layers={self.num_layers} must be >= 0")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
-        self.decoder_dims = tuple(self.decoder_dims)
-        self.decoder_guidance_dims = tuple(self.decoder_guidance_dims)
-        self.backbone_indices = tuple(self.backbone_indices)
-        self.clip_guidance_layers = tuple(self.clip_guidance_layers)
-        self.clip_guidance_upsample_dims = tuple(self.clip_guidance_upsample_dims)
+        for name, least in (("decoder_dims", 1), ("decoder_guidance_dims", 0), ("backbone_indices", None),
+                            ("clip_guidance_layers", 1), ("clip_guidance_upsample_dims", 1)):
+            values = getattr(self, name)
+            if (isinstance(values, (str, bytes)) or not hasattr(values, "__iter__")
+                    or any(isinstance(v, bool) or not isinstance(v, int) or (least is not None and v < least)
+                           for v in values)):
+                raise ValueError(f"{name}={values!r} must be a list of integers"
+                                 f"{f' >= {least}' if least is not None else ''}")
+            setattr(self, name, tuple(values))
         if len(self.decoder_dims) != len(self.decoder_guidance_dims):
             raise ValueError(f"decoder_dims {self.decoder_dims} and decoder_guidance_dims "
                              f"{self.decoder_guidance_dims} must have the same length (one per decoder stage)")
         if self.backbone in ("resnet", "swin") and len(self.backbone_indices) != len(self.decoder_dims) + 1:
             raise ValueError(f"backbone_indices {self.backbone_indices} must name {len(self.decoder_dims) + 1} feature "
                              f"stages: the guidance stage and one per decoder stage (decoder_dims {self.decoder_dims})")
-        if self.backbone == "clip" and len(self.clip_guidance_layers) != len(self.decoder_dims):
-            raise ValueError(f"backbone='clip' needs one clip_guidance_layers entry per decoder stage "
-                             f"({len(self.decoder_dims)}), got {self.clip_guidance_layers}")
-        if self.class_chunk_size is not None and self.class_chunk_size <= 0:
-            raise ValueError(f"class_chunk_size={self.class_chunk_size} must be a positive integer or None")
-        if self.top_k_classes is not None and self.top_k_classes <= 0:
-            raise ValueError(f"top_k_classes={self.top_k_classes} must be a positive integer or None")
+        if self.backbone == "clip":
+            for name in ("clip_guidance_layers", "clip_guidance_upsample_dims"):
+                if len(getattr(self, name)) != len(self.decoder_dims):
+                    raise ValueError(f"backbone='clip' needs one {name} entry per decoder stage "
+                                     f"({len(self.decoder_dims)}), got {getattr(self, name)}")
         if self.inference_size < self.image_size:
             raise ValueError(f"inference_size={self.inference_size} must be >= image_size={self.image_size}")
         if self.inference_stride > self.image_size:

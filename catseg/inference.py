@@ -112,8 +112,13 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
 
 
 def _as_list(images) -> list[torch.Tensor]:
+    """A batch (B, 3, H, W) or a list of images -> float (3, H, W) images in [0, 1] (a batch checked at once)."""
     if torch.is_tensor(images) and images.ndim == 4:
-        return list(images)
+        if images.shape[1] != 3:
+            raise ValueError(f"image batch must be (B, 3, H, W), got {tuple(images.shape)}")
+        if not (images.shape[2] and images.shape[3]):
+            raise ValueError(f"image batch is empty ({images.shape[2]}x{images.shape[3]} pixels)")
+        return list(_unit_range(images, "image batch"))
     return [to_image_tensor(im) for im in images]
 
 
@@ -128,7 +133,7 @@ def make_views(model: CatSeg, images: Sequence[torch.Tensor]) -> torch.Tensor:
         big = F.interpolate(im, size=(size, size), mode="bilinear", align_corners=False)
         views += [big[..., y:y + s, x:x + s] for y in offs for x in offs]
         views.append(F.interpolate(im, size=(s, s), mode="bilinear", align_corners=False))
-    return torch.cat(views).clamp_(0, 1)
+    return torch.cat(views).clamp_(0, 1)  # inputs are checked; this only catches the resize's rounding
 
 
 @tensor_cache(maxsize=32)

@@ -75,8 +75,13 @@ class TimmBackbone(nn.Module):
             kwargs["pretrained_cfg_overlay"] = {"file": weights}
         if cfg.backbone_drop_path_rate is not None:
             kwargs["drop_path_rate"] = cfg.backbone_drop_path_rate
-        self.body = timm.create_model(cfg.backbone_model, pretrained=weights is not None, features_only=True,
-                                      out_indices=cfg.backbone_indices, **kwargs)
+        try:
+            self.body = timm.create_model(cfg.backbone_model, pretrained=weights is not None, features_only=True,
+                                          out_indices=cfg.backbone_indices, **kwargs)
+        except IndexError:  # a stage the model does not have
+            stages = len(timm.create_model(cfg.backbone_model, pretrained=False, features_only=True).feature_info)
+            raise ValueError(f"backbone_indices={cfg.backbone_indices} name a feature stage that {cfg.backbone_model} "
+                             f"does not have; its stages are 0..{stages - 1}") from None
         use_fused_window_attention(self.body)  # a Swin body's windows through fused attention
         self.channels = list(self.body.feature_info.channels())
         self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
@@ -278,8 +283,8 @@ class CatSeg(nn.Module):
         device = self.clip.model.token_embedding.weight.device
         key = (tuple(class_names), str(device), self.text_state())
         hit = self._text_cache.get(key)
-        if hit is None:
-            with torch.no_grad():
+        if hit is None:  # computed in the weights' precision (fp32) also under autocast: the cache serves every call
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 hit = self.clip.encode_text(list(class_names)).float()
             self._text_cache[key] = hit
             while len(self._text_cache) > 8:
@@ -302,7 +307,7 @@ class CatSeg(nn.Module):
                              f"{images.shape[-2]}x{images.shape[-1]}; use catseg.inference for other sizes")
         if self.check_inputs and images.numel():
             lo, hi = torch.aminmax(images.detach())
-            if lo.item() < 0 or hi.item() > 1:
+            if not (lo.item() >= 0 and hi.item() <= 1):  # also catches NaN
                 raise ValueError(f"image values must lie in [0, 1] (RGB / 255), got min {lo.item():.3g} max "
                                  f"{hi.item():.3g}")
         self.validate_class_names(class_names, self.config.synonyms)

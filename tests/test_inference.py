@@ -145,6 +145,22 @@ def test_segmenter_bad_input(tiny_model, tmp_path):
             Segmenter(tiny_model, batch_size=size)
 
 
+def test_image_batches_are_checked_like_single_images():
+    """predict_labels / patch_inference take a (B, 3, H, W) batch: uint8 scaled as a single image is, float values
+    outside [0, 1] (0..255 floats, NaN) refused, never clamped into range."""
+    model = PositionModel(image_size=64, inference_size=96, stride=32)
+    batch = torch.stack([ramp_image(100), ramp_image(100).flip(-1)])
+    as_uint8 = (batch * 255).round().to(torch.uint8)
+    torch.testing.assert_close(patch_inference(model, as_uint8, ["x", "y"]),
+                               patch_inference(model, as_uint8.float() / 255, ["x", "y"]))
+    for bad in (as_uint8.float(), batch.masked_fill(batch > 0.5, float("nan"))):
+        for run in (patch_inference, predict_labels):
+            with pytest.raises(ValueError, match=r"float image batch values must lie in \[0, 1\]"):
+                run(model, bad, ["x", "y"])
+    with pytest.raises(ValueError, match=r"image batch must be \(B, 3, H, W\), got \(2, 1, 100, 100\)"):
+        predict_labels(model, batch[:, :1], ["x", "y"])
+
+
 def test_images_are_read_as_viewers_show_them_and_never_clamped(tmp_path):
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)

@@ -340,6 +340,22 @@ def test_pretrained_clip_positional_embedding_is_resized_bicubic(tmp_path):
 
 
 # -- text embeddings ---------------------------------------------------------------------------------------------
+def test_cached_text_embeddings_are_fp32_whatever_autocast_the_first_call_ran_under():
+    """The cache serves every later call, in any precision: its embeddings are computed in fp32 even when the first
+    call comes from a bf16 autocast region (bf16 inference), so results do not depend on the order of calls."""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny").eval()
+    with torch.no_grad():
+        fp32 = model.clip.encode_text(["cat", "dog"])
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+        with bf16:
+            assert not torch.allclose(model.clip.encode_text(["cat", "dog"]).float(), fp32, atol=1e-4)
+            first = model.text_embeddings(["cat", "dog"])
+    assert first.dtype == torch.float32
+    torch.testing.assert_close(first, fp32, rtol=0, atol=1e-6)
+    assert model.text_embeddings(["cat", "dog"]) is first
+
+
 def test_text_cache_per_vocabulary(tiny_model):
     a = tiny_model.text_embeddings(["cat", "dog"])
     assert tiny_model.text_embeddings(["cat", "dog"]) is a  # cached
@@ -471,6 +487,10 @@ def test_bad_input(tiny_model):
         tiny_model(images(1), ["cat", " "])
     with pytest.raises(ValueError, match=r"not only commas\), got \[' , '\]"):
         tiny_model(images(1), ["cat", " , "])  # no synonym left: its embedding would be 0 / 0
+    nan = images(1)
+    nan[0, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # NaN compares false with both bounds
+        tiny_model(nan, names(2))
 
 
 def test_config_validation():
@@ -487,6 +507,34 @@ def test_config_validation():
         catseg.create_model("catseg_tiny", backbone_indices=(2, 3))
     with pytest.raises(TypeError, match="pretrained must be False, True or a .safetensors path, got int 1"):
         catseg.create_model("catseg_tiny", pretrained=1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_layers", "2", "num_layers='2' must be an integer >= 0"),
+    ("num_layers", 1.5, "num_layers=1.5 must be an integer >= 0"),
+    ("window_size", True, "window_size=True must be an integer >= 1"),  # a bool is no size (True would be 1)
+    ("class_chunk_size", "a", "class_chunk_size='a' must be an integer >= 1 or None"),
+    ("clip_context_length", 0, "clip_context_length=0 must be an integer >= 1"),
+    ("appearance_guidance_dim", -4, r"appearance_guidance_dim=-4 must be an integer >= 0 \(0 = no guidance\)"),
+    ("text_guidance_dim", "a", "text_guidance_dim='a' must be an integer >= 0"),
+    ("mlp_ratio", 0, r"mlp_ratio=0 must be a number with mlp_ratio \* embed_dim >= 1"),
+    ("mlp_ratio", -1, r"mlp_ratio=-1 must be a number"),
+    ("decoder_dims", (0, 8), r"decoder_dims=\(0, 8\) must be a list of integers >= 1"),
+    ("decoder_dims", 5, "decoder_dims=5 must be a list of integers"),
+    ("backbone_indices", ("a", 1, 2), r"backbone_indices=\('a', 1, 2\) must be a list of integers"),
+])
+def test_config_values_of_the_wrong_kind_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("catseg_tiny", **{field: value})
+
+
+def test_backbone_stages_and_clip_guidance_widths_are_checked():
+    with pytest.raises(ValueError, match=r"backbone_indices=\(1, 2, 9\) name a feature stage that resnet10t does "
+                                         r"not have; its stages are 0\.\.4"):
+        catseg.create_model("catseg_tiny", backbone_indices=(1, 2, 9))
+    for dims in ((32,), (32, 16, 8)):  # one transposed convolution per decoder stage
+        with pytest.raises(ValueError, match="needs one clip_guidance_upsample_dims entry per decoder stage"):
+            get_config("catseg2_tiny", clip_guidance_upsample_dims=dims)
 
 
 def test_zero_init_blocks_start_as_identity():
