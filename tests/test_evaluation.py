@@ -19,6 +19,8 @@ from evaluation.evaluate import EvalConfig, main, resolve_checkpoint
 from evaluation.metrics import summarize
 from training.checkpoint import checkpoint_name
 
+from test_training_fixtures import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -235,7 +237,8 @@ def test_two_processes_give_the_same_counts_as_one(synthetic_root, run_dir, tmp_
     assert main(args + ["--out", str(tmp_path / "one"), "--no-progress"]) == 0
     env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "evaluation.evaluate"]
+              "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "evaluation.evaluate"]
     proc = subprocess.run(launch + args + ["--out", str(tmp_path / "two"), "--no-progress"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
