@@ -40,7 +40,7 @@ def _compiled(block: ClassAggregation, compile: bool) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="catseg_vitb16_r101")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--classes", type=int, default=None, help="inference classes (default: 847 on a GPU, 24 on a CPU)")

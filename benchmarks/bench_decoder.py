@@ -30,7 +30,7 @@ from catseg.inference import decoder_channels_last, stencil_upsampling  # noqa: 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="catseg_vitb16_r101")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--maps", type=int, default=None, help="class maps per call (default: 640 on a GPU, 20 on a CPU)")

@@ -21,7 +21,7 @@ import torch
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="catseg_vitb16_r101")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)

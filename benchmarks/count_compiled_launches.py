@@ -95,7 +95,7 @@ def eager_operators(preset: str, batch: int, classes: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="catseg_tiny")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--classes", type=int, default=171)

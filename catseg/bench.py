@@ -335,7 +335,8 @@ def _trace(args, what: str) -> Optional[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The bench's command line, checked (argparse exits with a message on a bad one)."""
-    p = argparse.ArgumentParser(description="CAT-Seg speed/memory benchmark (random weights)")
+    p = argparse.ArgumentParser(prog="python -m catseg.bench",
+                                description="CAT-Seg speed/memory benchmark (random weights)")
     p.add_argument("--preset", default="catseg_tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     run([accelerate, "launch", "--config_file", "launch/cpu.yaml", "training/train.py",
          "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir), "--resume", "none",
          "--set", f"data.root={data / 'synthetic' / 'train'}", f"train.steps={args.steps}",
-         f"train.ckpt_every={ckpt_every}", f"schedule.warmup_steps={min(20, args.steps // 10)}"],
+         f"train.ckpt_every={ckpt_every}", f"schedule.warmup_steps={min(10, args.steps // 10)}"],
         "2/4 training catseg_tiny with two CPU processes", env={"ACCELERATE_USE_CPU": "true"})
 
     from catseg.files import write_json_atomic
