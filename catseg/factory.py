@@ -8,7 +8,8 @@ from typing import Union
 from .clip import download_clip_weights, load_clip_weights
 from .model import CatSeg
 from .presets import PRESETS, get_config
-from .weights import backbone_weights_file, clip_weights_file, load_weights
+from .weights import (backbone_weights_file, check_weights_file, clip_weights_file, load_weights, read_overrides,
+                      read_preset)
 
 
 def list_models() -> list[str]:
@@ -21,11 +22,16 @@ def create_model(name: str, pretrained: Union[bool, str, os.PathLike] = False, *
 
     pretrained=False: random weights, no network. True: the preset's open_clip and timm weights (from
     `weights_dir` when set, else downloaded by name). A path: a .safetensors file written by save_weights, or a
-    training checkpoint folder (its model.safetensors).
+    training checkpoint folder (its model.safetensors); the config fields it was saved with where they differ from
+    the preset's (an ablation's, say) apply too, under `overrides`.
     """
     if not isinstance(pretrained, (bool, str, os.PathLike)) and pretrained is not None:
         raise TypeError(f"pretrained must be False, True or a .safetensors path, got {type(pretrained).__name__} "
                         f"{pretrained!r}")
+    if pretrained not in (False, None, True):  # a weights file rebuilds the model it was saved from
+        path = check_weights_file(pretrained)
+        if read_preset(path) == name:
+            overrides = {**read_overrides(path), **overrides}
     cfg = get_config(name, **overrides)
     if pretrained is True:
         return _with_pretrained_parts(cfg)

@@ -71,3 +71,16 @@ def get_config(name: str, **overrides) -> CatSegConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
     return CatSegConfig(name=name, **PRESETS[name]).replace(**overrides)
+
+
+NOT_OVERRIDES = ("name", "weights_dir")  # config fields that are no part of a model: its name, where weights are kept
+
+
+def preset_overrides(cfg: CatSegConfig) -> dict:
+    """The fields of `cfg` that differ from its preset's ({} for a config of no preset), JSON-ready (tuples as
+    lists): with the preset's name they rebuild the model, as create_model(cfg.name, **overrides)."""
+    if cfg.name not in PRESETS:
+        return {}
+    base, own = CatSegConfig(name=cfg.name, **PRESETS[cfg.name]).to_dict(), cfg.to_dict()
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in own.items()
+            if k not in NOT_OVERRIDES and v != base[k]}

@@ -1,6 +1,7 @@
 """Model weights as safetensors (no pickles), and the pretrained CLIP/backbone files of a preset."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CatSegConfig
+from .presets import preset_overrides
 
 
 def current_umask() -> int:
@@ -44,8 +46,13 @@ def write_safetensors(state: dict, path: str | os.PathLike, metadata: Optional[d
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's weights to `path` (.safetensors) atomically, tagged with the preset name."""
-    return write_safetensors(model.state_dict(), path, {"format": "catseg", "preset": model.config.name})
+    """Write the model's weights to `path` (.safetensors) atomically, tagged with the preset name and the config
+    fields that differ from the preset's (see `read_overrides`)."""
+    metadata = {"format": "catseg", "preset": model.config.name}
+    overrides = preset_overrides(model.config)
+    if overrides:
+        metadata["overrides"] = json.dumps(overrides, sort_keys=True)
+    return write_safetensors(model.state_dict(), path, metadata)
 
 
 WEIGHTS_FILE = "model.safetensors"  # the weights of a training checkpoint folder
@@ -58,6 +65,26 @@ def read_preset(path: str | os.PathLike) -> Optional[str]:
             return (f.metadata() or {}).get("preset")
     except Exception as error:  # safetensors raises its own SafetensorError for a torn or foreign file
         raise ValueError(f"{str(path)!r} is not a readable safetensors weights file ({error})") from error
+
+
+def read_overrides(path: str | os.PathLike) -> dict:
+    """The model config fields a weights file was saved with where they differ from its preset's (an ablation's
+    `num_layers=1`, say): create_model(preset, pretrained=path) rebuilds that model. {} when there are none."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("overrides")
+    except Exception as error:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors weights file ({error})") from error
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except ValueError:
+        overrides = None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{str(path)!r}: its 'overrides' metadata is not a JSON object of model config fields: "
+                         f"{text[:200]!r}")
+    return overrides
 
 
 def check_weights_file(path: str | os.PathLike) -> Path:
@@ -87,17 +114,21 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{str(path)!r} holds weights of preset {preset!r}, not {model.config.name!r}; "
                          f"build the model with create_model({preset!r}, pretrained=...)")
     state = load_file(str(path), device=str(next(model.parameters()).device))
+    saved, own_overrides = read_overrides(path), preset_overrides(model.config)
+    hint = (f"; the file was saved with config overrides {saved or 'none'} (this model: {own_overrides or 'none'}): "
+            f"create_model({model.config.name!r}, pretrained=path) builds the model it holds"
+            if saved != own_overrides else
+            "; were the weights written with other overrides (embed_dim, prompt_templates, ...)?")
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
              if k in own and own[k].shape != v.shape]
     if wrong:
         raise ValueError(f"{str(path)!r} does not fit preset {model.config.name!r} as configured: {len(wrong)} tensors "
-                         f"differ in shape, e.g. {'; '.join(wrong[:3])}; were the weights written with other "
-                         f"overrides (embed_dim, prompt_templates, ...)?")
+                         f"differ in shape, e.g. {'; '.join(wrong[:3])}{hint}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{str(path)!r} does not match preset {model.config.name!r}: missing "
-                         f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
+                         f"{result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}{hint}")
 
 
 def clip_weights_file(cfg: CatSegConfig, weights_dir: str | os.PathLike) -> Path:

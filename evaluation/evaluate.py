@@ -172,8 +172,7 @@ def load_model(info: CheckpointInfo, device):
 
     import catseg
 
-    model = catseg.create_model(info.preset)
-    catseg.load_weights(model, info.weights)
+    model = catseg.create_model(info.preset, pretrained=info.weights)  # with the config fields it was saved with
     torch.backends.cudnn.benchmark = True  # one vocabulary per benchmark: fixed shapes, so time cuDNN's algorithms
     return model.eval().to(device)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from test_training_fixtures import PYTHON, REPO, free_port, write_synthetic
 from training import checkpoint as ckpt
@@ -70,6 +71,12 @@ def test_every_run_config_loads_with_a_known_preset_and_the_paper_recipe():
     (["train.compile_mode=fast"], "train.compile_mode = 'fast'; choose one of: '', default, reduce-overhead"),
     (["train.stencil_upsampling=true"], "train.stencil_upsampling = true acts on compiled code only; set "
                                         "train.compile: true as well"),
+    (["model.overrides.num_layer=1"], "model.overrides {'num_layer': 1}: unknown model config field(s) ['num_layer']"),
+    (["model.overrides.num_layers=one"], "num_layers='one' must be an integer >= 0"),
+    (["model.overrides=3"], "model.overrides = 3 has the wrong type; expected a mapping of names to values"),
+    (["model.overrides.name=catseg_vitb16_r101"],
+     "model.overrides.name: a model's name is its preset; set model.preset"),
+    (["model.overrides.weights_dir=/w"], "model.overrides.weights_dir: set model.weights_dir instead"),
 ])
 def test_bad_config_values_are_errors_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
@@ -486,6 +493,37 @@ def test_pretrained_weights_of_another_preset_are_refused(tmp_path, synthetic, c
     code = train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(tmp_path / "run"),
                        "--set", f"data.root={synthetic / 'train'}", f"model.pretrained={missing}"])
     assert code == 2 and f"weights file '{missing}' does not exist" in capsys.readouterr().err
+
+
+def test_an_ablation_trains_from_model_overrides_and_its_weights_rebuild_it(tmp_path, synthetic):
+    """The paper's ablations train from the run config (`model.overrides`); the checkpoint's weights record them, so
+    create_model and the evaluation build the ablated model from the weights alone."""
+    import catseg
+    from catseg.weights import read_overrides
+    from evaluation.evaluate import main as eval_main
+
+    run_dir = tmp_path / "run"
+    code = train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
+                       f"data.root={synthetic / 'train'}", "train.steps=2", "schedule.warmup_steps=0",
+                       "data.workers=0", "model.overrides.num_layers=1", "model.overrides.class_aggregation=false",
+                       "model.overrides.decoder_guidance_dims=[4, 4]"])
+    assert code == 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["overrides"] == {
+        "num_layers": 1, "class_aggregation": False, "decoder_guidance_dims": [4, 4]}
+    last = ckpt.latest_checkpoint(run_dir)
+    weights = last / "model.safetensors"
+    assert read_overrides(weights) == {"num_layers": 1, "class_aggregation": False, "decoder_guidance_dims": [4, 4]}
+    model = catseg.create_model("catseg_tiny", pretrained=last)
+    assert len(model.layers) == 1 and model.layers[0].klass is None and model.config.decoder_guidance_dims == (4, 4)
+    with pytest.raises(ValueError, match=r"does not fit preset 'catseg_tiny' as configured.*the file was saved with "
+                                         r"config overrides \{'class_aggregation': False, 'decoder_guidance_dims': "
+                                         r"\[4, 4\], 'num_layers': 1\} \(this model: none\): "
+                                         r"create_model\('catseg_tiny', pretrained=path\) builds the model it holds"):
+        catseg.load_weights(catseg.create_model("catseg_tiny"), weights)  # the preset's own architecture
+    out = tmp_path / "eval"
+    assert eval_main(["--checkpoint", str(last), "--benchmarks", "synthetic", "--shards", str(synthetic.parent),
+                      "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "report.json").read_text())["images"] == 8
 
 
 def test_missing_default_shards_say_which_command_makes_them(tmp_path, capsys, monkeypatch):

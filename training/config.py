@@ -41,10 +41,23 @@ class ModelConfig:
     clip_finetune: str = ""
     activation_checkpointing: bool = False  # recompute transformer blocks in backward to save memory (big presets)
     weights_dir: str = ""  # folder of pre-fetched CLIP/backbone weights (`python -m catseg.download`); empty = download
+    # model config fields (catseg.CatSegConfig) that differ from the preset's, e.g. {num_layers: 1,
+    # spatial_aggregation: false} for the paper's ablations; the weights files record them, so the evaluation and
+    # `catseg segment` rebuild the same model
+    overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _choice("model.clip_finetune", self.clip_finetune, FINETUNE_MODES)
         _check(bool(self.preset), "model.preset is empty; name a preset from catseg.list_models()")
+        if self.overrides:  # checked against the preset now, not when the processes have started
+            from catseg.presets import get_config
+
+            _check("name" not in self.overrides, "model.overrides.name: a model's name is its preset; set model.preset")
+            _check("weights_dir" not in self.overrides, "model.overrides.weights_dir: set model.weights_dir instead")
+            try:
+                get_config(self.preset, **self.overrides)
+            except ValueError as e:
+                raise ConfigError(f"model.overrides {self.overrides}: {e}") from None
 
 
 @dataclass
@@ -233,6 +246,10 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: {key} = {value!r} has the wrong type; expected an integer")
         return value
+    if tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: {key} = {value!r} has the wrong type; expected a mapping of names to values")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} = {value!r} has the wrong type; expected a string")

@@ -253,8 +253,8 @@ class Trainer:
 
         pretrained = cfg.model.pretrained
         model = catseg.create_model(cfg.model.preset, pretrained=pretrained if isinstance(pretrained, bool) else
-                                    Path(pretrained), **({"weights_dir": cfg.model.weights_dir}
-                                                         if cfg.model.weights_dir else {}))
+                                    Path(pretrained), **cfg.model.overrides,
+                                    **({"weights_dir": cfg.model.weights_dir} if cfg.model.weights_dir else {}))
         model.set_clip_trainable(cfg.model.clip_finetune or model.config.finetune)
         model.set_grad_checkpointing(cfg.model.activation_checkpointing)
         model.check_inputs = False  # the loader only produces [0, 1] images; skip the per-step host sync
