@@ -67,7 +67,7 @@ def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
         raise ValueError(f"{what} of dtype {str(t.dtype).replace('torch.', '')} is not supported; give uint8 "
                          f"(0..255), uint16 (0..65535) or float values in [0, 1]")
     t = t.float()
-    if t.numel():
+    if t.numel() and not kernels.is_fake(t):  # fake tensors (memory counting) have no values to check
         lo, hi = torch.aminmax(t)
         if not (lo >= 0 and hi <= 1):  # also catches NaN
             raise ValueError(f"float {what} values must lie in [0, 1] (RGB / 255), got min {lo.item():.3g} max "
