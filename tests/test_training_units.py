@@ -205,6 +205,15 @@ def test_pixel_bce_masks_ignore_pixels_or_uses_zero_targets():
     # logits at a quarter of the label size are upsampled to it
     loss = PixelBCECriterion(255)(torch.zeros(2, 3, 4, 4), torch.zeros(2, 16, 16, dtype=torch.long))
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    # each image weighs the same, however many of its pixels are labelled: the batch's loss is the mean of the
+    # images' losses, so it does not change with how a batch is split into micro-batches
+    logits, labels = torch.randn(3, 4, 5, 5), torch.randint(0, 4, (3, 5, 5))
+    labels[0, 1:] = 255  # most of the first image is padding
+    criterion = PixelBCECriterion(255)
+    alone = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(criterion(logits, labels), alone.mean())
+    labels[2] = 255  # nothing labelled: the image adds nothing and still counts
+    torch.testing.assert_close(criterion(logits, labels), alone[:2].sum() / 3)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------------
@@ -524,6 +533,29 @@ def test_an_ablation_trains_from_model_overrides_and_its_weights_rebuild_it(tmp_
     assert eval_main(["--checkpoint", str(last), "--benchmarks", "synthetic", "--shards", str(synthetic.parent),
                       "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "report.json").read_text())["images"] == 8
+
+
+def test_accumulated_micro_batches_train_as_the_whole_batch(tmp_path, synthetic):
+    """train.grad_accum=2 (two micro-batches of 2) takes the steps a batch of 4 takes: with the same images (no
+    random augmentation) and batch-independent normalisation (frozen BatchNorm), the same gradient norm and loss at
+    every step (the launch configs' 4 processes of one image each, on fewer GPUs). Single weights are not compared:
+    Adam turns rounding-level differences of near-zero gradients into steps of the learning rate's size."""
+    from test_training_fixtures import metrics
+
+    runs = {}
+    for accum in (1, 2):
+        run_dir = tmp_path / f"accum{accum}"
+        assert train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
+                           f"data.root={synthetic / 'train'}", "train.steps=3", "train.batch_size=4",
+                           f"train.grad_accum={accum}", "train.log_every=1", "schedule.warmup_steps=0",
+                           "data.workers=0", "train.deterministic=true", "data.jitter=false", "data.hflip=false",
+                           "data.scale_range=[1, 1]", "data.shuffle_buffer=1",
+                           "model.overrides.backbone_frozen_bn=true"]) == 0
+        runs[accum] = metrics(run_dir)
+    assert [m["step"] for m in runs[1]] == [m["step"] for m in runs[2]] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in runs[2]] == pytest.approx([m[key] for m in runs[1]], rel=1e-4), key
+    assert runs[1][2]["loss"] < 0.9 * runs[1][0]["loss"]  # the steps did train
 
 
 def test_missing_default_shards_say_which_command_makes_them(tmp_path, capsys, monkeypatch):

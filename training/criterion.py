@@ -11,7 +11,8 @@ class PixelBCECriterion:
     """Per-pixel, per-class binary cross-entropy with logits against one-hot targets.
 
     Logits (B, N, h, w) are upsampled bilinearly to the label size (B, H, W). With ``mask_ignore`` the pixels
-    labelled ``ignore_index`` carry no loss; without it they get an all-zero target, as in the reference release.
+    labelled ``ignore_index`` carry no loss and each image weighs the same; without it they get an all-zero target,
+    as in the reference release.
     """
 
     def __init__(self, ignore_index: int = 255, mask_ignore: bool = True):
@@ -26,5 +27,8 @@ class PixelBCECriterion:
         per_pixel = one_hot_bce_with_logits(logits, labels, valid)  # summed over classes
         if not self.mask_ignore:
             return per_pixel.sum() / logits.numel()
-        # Normalise by the labelled pixels so that batches with much padding do not weigh less.
-        return (per_pixel * valid).sum() / (valid.sum() * num_classes).clamp(min=1)
+        # Each image's mean over its labelled pixels (an image with much padding does not weigh less), then the mean
+        # over images: as the reference's one image per GPU averaged over GPUs, and the same loss however a global
+        # batch is split over processes and accumulation steps.
+        dims = tuple(range(1, per_pixel.ndim))
+        return ((per_pixel * valid).sum(dims) / (valid.sum(dims) * num_classes).clamp(min=1)).mean()
