@@ -55,6 +55,15 @@ def test_segment_folder_end_to_end(workspace):
         for i, name in enumerate(record["class_names"]):
             assert abs(record["areas"].get(name, 0.0) - counts[i]) < 1e-9
     assert not list(out.glob(".*"))  # no temporary files left
+    # the label maps are the checkpoint's: what catseg.Segmenter predicts with its weights, not another model's
+    names = ["cat", "dog", "grass"]
+    own = catseg.Segmenter(catseg.create_model("catseg_tiny", pretrained=workspace / "tiny.safetensors"), device="cpu")
+    torch.manual_seed(1)
+    other = catseg.Segmenter(catseg.create_model("catseg_tiny"), device="cpu")
+    for path, stem in ((workspace / "images" / "a.jpg", "a"), (workspace / "images" / "sub" / "b.png", "b")):
+        labels = np.array(Image.open(out / f"{stem}_labels.png"))
+        np.testing.assert_array_equal(labels, own.predict(path, names)[0].labels)
+        assert not np.array_equal(labels, other.predict(path, names)[0].labels)
 
 
 def test_segment_with_benchmark_vocab_and_16bit_labels(workspace):

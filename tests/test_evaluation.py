@@ -16,7 +16,8 @@ import catseg
 from data_prep import shards as shard_format
 from data_prep.synthetic import CLASS_NAMES, SyntheticConfig, write_synthetic
 from evaluation.evaluate import EvalConfig, main, resolve_checkpoint
-from evaluation.metrics import summarize
+from catseg.inference import Segmenter
+from evaluation.metrics import confusion_matrix, summarize
 from training.checkpoint import checkpoint_name
 
 from test_training_fixtures import free_port
@@ -72,8 +73,17 @@ def test_evaluate_end_to_end_on_synthetic_shards(synthetic_root, run_dir, tmp_pa
 
     conf = np.load(out / "synthetic_confusion.npy")
     assert conf.dtype == np.int64 and conf.shape == (8, 8)
-    # Every non-ignore ground-truth pixel of the first five images, each counted once.
+    # Every non-ignore ground-truth pixel of the first five images, each counted once, against the checkpoint's own
+    # predictions: the label maps catseg.Segmenter gives for the same images.
     assert conf.sum() == _valid_pixels(synthetic_root / "synthetic" / "val", 5)
+    seg = Segmenter(catseg.create_model("catseg_tiny", pretrained=_ckpt(run_dir)), device="cpu", precision="fp32")
+    own, mirrored = np.zeros((8, 8), np.int64), np.zeros((8, 8), np.int64)
+    for _, (image, gt, record) in zip(range(5), shard_format.iter_samples(synthetic_root / "synthetic" / "val")):
+        labels = np.asarray(seg.predict(image, CLASS_NAMES)[0].labels)
+        own += confusion_matrix(labels, gt, 8, record["ignore_index"])
+        mirrored += confusion_matrix(labels[:, ::-1], gt, 8, record["ignore_index"])
+    np.testing.assert_array_equal(conf, own)
+    assert not np.array_equal(mirrored, own)  # the comparison sees where each label lies
     expected = summarize(conf)
     assert result["miou"] == pytest.approx(expected["miou"])
     assert result["fwiou"] == pytest.approx(expected["fwiou"])

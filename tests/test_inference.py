@@ -1,4 +1,5 @@
 """Patch inference, the Segmenter API, chunked label maps and bounded memory."""
+import copy
 import subprocess
 import sys
 import textwrap
@@ -95,13 +96,20 @@ def test_predict_labels_independent_of_chunks(tiny_model):
     torch.testing.assert_close(sa, sb)
 
 
-def test_segmenter_accepts_paths_pil_arrays_and_modes(tiny_model, tmp_path):
+@pytest.fixture
+def own_tiny_model(tiny_model):
+    """A copy of the session's tiny model for a Segmenter, which prepares the model it is given for inference (class
+    chunk, channels-last, decoder settings): the shared model stays as the other tests expect it."""
+    return copy.deepcopy(tiny_model)
+
+
+def test_segmenter_accepts_paths_pil_arrays_and_modes(own_tiny_model, tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png")
     gray = Image.fromarray(rng.integers(0, 255, (50, 40), dtype=np.uint8), mode="L")
     rgba = Image.fromarray(rng.integers(0, 255, (33, 61, 4), dtype=np.uint8), mode="RGBA")
-    seg = Segmenter(tiny_model, device="cpu", batch_size=2)
+    seg = Segmenter(own_tiny_model, device="cpu", batch_size=2)
     preds = seg.predict([tmp_path / "a.png", gray, rgba, rgb, torch.rand(3, 64, 64)], ["sky", "tree", "road"])
     assert [p.labels.shape for p in preds] == [(70, 90), (50, 40), (33, 61), (70, 90), (64, 64)]
     assert np.array_equal(preds[0].labels, preds[3].labels)  # same pixels, path or array
@@ -117,7 +125,8 @@ def test_segmenter_accepts_paths_pil_arrays_and_modes(tiny_model, tmp_path):
     assert len(stacked) == 2 and all(np.array_equal(p.labels, preds[0].labels) for p in stacked)
 
 
-def test_segmenter_bad_input(tiny_model, tmp_path):
+def test_segmenter_bad_input(own_tiny_model, tmp_path):
+    tiny_model = own_tiny_model
     seg = Segmenter(tiny_model, device="cpu")
     with pytest.raises(ValueError, match="empty"):
         seg.predict(np.zeros((10, 10, 3), np.uint8), [])
@@ -165,6 +174,12 @@ def test_images_are_read_as_viewers_show_them_and_never_clamped(tmp_path):
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
     upright = to_image_tensor(rgb)
+    # channels in RGB order, values / 255, from an array, a file and an RGBA array (alpha dropped)
+    exact = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    rgba = np.concatenate([rgb, rng.integers(0, 255, (30, 40, 1), dtype=np.uint8)], axis=2)
+    for image in (rgb, tmp_path / "rgb.png", rgba, Image.fromarray(rgba, mode="RGBA")):
+        assert torch.equal(to_image_tensor(image), exact)
     # a portrait photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
     exif = Image.Exif()
     exif[0x0112] = 6

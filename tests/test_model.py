@@ -50,17 +50,14 @@ def test_batch_equals_one_at_a_time(tiny_model):
 
 
 @pytest.mark.parametrize("chunk", [13, 128, 846])
-def test_chunked_equals_unchunked_847(tiny_model, chunk):
+def test_chunked_equals_unchunked_847(tiny_model, chunk, monkeypatch):
     vocab = names(847)
     x = images(1, seed=3)
     with torch.no_grad():
-        tiny_model.config.class_chunk_size = None
+        monkeypatch.setattr(tiny_model.config, "class_chunk_size", None)  # put back as it was after the test
         full = tiny_model(x, vocab)
         tiny_model.config.class_chunk_size = chunk
-        try:
-            chunked = tiny_model(x, vocab)
-        finally:
-            tiny_model.config.class_chunk_size = None
+        chunked = tiny_model(x, vocab)
     torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
 
 

@@ -197,7 +197,8 @@ def test_ctrl_c_through_accelerate_launch(shards, tmp_path):
         proc = start(launch_cmd(_args(shards, run_dir, "train.steps=10000", "train.log_every=40",
                                       "train.ckpt_every=10000")), log)
         wait_for(lambda: len(metrics(run_dir)) >= 1, 180, "the first log step", proc, log)
-        # half a second after step 40's log the processes have agreed not to stop there: they stop at step 80
+        # after step 40's log: the processes stop at the next log step where they agree to (80 unless this machine
+        # is so slow that the signal reached them before they agreed at step 40)
         time.sleep(0.5)
         for press in range(presses):
             time.sleep(1.5 * press)
@@ -207,8 +208,9 @@ def test_ctrl_c_through_accelerate_launch(shards, tmp_path):
         return out, [r.info.status for r in runs], list_checkpoints(run_dir)
 
     out, status, saved = interrupt("once", 1)
-    assert "catseg train: stopped by signal 2 at step 80/10000" in out, out[-3000:]
-    assert [p.name for p in saved] == ["step_00000080"] and status == ["KILLED"]
+    stopped = re.search(r"catseg train: stopped by signal 2 at step (\d+)/10000", out)
+    assert stopped and int(stopped[1]) in (40, 80), out[-3000:]
+    assert [p.name for p in saved] == [f"step_{int(stopped[1]):08d}"] and status == ["KILLED"]
     out, status, saved = interrupt("twice", 2)
     assert "catseg train: interrupted at step" in out and "stopped by signal" not in out, out[-3000:]
     assert "forcefully exiting via 9" not in out and saved == [] and status == ["KILLED"]
