@@ -7,7 +7,11 @@
 # Wheels for the rest (open_clip_torch, ftfy, wcwidth, timm) may lie in .whl/ (no network needed): they are
 # installed into a private folder first. Fetch them where pip works (the GPU machine's Python is 3.12):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy wcwidth timm==1.0.31
+#     --platform manylinux_2_17_x86_64 --platform any -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 \
+#     timm==1.0.31
+# (pinned: two versions of one package in .whl/ make pip refuse the whole install). The .whl/ folder is ignored by
+# git: a remote runner must be told to carry it. The script stops before any GPU work if a variant is unknown or
+# the packages do not import.
 # Variants with --trace leave Chrome traces of their profiled calls in OUT_DIR/<name>_trace/.
 # `tests` runs the GPU-only tests (tests/test_gpu.py: graph capture eager and compiled, bf16 weights, channels-last,
 # compiled training with and without CUDA graphs, the fused Triton kernels), `tests_fused` only the kernels' ones,
@@ -24,6 +28,11 @@
 set -u
 out=${1:?usage: gpu_bench.sh OUT_DIR [VARIANT ...]}
 shift
+variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_c256 b_compile_batch l_compile_batch tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
+known=$(grep -oE '^ {8}[a-z0-9_]+\) ' "${BASH_SOURCE[0]}" | tr -d ' )')  # the case labels below
+for v in $variants; do
+    grep -qx "$v" <<<"$known" || { echo "unknown variant $v; known: $(echo $known)" >&2; exit 2; }
+done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 root=$(pwd)
@@ -34,7 +43,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)" | tee -a "$out/gpu.txt"
+python3 -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)" >>"$out/gpu.txt" 2>&1 || {
+    tail -3 "$out/gpu.txt"; echo "the packages do not import (were the .whl/ wheels carried?)" >&2; exit 1; }
+tail -1 "$out/gpu.txt"
 
 # name  time-limit  where  bench arguments
 bench() {
@@ -44,7 +55,6 @@ bench() {
     echo "   exit $? ($(grep -c '^inference\|^training' "$out/$name.log") figures)"; grep '^inference\|^training' "$out/$name.log"
 }
 
-variants=${*:-"tests_train b_compile_fused l_compile_fused b_compile b_compile_c256 b_compile_batch l_compile_batch tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
 for v in $variants; do
     case $v in
         decoder) for c in "" --compile; do  # the decoder alone: NHWC, NCHW, compiled with the stencil upsampling

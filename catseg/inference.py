@@ -111,14 +111,17 @@ def to_image_tensor(image: ImageLike) -> torch.Tensor:
     raise TypeError(f"unsupported image type {type(image).__name__}; give a path, PIL image, array or tensor")
 
 
-def _as_list(images) -> list[torch.Tensor]:
-    """A batch (B, 3, H, W) or a list of images -> float (3, H, W) images in [0, 1] (a batch checked at once)."""
+def _as_list(images, model: CatSeg) -> list[torch.Tensor]:
+    """A batch (B, 3, H, W) or a list of images -> float (3, H, W) images in [0, 1]. A float batch's values are
+    checked at once (one host sync) unless the model's `check_inputs` is off."""
     if torch.is_tensor(images) and images.ndim == 4:
         if images.shape[1] != 3:
             raise ValueError(f"image batch must be (B, 3, H, W), got {tuple(images.shape)}")
         if not (images.shape[2] and images.shape[3]):
             raise ValueError(f"image batch is empty ({images.shape[2]}x{images.shape[3]} pixels)")
-        return list(_unit_range(images, "image batch"))
+        if getattr(model, "check_inputs", True) or not images.is_floating_point():
+            images = _unit_range(images, "image batch")
+        return list(images)
     return [to_image_tensor(im) for im in images]
 
 
@@ -280,7 +283,7 @@ def _capture(model: CatSeg, views: torch.Tensor, names: list[str], amp: bool, am
 @torch.no_grad()
 def patch_inference(model: CatSeg, images, class_names: Sequence[str]) -> torch.Tensor:
     """Patch inference (appendix A.3): (B, N, L, L) probabilities at the preset's inference size L."""
-    return merge_views(model, _view_probs(model, _as_list(images), class_names).clone())
+    return merge_views(model, _view_probs(model, _as_list(images, model), class_names).clone())
 
 
 @torch.no_grad()
@@ -325,7 +328,7 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
 
     cuda_graphs: on a GPU, replay the model from a CUDA graph captured per views shape and vocabulary.
     """
-    ims = _as_list(images)
+    ims = _as_list(images, model)
     probs = _view_probs(model, ims, class_names, cuda_graphs)  # (B, V, N, h, w): small, the model's output size
     n = probs.shape[2]
     sizes = [tuple(im.shape[-2:]) for im in ims]
