@@ -107,7 +107,7 @@ def test_bench_bf16_weights_remove_autocast_casts_and_training_runs_alone(tmp_pa
     assert runs["train"]["inference"] == [] and runs["train"]["training"]["operators"] >= fast["operators"]
 
 
-def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
+def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path, capsys):
     """--compile-model: the training step's forward runs as one compiled graph, no graph break; --compile-mode
     reduce-overhead cannot go with the inference path's own CUDA graphs."""
     import torch
@@ -121,12 +121,16 @@ def test_bench_compiles_the_whole_model_for_its_training_step(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["compile_model"] and saved["compile_mode"] is None and saved["training"]["ms_per_step"] > 0
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    capsys.readouterr()
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(SystemExit):
             bench.main(["--preset", "catseg_tiny", "--compile", "--compile-mode", mode])
+        assert (f"--compile-mode {mode} makes torch.compile replay its own CUDA graphs, which the inference path "
+                f"cannot capture") in capsys.readouterr().err
     for argv in (["--stencil-upsampling"], ["--stencil-upsampling", "--compile", "--no-train"]):
         with pytest.raises(SystemExit):  # the stencil chooses the compiled training's form: refused otherwise
             bench.parse_args(["--preset", "catseg_tiny", *argv])
+        assert "--stencil-upsampling chooses the compiled training step's upsampling" in capsys.readouterr().err
     assert bench.parse_args(["--stencil-upsampling", "--compile-model"]).stencil_upsampling
 
 

