@@ -58,23 +58,23 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
 WEIGHTS_FILE = "model.safetensors"  # the weights of a training checkpoint folder
 
 
-def read_preset(path: str | os.PathLike) -> Optional[str]:
-    """The preset name stored in a weights file (None if it has none)."""
+def _metadata(path: str | os.PathLike) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("preset")
+            return f.metadata() or {}
     except Exception as error:  # safetensors raises its own SafetensorError for a torn or foreign file
         raise ValueError(f"{str(path)!r} is not a readable safetensors weights file ({error})") from error
+
+
+def read_preset(path: str | os.PathLike) -> Optional[str]:
+    """The preset name stored in a weights file (None if it has none)."""
+    return _metadata(path).get("preset")
 
 
 def read_overrides(path: str | os.PathLike) -> dict:
     """The model config fields a weights file was saved with where they differ from its preset's (an ablation's
     `num_layers=1`, say): create_model(preset, pretrained=path) rebuilds that model. {} when there are none."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("overrides")
-    except Exception as error:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors weights file ({error})") from error
+    text = _metadata(path).get("overrides")
     if not text:
         return {}
     try:

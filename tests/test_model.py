@@ -293,6 +293,26 @@ def test_load_refuses_other_preset_and_pickles(tmp_path):
         catseg.create_model("catseg_tiny", pretrained=str(mine), embed_dim=16, num_heads=2)
 
 
+def test_weights_rebuild_the_config_overrides_they_were_saved_with(tmp_path):
+    """A model built with overrides (an ablation) saves them with its weights: create_model(preset, pretrained=file)
+    rebuilds that model, and overrides given there on top win; damaged override metadata is named."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ablated = catseg.create_model("catseg_tiny", num_layers=1, spatial_aggregation=False, zero_init_residual=False)
+    path = catseg.save_weights(ablated.eval(), tmp_path / "ablated.safetensors")
+    again = catseg.create_model("catseg_tiny", pretrained=path).eval()
+    assert len(again.layers) == 1 and again.layers[0].spatial is None
+    with torch.no_grad():
+        torch.testing.assert_close(again(images(1), names(3)), ablated(images(1), names(3)), rtol=0, atol=0)
+    assert catseg.create_model("catseg_tiny", pretrained=path, class_chunk_size=2).config.class_chunk_size == 2
+    state = {k: v.contiguous() for k, v in ablated.state_dict().items()}
+    save_file(state, str(tmp_path / "bad.safetensors"), {"preset": "catseg_tiny", "overrides": "num_layers=1"})
+    with pytest.raises(ValueError, match="bad.safetensors': its 'overrides' metadata is not a JSON object of model "
+                                         "config fields: 'num_layers=1'"):
+        catseg.create_model("catseg_tiny", pretrained=tmp_path / "bad.safetensors")
+
+
 def test_pretrained_parts_from_weights_dir(tmp_path):
     """open_clip and timm weights come from local files through the loaders a download feeds."""
     from safetensors.torch import save_file
