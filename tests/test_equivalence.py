@@ -222,7 +222,8 @@ def test_one_hot_bce_equals_bce_on_a_dense_one_hot_target(mask_ignore):
     valid = labels != 255
     target = F.one_hot(torch.where(valid, labels, 0), 5).permute(0, 3, 1, 2).double() * valid.unsqueeze(1)
     dense = F.binary_cross_entropy_with_logits(up, target, reduction="none")
-    ref = (dense * valid.unsqueeze(1)).sum() / (valid.sum() * 5) if mask_ignore else dense.mean()
+    per_image = (dense * valid.unsqueeze(1)).sum((1, 2, 3)) / (valid.sum((1, 2)) * 5)  # each image's labelled pixels
+    ref = per_image.mean() if mask_ignore else dense.mean()
     (ref_grad,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-9)
