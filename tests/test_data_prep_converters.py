@@ -16,6 +16,8 @@ from data_prep import rle, shards
 from data_prep.convert import main as convert_main
 from data_prep.sources import pascal_context_val_ids
 
+REPO = Path(__file__).resolve().parents[1]
+
 COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 
 
@@ -207,6 +209,26 @@ def test_ade847_resize_rule_matches_the_reference_sizes():
 
 # ---------------------------------------------------------------------------------------------------------------
 # PASCAL-Context
+
+
+def test_ade847_large_image_is_resized_bilinear_and_its_label_by_the_floor_index(tmp_path):
+    """An image whose size does not divide the target's: every label row and column comes from the source index
+    floor(i * old / new) (nearest, as the release), the image pixels from the bilinear resize saved at quality 75."""
+    from data_prep.sources import _ade847_lut, resize_bilinear
+
+    val = tmp_path / "raw/ADE20K_2021_17_01/images/ADE/validation/x"
+    index = np.random.default_rng(0).choice([2978, 312, 2420, 3148, 0], size=(523, 611))
+    jpg = write_jpeg(val / "ADE_val_00000001.jpg", 611, 523, seed=1)
+    seg_png(index, val / "ADE_val_00000001_seg.png")
+    assert convert("ade847", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out")) == 0
+    ((_, label, _, _),) = read_back(tmp_path / "out/ade847/val").values()
+    h, w = 512, round(611 / 523 * 512)
+    rows, cols = np.arange(h) * 523 // h, np.arange(w) * 611 // w
+    np.testing.assert_array_equal(label, _ade847_lut()[index[rows][:, cols]])
+    expected = io.BytesIO()
+    Image.fromarray(resize_bilinear(np.asarray(Image.open(io.BytesIO(jpg))), h, w)).save(expected, format="JPEG",
+                                                                                          quality=75)
+    assert next(iter(shards.iter_raw_samples(tmp_path / "out/ade847/val")))["jpg"] == expected.getvalue()
 
 
 def pascal_tree(tmp_path: Path, stems: list[str], sizes: list[tuple[int, int]]) -> Path:
@@ -508,3 +530,38 @@ def test_dataset_specific_bad_labels_are_refused_with_the_file_named(tmp_path, c
     seg_png(np.zeros((4, 6), np.int64), val / "ADE_val_00000009_seg.png")
     assert convert("ade847", "--root", str(tmp_path / "a847"), "--out", str(tmp_path / "out")) == 1
     assert "ADE_val_00000009_seg.png: label is 6x4 but image" in capsys.readouterr().out
+
+
+def test_pascal_context_val_split_is_the_published_list(tmp_path):
+    """Without --id-list the val split is the 5104 published ids: an annotated image outside them goes to train."""
+    val_ids, other = list(pascal_context_val_ids()[:2]), "2008_000008"
+    assert other not in pascal_context_val_ids()
+    root = pascal_tree(tmp_path, [*val_ids, other], [(5, 4)] * 3)
+    (root / "trainval").mkdir()
+    for stem in (*val_ids, other):
+        scipy.io.savemat(root / "trainval" / f"{stem}.mat", {"LabelMap": np.full((4, 5), 3, np.uint16)})
+    assert convert("pc459", "--root", str(root), "--out", str(tmp_path / "out"), "--split", "val", "--split", "train",
+                   "--skip-bad") == 0
+    assert sorted(read_back(tmp_path / "out/pc459/val")) == [f"pc459_val_{s}" for s in val_ids]
+    assert sorted(read_back(tmp_path / "out/pc459/train")) == [f"pc459_train_{other}"]
+
+
+def test_label_tables_are_complete_and_agree_with_the_class_lists():
+    """Every PC-59 class maps from its full PASCAL-Context id (its 1-based PC-459 index, found by name in the class
+    list, not in the table), ADE-847's table hits train ids 0..846 once each under the class list's names, and the
+    val list holds the 5104 published ids."""
+    from catseg.vocab import load_vocab
+    from data_prep.sources import _ade847_lut, _pc59_lut
+
+    pc59, pc459 = load_vocab("pc59"), load_vocab("pc459")
+    lut = _pc59_lut()
+    for train_id, name in enumerate(pc59):
+        assert lut[pc459.index("table" if name == "diningtable" else name) + 1] == train_id, name
+    assert (lut != 255).sum() == 59 and lut[0] == 255
+    ade, table = load_vocab("ade847"), json.loads((REPO / "data_prep/tables/ade847_id_map.json").read_text())
+    lut = _ade847_lut()
+    assert sorted(lut[lut != 65535]) == list(range(847))
+    for row in table:
+        assert lut[row["ade_id"]] == row["train_id"] and ade[row["train_id"]] == row["name"], row
+    ids = pascal_context_val_ids()
+    assert len(ids) == len(set(ids)) == 5104 and (ids[0], ids[-1]) == ("2008_000002", "2010_006086")

@@ -242,6 +242,23 @@ def test_voc20b_scores_21_classes_with_prompted_background(run_dir, tmp_path):
     assert result["per_class"][20]["iou"] is not None
 
 
+def test_voc20b_is_prompted_with_its_59_names_and_counted_in_int64(run_dir, tmp_path, monkeypatch):
+    """PAS-20b scores 21 classes but prompts the model with the 59 names of voc20b.json (background as its 39
+    context classes, not the word "background"); the counts are int64, as detectron2's."""
+    import catseg.inference
+    from catseg.vocab import load_vocab
+
+    prompts, real = [], catseg.inference.predict_labels
+    monkeypatch.setattr(catseg.inference, "predict_labels",
+                        lambda model, images, names, *a, **k: prompts.append(list(names)) or real(model, images, names,
+                                                                                                   *a, **k))
+    out = tmp_path / "report"
+    assert main(["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "voc20b", "--shard-dir",
+                 f"voc20b={_write_voc20b_shards(tmp_path / 'shards')}", "--out", str(out), "--no-progress"]) == 0
+    assert len(prompts) == 2 and all(p == load_vocab("voc20b") for p in prompts) and len(prompts[0]) == 59
+    assert np.load(out / "voc20b_confusion.npy").dtype == np.int64
+
+
 def test_two_processes_give_the_same_counts_as_one(synthetic_root, run_dir, tmp_path):
     args = ["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "synthetic", "--shards", str(synthetic_root)]
     assert main(args + ["--out", str(tmp_path / "one"), "--no-progress"]) == 0
