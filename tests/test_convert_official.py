@@ -329,6 +329,41 @@ def test_converted_release_matches_the_release_computation(source, tmp_path, poo
     torch.testing.assert_close(pos, torch.cat([native[:1], grid.reshape(64, 64).T]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("pool_eval", [False, True])
+def test_release_computation_on_features_that_vary_over_the_image(source, tmp_path, monkeypatch, pool_eval):
+    """The comparison above with CLIP's outputs replaced by random tensors that vary from token to token: a random
+    CLIP's token features nearly coincide (cosine > 0.999), which hides anything that depends on where a token lies
+    (the shift of the second Swin block, the guidance rolled with it, the pooled residual's alignment)."""
+    out = convert(save_release(release_state(source), tmp_path / "m.pth"), "catseg2_tiny", tmp_path / "w.safetensors")
+    state = release_state(source)
+    model = catseg.create_model("catseg2_tiny", pretrained=str(out), class_pool_eval=pool_eval).eval()
+    g, b, width = model.grid, 2, 64
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(b, 1 + g * g, width, generator=gen)
+    taps = [torch.randn(1 + g * g, b, width, generator=gen) for _ in range(2)]
+    monkeypatch.setattr(sys.modules[__name__], "release_clip_image", lambda *a, **k: (feats, taps))
+    dense = feats[:, 1:].transpose(1, 2).reshape(b, width, g, g)
+    our_taps = [t[1:].permute(1, 2, 0).reshape(b, width, g, g) for t in taps]
+    monkeypatch.setattr(model.clip, "encode_dense", lambda x, normalize=True: (dense, our_taps))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, VOCAB), release_forward(state, model, x, VOCAB), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_clip_features_match_the_release_token_by_token(source):
+    """Dense CLIP features against the release's computation with the part all tokens share removed (a random
+    CLIP's tokens nearly coincide): which token lies where, the last block's residual, the CLS token dropped."""
+    x = images()
+    with torch.no_grad():
+        ours, _ = source.clip.encode_dense(x, normalize=False)
+        theirs, _ = release_clip_image(release_state(source), x * 255, source.config, F.gelu)
+    theirs = theirs[:, 1:].transpose(1, 2).reshape(ours.shape)
+
+    def centre(t):
+        return t - t.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(centre(ours), centre(theirs), rtol=1e-3, atol=1e-5 * ours.abs().max().item())
+
+
 def test_top_k_pruning_matches_the_release(source, tmp_path):
     """More classes than the padding length: with top_k_classes = class_pad_to our model prunes as the release."""
     state = release_state(source)

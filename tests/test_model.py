@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import catseg
 from catseg.clip import clip_model_config
@@ -474,14 +475,69 @@ def test_ablation_switches(overrides):
 
 
 def test_class_pooling_only_in_training():
-    model = catseg.create_model("catseg_tiny", class_pool_train=2, zero_init_residual=False)
-    x = images(1)
+    """Training pools the cost 2x2 before class attention: the block's update is the evaluation-mode update of the
+    pooled map, upsampled; evaluation does not pool. (A whole model differs between the modes anyway where its
+    backbone normalises with batch statistics, so the block is checked alone.)"""
+    from catseg.aggregation import ClassAggregation, chunk_slices
+    from catseg.ops import resize
+
+    torch.manual_seed(0)
+    block = ClassAggregation(dim=8, guidance_dim=4, num_heads=2, mlp_ratio=2.0, pool=2)
+    x, guidance, chunks = torch.randn(1, 3, 8, 4, 4), torch.randn(3, 4), chunk_slices(3, None)
     with torch.no_grad():
-        model.eval()
-        a = model(x, names(3))
-        model.train()
-        b = model(x, names(3))
-    assert not torch.allclose(a, b)  # pooled during training, not in evaluation
+        pooled = block.train()([x], guidance, chunks)[0]
+        plain = block.eval()([x], guidance, chunks)[0]
+        small = F.avg_pool2d(x.flatten(0, 1), 2).unflatten(0, (1, 3))
+        update = block([small], guidance, chunks)[0] - small
+    torch.testing.assert_close(pooled, x + resize(update.flatten(0, 1), (4, 4)).unflatten(0, (1, 3)))
+    assert not torch.allclose(pooled, plain)
+
+
+def test_the_paper_last_clip_block_is_its_value_path_with_the_token_residual(tiny_model):
+    """MaskCLIP's last block: each token's value projection and output projection plus the token itself, then the
+    block's MLP (no attention between tokens), written out from the block's weights."""
+    block = tiny_model.clip.model.visual.transformer.resblocks[-1]
+    x = torch.randn(2, 65, 64)
+    width = block.attn.in_proj_weight.shape[1]
+    w_v, b_v = block.attn.in_proj_weight[2 * width:], block.attn.in_proj_bias[2 * width:]
+    with torch.no_grad():
+        y = x + block.attn.out_proj(F.linear(block.ln_1(x), w_v, b_v))
+        y = y + block.mlp(block.ln_2(y))
+        torch.testing.assert_close(tiny_model.clip._last_block_value_path(block, x), y)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_text_guidance_is_the_template_mean(renormalize):
+    """The class aggregation's text guidance projects each class's embedding averaged over the templates
+    (L2-normalised again in the release's variant)."""
+    torch.manual_seed(0)
+    model = catseg.create_model("catseg_tiny", text_guidance_renormalize=renormalize).eval()
+    seen = []
+    hook = model.text_proj.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        model(images(1), ["cat", "dog", "sky"])
+    hook.remove()
+    mean = model.text_embeddings(["cat", "dog", "sky"]).mean(1)
+    torch.testing.assert_close(seen[0], F.normalize(mean, dim=-1) if renormalize else mean)
+
+
+def test_the_guidance_backbone_takes_imagenet_statistics(tiny_model):
+    x = images(1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        for ours, expected in zip(tiny_model.backbone(x), tiny_model.backbone.body((x - mean) / std)):
+            torch.testing.assert_close(ours, expected)
+
+
+def test_openai_clip_presets_use_quick_gelu():
+    """OpenAI's CLIP weights were trained with QuickGELU, OpenCLIP's LAION ones (ViT-H/G) with GELU."""
+    for name, quick in [("catseg_vitb16_r101", True), ("catseg_vitl14_swinb", True), ("catseg2_vitb16", True),
+                        ("catseg_vith14_swinb", False)]:
+        with torch.device("meta"):
+            model = catseg.create_model(name)
+        kinds = {type(m) for m in model.clip.model.modules()}
+        assert (open_clip.model.QuickGELU in kinds) == quick, name
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
