@@ -504,6 +504,12 @@ def test_pretrained_weights_of_another_preset_are_refused(tmp_path, synthetic, c
     assert code == 2 and f"weights file '{missing}' does not exist" in capsys.readouterr().err
 
 
+def _train_in_process(run_dir: Path, synthetic: Path, *sets: str) -> int:
+    """The quickstart config on the synthetic shards in this process, no warm-up, no loader workers; its exit code."""
+    return train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
+                       f"data.root={synthetic / 'train'}", "schedule.warmup_steps=0", "data.workers=0", *sets])
+
+
 def test_an_ablation_trains_from_model_overrides_and_its_weights_rebuild_it(tmp_path, synthetic):
     """The paper's ablations train from the run config (`model.overrides`); the checkpoint's weights record them, so
     create_model and the evaluation build the ablated model from the weights alone."""
@@ -512,11 +518,9 @@ def test_an_ablation_trains_from_model_overrides_and_its_weights_rebuild_it(tmp_
     from evaluation.evaluate import main as eval_main
 
     run_dir = tmp_path / "run"
-    code = train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
-                       f"data.root={synthetic / 'train'}", "train.steps=2", "schedule.warmup_steps=0",
-                       "data.workers=0", "model.overrides.num_layers=1", "model.overrides.class_aggregation=false",
-                       "model.overrides.decoder_guidance_dims=[4, 4]"])
-    assert code == 0
+    assert _train_in_process(run_dir, synthetic, "train.steps=2", "model.overrides.num_layers=1",
+                             "model.overrides.class_aggregation=false",
+                             "model.overrides.decoder_guidance_dims=[4, 4]") == 0
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["overrides"] == {
         "num_layers": 1, "class_aggregation": False, "decoder_guidance_dims": [4, 4]}
     last = ckpt.latest_checkpoint(run_dir)
@@ -545,12 +549,10 @@ def test_accumulated_micro_batches_train_as_the_whole_batch(tmp_path, synthetic)
     runs = {}
     for accum in (1, 2):
         run_dir = tmp_path / f"accum{accum}"
-        assert train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
-                           f"data.root={synthetic / 'train'}", "train.steps=3", "train.batch_size=4",
-                           f"train.grad_accum={accum}", "train.log_every=1", "schedule.warmup_steps=0",
-                           "data.workers=0", "train.deterministic=true", "data.jitter=false", "data.hflip=false",
-                           "data.scale_range=[1, 1]", "data.shuffle_buffer=1",
-                           "model.overrides.backbone_frozen_bn=true"]) == 0
+        assert _train_in_process(run_dir, synthetic, "train.steps=3", "train.batch_size=4",
+                                 f"train.grad_accum={accum}", "train.log_every=1", "train.deterministic=true",
+                                 "data.jitter=false", "data.hflip=false", "data.scale_range=[1, 1]",
+                                 "data.shuffle_buffer=1", "model.overrides.backbone_frozen_bn=true") == 0
         runs[accum] = metrics(run_dir)
     assert [m["step"] for m in runs[1]] == [m["step"] for m in runs[2]] == [1, 2, 3]
     for key in ("loss", "grad_norm"):
@@ -565,9 +567,8 @@ def test_clip_finetune_of_the_run_config_chooses_what_trains(tmp_path, synthetic
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
-    assert train_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir), "--set",
-                       f"data.root={synthetic / 'train'}", "train.steps=2", "train.ckpt_every=1", "train.keep_last=2",
-                       "schedule.warmup_steps=0", "data.workers=0", f"model.clip_finetune={finetune}"]) == 0
+    assert _train_in_process(run_dir, synthetic, "train.steps=2", "train.ckpt_every=1", "train.keep_last=2",
+                             f"model.clip_finetune={finetune}") == 0
     first, second = (load_file(p / "model.safetensors") for p in ckpt.list_checkpoints(run_dir))
     moved = {k for k in first if not torch.equal(first[k], second[k])}
     clip = {k for k in moved if k.startswith("clip.")}
