@@ -249,9 +249,11 @@ def test_voc20b_is_prompted_with_its_59_names_and_counted_in_int64(run_dir, tmp_
     from catseg.vocab import load_vocab
 
     prompts, real = [], catseg.inference.predict_labels
-    monkeypatch.setattr(catseg.inference, "predict_labels",
-                        lambda model, images, names, *a, **k: prompts.append(list(names)) or real(model, images, names,
-                                                                                                   *a, **k))
+
+    def predict_labels(model, images, names, *args, **kwargs):  # the model's calls, with what they were prompted
+        prompts.append(list(names))
+        return real(model, images, names, *args, **kwargs)
+    monkeypatch.setattr(catseg.inference, "predict_labels", predict_labels)
     out = tmp_path / "report"
     assert main(["--checkpoint", str(_ckpt(run_dir)), "--benchmarks", "voc20b", "--shard-dir",
                  f"voc20b={_write_voc20b_shards(tmp_path / 'shards')}", "--out", str(out), "--no-progress"]) == 0
