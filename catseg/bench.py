@@ -409,6 +409,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not set(parts) <= set(inference.FUSED_PARTS):
         p.error(f"--fused-parts {args.fused_parts}: give a comma-separated list of {', '.join(inference.FUSED_PARTS)}")
     args.fused_parts = parts
+    if args.fused_kernels and args.compile and not str(args.device).startswith("cuda"):
+        p.error(f"--fused-kernels with --compile compiles the Triton kernels, which needs a CUDA device, not "
+                f"--device {args.device}; on the CPU run --fused-kernels without --compile (Triton's interpreter, "
+                f"TRITON_INTERPRET=1)")
     if args.trace and not args.profile:
         p.error("--trace writes the traces of the profiled calls: add --profile")
     if args.stencil_upsampling and (args.no_train or not (args.compile or args.compile_model)):

@@ -194,7 +194,9 @@ def test_fused_parts_are_checked(capsys):
                                                         "kernels: add --fused-kernels"),
                           (["--fused-kernels", "--fused-parts", "class,decoder"],
                            "--fused-parts class,decoder: give a comma-separated list of spatial, class"),
-                          (["--fused-kernels", "--fused-parts", ""], "--fused-parts : give a comma-separated list")):
+                          (["--fused-kernels", "--fused-parts", ""], "--fused-parts : give a comma-separated list"),
+                          (["--device", "cpu", "--fused-kernels", "--compile"],
+                           "--fused-kernels with --compile compiles the Triton kernels, which needs a CUDA device")):
         with pytest.raises(SystemExit):  # without --fused-kernels, or a part that does not exist
             bench_parse_args(["--preset", "catseg_tiny", *argv])
         assert message in capsys.readouterr().err
