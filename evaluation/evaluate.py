@@ -108,8 +108,11 @@ class EvalConfig:
     def check_all_shards(self) -> dict[str, dict]:
         """Check every benchmark's shard folder and dataset.json (`check_shards`) before any work; returns each
         benchmark's dataset.json by name."""
-        return {name: check_shards(bench, self.shard_dir(bench))
-                for name, bench in ((name, get_benchmark(name)) for name in self.benchmarks)}
+        infos = {}
+        for name in self.benchmarks:
+            bench = get_benchmark(name)
+            infos[name] = check_shards(bench, self.shard_dir(bench))
+        return infos
 
 
 @dataclass(frozen=True)

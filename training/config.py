@@ -50,10 +50,12 @@ class ModelConfig:
         _choice("model.clip_finetune", self.clip_finetune, FINETUNE_MODES)
         _check(bool(self.preset), "model.preset is empty; name a preset from catseg.list_models()")
         if self.overrides:  # checked against the preset now, not when the processes have started
-            from catseg.presets import get_config
+            from catseg.presets import NOT_OVERRIDES, get_config
 
-            _check("name" not in self.overrides, "model.overrides.name: a model's name is its preset; set model.preset")
-            _check("weights_dir" not in self.overrides, "model.overrides.weights_dir: set model.weights_dir instead")
+            instead = {"name": "a model's name is its preset; set model.preset",
+                       "weights_dir": "set model.weights_dir instead"}
+            for key in NOT_OVERRIDES:  # the fields a weights file does not record
+                _check(key not in self.overrides, f"model.overrides.{key}: {instead.get(key, 'not part of a model')}")
             try:
                 get_config(self.preset, **self.overrides)
             except ValueError as e:
