@@ -963,7 +963,8 @@ def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
     with the values the continued run logged (equal, since it resumes exactly); the replaced records, and one cut
     short by the kill, are kept aside in metrics.replaced.jsonl. Taken back to step 4 with another learning rate, the
     run logs steps 5 to 8 into a new MLflow run tagged with the one it continues, whose points stay those of the
-    first training. Before, the repeated steps were logged twice in both."""
+    first training. Before, the repeated steps were logged twice in both. The continued run reads its shards from
+    another folder (a copy): the same shards moved elsewhere, which does not start a new MLflow run."""
     import shutil
 
     from mlflow import MlflowClient
@@ -973,9 +974,9 @@ def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
     run_dir = tmp_path / "run"
     step4 = run_dir / "checkpoints" / "step_00000004"
 
-    def train(*extra: str) -> str:
+    def train(*extra: str, root=synthetic / "train") -> str:
         out = subprocess.run([PYTHON, "training/train.py", "--config", "configs/quickstart.yaml", "--run-dir",
-                              str(run_dir), "--set", f"data.root={synthetic / 'train'}", "train.steps=8",
+                              str(run_dir), "--set", f"data.root={root}", "train.steps=8",
                               "train.ckpt_every=4", "train.log_every=1", "schedule.warmup_steps=0", "data.workers=0",
                               "train.deterministic=true", *extra],
                              cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
@@ -995,7 +996,8 @@ def test_a_run_continued_after_a_crash_logs_each_step_once(tmp_path, synthetic):
     (run_dir / ckpt.FINAL_FILE).unlink()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "time": 17')
-    err = train()
+    shutil.copytree(synthetic / "train", tmp_path / "moved")
+    err = train(root=tmp_path / "moved")
     assert "moved 5 record(s) past step 4 to metrics.replaced.jsonl" in err and "holds steps up to 8" in err
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 9))
     assert [m["loss"] for m in metrics(run_dir)] == [first[s] for s in range(1, 9)]

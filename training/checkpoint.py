@@ -3,7 +3,8 @@
     RUN_DIR/final.json      written when the run reaches its last step (names the final checkpoint)
     RUN_DIR/checkpoints/step_00001000/
         model.safetensors   full inference weights (catseg.save_weights; gathered under DeepSpeed ZeRO)
-        meta.json           {"step", "preset", "mlflow_run_id", "mlflow_tracking_uri", "created"}
+        meta.json           {"step", "preset", "mlflow_run_id", "mlflow_tracking_uri", "world_size",
+                             "shards_digest", "created"}
         state/              accelerator.save_state output (optimizer, scaler, RNG; model shards under DeepSpeed)
                             plus train_rank<R>.json per process (step, schedule, data-stream position)
 

@@ -60,6 +60,7 @@ class ShardSet:
     class_names: list[str]
     ignore_index: int
     num_samples: int
+    digest: str = ""  # of its dataset.json and sizes.json: the same shards moved elsewhere keep it
 
 
 def open_shards(root: str | Path) -> ShardSet:
@@ -82,7 +83,15 @@ def open_shards(root: str | Path) -> ShardSet:
         if sizes.get(Path(path).name, 1) == 0 or _tar_is_empty(path):
             raise DataError(f"shard {path} is empty (0 samples); remove it from {root / 'sizes.json'} or rerun the "
                             f"data_prep command that made it")
-    return ShardSet(root, paths, list(info["class_names"]), int(info["ignore_index"]), int(info["num_samples"]))
+    return ShardSet(root, paths, list(info["class_names"]), int(info["ignore_index"]), int(info["num_samples"]),
+                    shards_digest(root))
+
+
+def shards_digest(root: Path) -> str:
+    """A digest of a shard folder's dataset.json and sizes.json (what it holds, not where it lies)."""
+    import hashlib
+
+    return hashlib.sha256(b"\0".join((root / name).read_bytes() for name in ("dataset.json", "sizes.json"))).hexdigest()
 
 
 def prep_command(root: str | Path) -> str:

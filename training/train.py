@@ -341,7 +341,10 @@ class Trainer:
         # A run continued with settings that change what is trained, or from a chosen checkpoint, is another training
         # from there on; when its MLflow run already holds later steps, it gets a new MLflow run (MLflow cannot
         # remove those points).
-        branch = trains_differently(changes) or self.chosen_checkpoint
+        # Shards moved elsewhere (dataset.json and sizes.json as the checkpoint saw them) feed the same stream.
+        moved = self.meta.get("shards_digest") == self.shards.digest
+        branch = trains_differently({k: v for k, v in changes.items() if not (moved and k == "data.root")})
+        branch = branch or self.chosen_checkpoint
         mlflow = MLflowLogger(uri, self.run_dir, t.experiment, t.run_name or self.run_dir.name, run_id, t.timeout_s,
                               from_step=self.step, branch=branch, artifacts=[config],
                               params=self.cfg.flat() | {"world_size": self.acc.num_processes, "micro_batch": self.micro,
@@ -457,7 +460,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         meta = {"preset": self.cfg.model.preset, "mlflow_run_id": self.logger.run_id,
-                "mlflow_tracking_uri": self.logger.tracking_uri, "world_size": self.acc.num_processes}
+                "mlflow_tracking_uri": self.logger.tracking_uri, "world_size": self.acc.num_processes,
+                "shards_digest": self.shards.digest}
         saved = self.checkpointer.save(self.step, self.state_dict(), meta)
         self.name_mlflow_run()
         return saved
