@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -336,6 +337,22 @@ def test_accelerate_cpu_switch_starting_one_process_is_named(shards, tmp_path):
     out = run(cmd, tmp_path / "log.txt")
     assert "starts ONE process whatever N says" in out and "launch/cpu.yaml" in out, out[-3000:]
     assert "catseg train: finished step 2/2" in out
+
+
+def test_master_port_from_the_shell_is_told_apart_from_one_a_launcher_set():
+    """The one-process warning above keys on MASTER_PORT set by the launcher; a shell that exports it for a one-process
+    run is not that (before, it got the warning too)."""
+    check = [PYTHON, "-c", "from training.train import set_by_launcher; print(set_by_launcher('MASTER_PORT'))"]
+    env = {k: v for k, v in base_env().items() if k != "MASTER_PORT"}
+
+    def told(cmd, **extra):
+        out = subprocess.run(cmd, cwd=REPO, env=env | extra, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()[-1]
+
+    assert told(check) == "False"  # not set at all
+    assert told(["bash", "-c", f"MASTER_PORT=29500 {shlex.join(check)}; exit $?"]) == "True"  # set for it only
+    assert told(["bash", "-c", f"{shlex.join(check)}; exit $?"], MASTER_PORT="29500") == "False"  # the shell's own
 
 
 class _RunsCode:

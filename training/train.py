@@ -85,6 +85,18 @@ class StopRequest:
                 pass
 
 
+def set_by_launcher(name: str) -> bool:
+    """Whether environment variable `name` is set here but not in the process that started this one (a launcher
+    set it, not the shell). Where the parent's environment cannot be read, whether it is set here."""
+    if not os.environ.get(name):
+        return False
+    try:
+        parent = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return not any(entry.startswith(name.encode() + b"=") for entry in parent)
+
+
 def make_accelerator(cfg: RunConfig):
     """An Accelerator for this run: gloo on CPU, the launch config's distributed mode and precision otherwise."""
     from accelerate import Accelerator
@@ -104,7 +116,7 @@ def make_accelerator(cfg: RunConfig):
                           "environment, which makes accelerate leave DeepSpeed out and run plain DDP; unset it to run "
                           "DeepSpeed (on a machine without a GPU it uses the CPU by itself), or launch with "
                           "launch/cpu.yaml for DDP on CPU")
-    if forced_cpu and world_info_from_env()[2] == 1 and os.environ.get("MASTER_PORT"):
+    if forced_cpu and world_info_from_env()[2] == 1 and set_by_launcher("MASTER_PORT"):
         # what `accelerate launch --cpu --num_processes N` leaves behind: it sets the rendezvous, then starts one process
         log.warning("one training process, with ACCELERATE_USE_CPU and MASTER_PORT set: `accelerate launch --cpu "
                     "--num_processes N` (or use_cpu: true) starts ONE process whatever N says; for N CPU processes "
