@@ -208,13 +208,13 @@ SOFTWARE = "catseg segment"  # in every output (PNG text chunk, JSON key): a rer
 OUTPUTS = ("_labels.png", "_overlay.png", ".json")
 
 
-def _atomic_save(img: Image.Image, path: Path) -> None:
+def _atomic_save(img: Image.Image, path: Path, compress_level: int = 6) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("Software", SOFTWARE)
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", pnginfo=info)
+    img.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -279,7 +279,9 @@ def write_outputs(out: Path, stem: str, path: Path, image, pred, names: list[str
     record = {"software": SOFTWARE, "image": str(path), "size": list(pred.labels.shape), "class_names": names,
               "areas": pred.areas(), "scores": {n: float(s) for n, s in zip(names, pred.scores)}}
     writes = [lambda f: _atomic_save(Image.fromarray(pred.labels.astype(dtype)), f),
-              lambda f: _atomic_save(overlay_with_legend(rgb, pred.labels, names), f),
+              # zlib's fastest level: a photo compresses little either way (a 1024x768 one: 54 instead of 174 ms
+              # for 14% more bytes)
+              lambda f: _atomic_save(overlay_with_legend(rgb, pred.labels, names), f, compress_level=1),
               lambda f: write_json_atomic(f, record)]
     files = [out / f"{stem}{suffix}" for suffix in OUTPUTS]
     for k, (write, file) in enumerate(zip(writes, files)):
@@ -305,7 +307,7 @@ def check_output_folder(out: Path) -> None:
 def cmd_segment(args) -> int:
     import torch
     from tqdm import tqdm
-    from .inference import Segmenter, to_image_tensor
+    from .inference import Segmenter
     from .model import CatSeg
 
     if (args.classes is None) == (args.vocab is None):
@@ -329,7 +331,7 @@ def cmd_segment(args) -> int:
     model = resolve_model(args.model, args.checkpoint)
     CatSeg.validate_class_names(names, model.config.synonyms)  # its own rule for synonyms, before any image
     torch.backends.cudnn.benchmark = True  # one vocabulary for all images: fixed shapes, so time cuDNN's algorithms
-    seg = Segmenter(model, device=args.device, batch_size=1, precision=args.precision,
+    seg = Segmenter(model, device=args.device, batch_size=args.batch_size, precision=args.precision,
                     class_chunk_size=args.class_chunk, compile=args.compile, fused_kernels=args.fused_kernels)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -338,19 +340,89 @@ def cmd_segment(args) -> int:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write to output folder {str(out)!r}: {e}") from None
-    failed = []
-    for path, stem in tqdm(files, desc="segment", unit="img", disable=args.quiet):
-        try:
-            image = to_image_tensor(path)
-        except (ValueError, OSError) as e:
-            failed.append(str(path))
-            print(f"skipped {path}: {e}", file=sys.stderr)
-            continue
-        pred = seg.predict([image], names)[0]
-        write_outputs(out, stem, path, image, pred, names)
+    with tqdm(total=len(files), desc="segment", unit="img", disable=args.quiet) as bar:
+        failed = segment_files(seg, files, names, out, args.workers, bar.update)
     done = len(files) - len(failed)
     print(f"segmented {done}/{len(files)} images into {out}" + (f"; {len(failed)} failed: {failed}" if failed else ""))
     return 1 if failed else 0
+
+
+class _Done:
+    """A finished call, as a Future reports it (what `segment_files` runs without worker threads)."""
+
+    def __init__(self, fn, *args):
+        self.value = self.error = None
+        try:
+            self.value = fn(*args)
+        except BaseException as e:
+            self.error = e
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _read_image(path: Path):
+    """(image tensor, None), or (None, the error) for a file that cannot be read as an image."""
+    from .inference import to_image_tensor
+
+    try:
+        return to_image_tensor(path), None
+    except (ValueError, OSError) as e:
+        return None, e
+
+
+def segment_files(seg, files: list[tuple[Path, str]], names: list[str], out: Path, workers: int,
+                  progress=lambda n: None) -> list[str]:
+    """Segment `files` ((image, output stem) pairs) with `seg` into `out`, in `seg.batch_size` images per model call.
+    With `workers` > 0, that many threads read the next images and write the finished ones while the model runs
+    (the image codecs run outside Python's lock); 0 does all in this thread. Images that cannot be read are reported
+    on stderr and skipped: returns their paths. A write that fails stops the run with its OSError, once the writes
+    under way have finished; every image written has all its outputs. `progress(n)` is told of images done."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    out.mkdir(parents=True, exist_ok=True)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="catseg-io") if workers else None
+    submit = pool.submit if pool else _Done
+    ahead = 2 * max(seg.batch_size, workers)  # images read ahead, and writes under way, at most
+    todo, reads, writes, failed = iter(files), deque(), deque(), []
+
+    def read_ahead():
+        for path, stem in todo:
+            reads.append((path, stem, submit(_read_image, path)))
+            if len(reads) >= ahead:
+                return
+
+    try:
+        read_ahead()
+        while reads:
+            batch = []
+            while reads and len(batch) < seg.batch_size:
+                path, stem, read = reads.popleft()
+                image, error = read.result()
+                if error is None:
+                    batch.append((path, stem, image))
+                else:
+                    failed.append(str(path))
+                    print(f"skipped {path}: {error}", file=sys.stderr)
+                    progress(1)
+            read_ahead()  # the next images are read while the model runs
+            if batch:
+                preds = seg.predict([image for _, _, image in batch], names)
+                for (path, stem, image), pred in zip(batch, preds):
+                    writes.append(submit(write_outputs, out, stem, path, image, pred, names))
+            while writes and (len(writes) > ahead or not reads or writes[0].done()):
+                writes.popleft().result()
+                progress(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return failed
 
 
 def cmd_list(args) -> int:
@@ -379,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU")
     s.add_argument("--class-chunk", type=_positive_int, default=128, help="classes per chunk (bounds memory)")
+    s.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="images per model call (default 1; more pays on a GPU, memory grows with it)")
+    s.add_argument("--workers", type=_count, default=min(4, os.cpu_count() or 1),
+                   help="threads that read and write images while the model runs (default: up to 4, one per CPU "
+                   "core); 0 does all in one thread")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the aggregation, decoder and image encoders (pays off over many images; "
                    "compiling takes minutes)")
@@ -403,6 +480,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
     return value
 
 

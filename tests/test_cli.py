@@ -302,3 +302,73 @@ def test_legend_draws_each_class_name_with_a_font_that_has_its_characters(tmp_pa
     finally:
         for cached in caches:
             cached.cache_clear()
+
+
+def test_segment_in_batches_with_reader_and_writer_threads_writes_what_one_thread_does(workspace, capsys,
+                                                                                        monkeypatch):
+    """`--batch-size 2 --workers 3` (images read and written in threads while the model runs, two per model call)
+    writes the same files as `--batch-size 1 --workers 0`, for images of different sizes with an unreadable one
+    among them (reported, in input order, and skipped). A write that fails with threads at work stops the run naming
+    the file; every image then has all its outputs or none, and no temporary file is left."""
+    import errno
+
+    import catseg.cli as cli
+
+    folder = workspace / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for k, (h, w) in enumerate([(50, 70), (64, 64), (33, 90), (80, 41), (47, 47), (70, 30), (52, 66)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"im{k}.png")
+    (folder / "im3.png").write_bytes(b"\x89PNG broken")
+    common = ["--classes", "cat, dog, grass, sky", "--checkpoint", str(workspace / "tiny.safetensors"), "--quiet",
+              "--device", "cpu"]
+    outputs = {}
+    for flags in (["--batch-size", "1", "--workers", "0"], ["--batch-size", "2", "--workers", "3"]):
+        out = workspace / f"many-out{flags[1]}"
+        assert cli.main(["segment", str(folder), *common, "--out", str(out), *flags]) == 1
+        captured = capsys.readouterr()
+        assert "segmented 6/7 images" in captured.out and captured.err.count("skipped") == 1
+        assert f"skipped {folder / 'im3.png'}" in captured.err
+        outputs[flags[1]] = {p.name: p for p in out.iterdir()}
+    one, batched = outputs["1"], outputs["2"]
+    assert sorted(one) == sorted(batched) and len(one) == 18 and "im3_labels.png" not in one
+    for name in one:
+        if name.endswith(".json"):
+            assert json.loads(one[name].read_text()) == json.loads(batched[name].read_text())
+        else:
+            np.testing.assert_array_equal(np.array(Image.open(one[name])), np.array(Image.open(batched[name])))
+
+    writes = []
+    real = cli.write_json_atomic
+
+    def full_disk_at_the_fourth_image(path, record):
+        writes.append(path)
+        if len(writes) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, record)
+
+    monkeypatch.setattr(cli, "write_json_atomic", full_disk_at_the_fourth_image)
+    out = workspace / "many-full"
+    code = cli.main(["segment", str(folder), *common, "--out", str(out), "--batch-size", "2", "--workers", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write {writes[3]} (No space left on device)" in err
+    stems = {p.name.split("_")[0].split(".")[0] for p in out.iterdir()}
+    assert writes[3].stem not in stems and 3 <= len(stems) < 6
+    for stem in stems:
+        assert {p.name for p in out.glob(f"{stem}[._]*")} == {f"{stem}_labels.png", f"{stem}_overlay.png",
+                                                              f"{stem}.json"}
+    assert not list(out.glob(".*"))
+
+
+def test_segment_refuses_bad_batch_sizes_and_worker_counts(workspace, capsys):
+    from catseg.cli import main
+
+    common = [str(workspace / "images" / "a.jpg"), "--classes", "cat", "--checkpoint",
+              str(workspace / "tiny.safetensors"), "--out", str(workspace / "o-bad")]
+    for flag, value, says in (("--batch-size", "0", "'0' is not a positive integer"),
+                              ("--workers", "-1", "'-1' is not a whole number >= 0"),
+                              ("--workers", "two", "'two' is not a whole number >= 0")):
+        with pytest.raises(SystemExit) as exit:
+            main(["segment", *common, flag, value])
+        assert exit.value.code == 2 and f"argument {flag}: {says}" in capsys.readouterr().err
+    assert not (workspace / "o-bad").exists()
