@@ -43,14 +43,14 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
         try:
             batch, workers = (int(v) for v in part.split(":"))
         except ValueError:
-            raise SystemExit(f"--settings: {part!r} is not BATCH:WORKERS (e.g. 4:2)") from None
+            raise ValueError(f"--settings: {part!r} is not BATCH:WORKERS (e.g. 4:2)") from None
         if batch < 1 or workers < 0:
-            raise SystemExit(f"--settings: {part!r} needs a batch size >= 1 and workers >= 0")
+            raise ValueError(f"--settings: {part!r} needs a batch size >= 1 and workers >= 0")
         settings.append((batch, workers))
     return settings
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="catseg_tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -61,12 +61,21 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     try:
-        width, height = (int(v) for v in args.size.lower().split("x"))
+        args.width, args.height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--size {args.size!r} is not WIDTHxHEIGHT (e.g. 1024x768)") from None
-    if args.images < 1 or args.classes < 1 or width < 1 or height < 1:
-        raise SystemExit("--images, --classes and both sides of --size must be positive")
-    settings = parse_settings(args.settings)
+        p.error(f"--size {args.size!r} is not WIDTHxHEIGHT (e.g. 1024x768)")
+    if args.images < 1 or args.classes < 1 or args.width < 1 or args.height < 1:
+        p.error("--images, --classes and both sides of --size must be positive")
+    try:
+        args.settings = parse_settings(args.settings)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    width, height, settings = args.width, args.height, args.settings
     names = [f"class {i}" for i in range(args.classes)]
     torch.manual_seed(0)
     model = create_model(args.preset)

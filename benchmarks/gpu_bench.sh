@@ -18,7 +18,8 @@
 # `tests_train` only the training ones (compiled steps against eager ones, with CUDA graphs too; no host syncs) and
 # the guidance Swin's fused window attention;
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile);
-# `class_aggregation` one class aggregation block alone: products, Triton kernels (bench_class_aggregation.py).
+# `class_aggregation` one class aggregation block alone: products, Triton kernels (bench_class_aggregation.py);
+# `segment` catseg segment's images/s on a folder of photos, one thread against I/O threads (bench_segment.py).
 # Compiled inference (`--compile`, as Segmenter(compile=True)) compiles the aggregation, the decoder and the image
 # encoders and runs the decoder's upsampling as a stencil; `b_compile_no_stencil` without the stencil.
 # `--fused-kernels` runs the Swin blocks as Triton kernels (as Segmenter); `b_compile_fused_class` the class blocks'.
@@ -28,7 +29,7 @@
 set -u
 out=${1:?usage: gpu_bench.sh OUT_DIR [VARIANT ...]}
 shift
-variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_c256 b_compile_batch l_compile_batch tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
+variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_c256 b_compile_batch l_compile_batch segment tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
 known=$(grep -oE '^ {8}[a-z0-9_]+\) ' "${BASH_SOURCE[0]}" | tr -d ' )')  # the case labels below
 for v in $variants; do
     grep -qx "$v" <<<"$known" || { echo "unknown variant $v; known: $(echo $known)" >&2; exit 2; }
@@ -67,6 +68,10 @@ for v in $variants; do
             timeout 240 python3 benchmarks/bench_class_aggregation.py --compile --profile --json "$out/$v.json" \
                 >"$out/$v.log" 2>&1
             echo "   exit $?"; grep "max |difference|" "$out/$v.log" ;;
+        segment) echo "== segment: python benchmarks/bench_segment.py (catseg segment on 48 photos, 150 classes)"
+            timeout 240 python3 benchmarks/bench_segment.py --preset catseg_vitb16_r101 --images 48 --classes 150 \
+                --settings 1:0,1:4,8:4 --json "$out/$v.json" >"$out/$v.log" 2>&1
+            echo "   exit $?"; grep "images/s\|median ms" "$out/$v.log" ;;
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;

@@ -201,6 +201,8 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
     assert set(default) <= cases, set(default) - cases
     assert "benchmarks/bench_decoder.py" in script.split("\n        decoder)")[1].split(";;")[0]  # runs no catseg.bench
     assert "benchmarks/bench_class_aggregation.py --compile" in script.split("\n        class_aggregation)")[1]
+    segment = shlex.split(script.split("\n        segment)")[1].split(";;")[0].split("bench_segment.py")[2])
+    _benchmark_script("bench_segment").parse_args(segment[:segment.index("--json")])
     for name, line in defined.items():
         line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")
         args = shlex.split(line)[3:]  # json name, time limit, working folder
@@ -216,6 +218,25 @@ def _benchmark_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_segment_bench_times_each_setting_and_stage(tmp_path, capsys):
+    """benchmarks/bench_segment.py runs `catseg segment`'s loop on photos it writes, for each (batch size, I/O
+    threads) setting, and each stage alone; bad settings are refused naming them."""
+    script = _benchmark_script("bench_segment")
+    out = tmp_path / "segment.json"
+    result = script.main(["--images", "3", "--size", "96x64", "--classes", "4", "--settings", "1:0,2:2", "--json",
+                          str(out)])
+    assert json.loads(out.read_text()) == result and result["size"] == [96, 64]
+    assert [(s["batch_size"], s["workers"]) for s in result["settings"]] == [(1, 0), (2, 2)]
+    assert all(s["images_per_s"] > 0 for s in result["settings"])
+    assert set(result["stage_ms_median"]) == {"read", "model", "write"}
+    assert all(ms > 0 for ms in result["stage_ms_median"].values())
+    capsys.readouterr()
+    for settings, says in (("1:0,4", "'4' is not BATCH:WORKERS"), ("0:2", "'0:2' needs a batch size >= 1")):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--settings", settings])
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("compile", [False, True])
