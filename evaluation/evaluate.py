@@ -25,6 +25,7 @@ import sys
 import tarfile
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -241,28 +242,34 @@ def evaluate_benchmark(
     own_total = len(range(rank, total, world))
     bar = tqdm(total=own_total, desc=bench.title, unit="img", disable=not progress, dynamic_ncols=True)
     failure = None
-    try:
+
+    def own_samples():
         # Undecoded samples of other processes are skipped cheaply: only this process's images are decoded.
         for index, raw in enumerate(iter_raw_samples(shard_dir)):
             if limit is not None and index >= limit:
-                break
-            if index % world != rank:
-                continue
-            if stop is not None and stop.is_set():
-                raise EvaluationInterrupted(f"stopped during {bench.name} after {images} images")
-            image, gt, _ = decode_sample(raw)
-            with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                # Patch inference (appendix A.3) merged, resized and argmaxed in class chunks: memory stays bounded
-                # for 847 classes instead of holding full-size probabilities of every class.
-                labels, _ = predict_labels(model, to_image_tensor(np.array(image)).unsqueeze(0), prompts,
-                                           model.config.class_chunk_size or DEFAULT_CLASS_CHUNK)
-            pred = bench.map_prediction(labels[0]).numpy()
-            try:
-                conf += confusion_matrix(pred, gt, n, bench.ignore_index)
-            except ValueError as e:
-                raise ValueError(f"{raw.get('__url__', shard_dir)}: sample {raw.get('__key__', index)!r}: {e}") from e
-            images += 1
-            bar.update(1)
+                return
+            if index % world == rank:
+                yield index, raw
+
+    try:
+        with closing(decoded_ahead(own_samples(), decode_sample)) as samples:
+            for index, raw, decoded in samples:
+                if stop is not None and stop.is_set():
+                    raise EvaluationInterrupted(f"stopped during {bench.name} after {images} images")
+                image, gt, _ = decoded.result()
+                with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                    # Patch inference (appendix A.3) merged, resized and argmaxed in class chunks: memory stays
+                    # bounded for 847 classes instead of holding full-size probabilities of every class.
+                    labels, _ = predict_labels(model, to_image_tensor(np.array(image)).unsqueeze(0), prompts,
+                                               model.config.class_chunk_size or DEFAULT_CLASS_CHUNK)
+                pred = bench.map_prediction(labels[0]).numpy()
+                try:
+                    conf += confusion_matrix(pred, gt, n, bench.ignore_index)
+                except ValueError as e:
+                    raise ValueError(f"{raw.get('__url__', shard_dir)}: sample {raw.get('__key__', index)!r}: "
+                                     f"{e}") from e
+                images += 1
+                bar.update(1)
     except tarfile.TarError as e:  # a shard cut short or overwritten since it was written
         failure = ValueError(f"benchmark {bench.name!r}: cannot read the shards in {shard_dir} ({e}); check them "
                              f"with `python -m data_prep.convert {bench.dataset} --out SHARDS --verify`")
@@ -287,6 +294,27 @@ def evaluate_benchmark(
         )
     conf = reduce_confusion(conf)
     return conf, images
+
+
+def decoded_ahead(samples, decode, ahead: int = 8, threads: int = 2):
+    """(index, raw sample, future of decode(raw)) for each of `samples` ((index, raw) pairs), in order, with up to
+    `ahead` of them decoding in `threads` threads while the caller works on earlier ones (the image codecs run
+    outside Python's lock). An error reading `samples` comes out where it happens, before the samples read ahead
+    of it; close the generator (contextlib.closing) to stop the threads when leaving early."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="catseg-decode")
+    pending = deque()
+    try:
+        for index, raw in samples:
+            pending.append((index, raw, pool.submit(decode, raw)))
+            if len(pending) > ahead:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def benchmark_result(bench: Benchmark, class_names: list[str], conf: np.ndarray, rule: str) -> dict:

@@ -348,3 +348,43 @@ def test_coco_stuff_val_converted_by_data_prep_is_found_by_name(run_dir, tmp_pat
     assert result["shards"] == str(shards / "coco_stuff" / "val")
     conf = np.load(out / "coco_confusion.npy")
     assert conf.sum() == _valid_pixels(shards / "coco_stuff" / "val", 1) > 0
+
+
+def test_samples_are_decoded_ahead_in_threads_in_order():
+    """The evaluation decodes the next samples in threads while the model runs (evaluate.decoded_ahead): they come
+    back in order, each with its own decoding; a decode error comes out with its sample, a read error where it
+    happens; closing early stops the threads."""
+    import tarfile
+    import threading
+    from contextlib import closing
+
+    from evaluation.evaluate import decoded_ahead
+
+    def decode(raw):
+        if raw == 5:
+            raise ValueError("sample 5 is damaged")
+        return raw * 10, threading.current_thread().name
+
+    got = []
+    with closing(decoded_ahead(((i, i) for i in range(9)), decode, ahead=3, threads=2)) as samples:
+        for index, raw, decoded in samples:
+            if index == 5:
+                with pytest.raises(ValueError, match="sample 5 is damaged"):
+                    decoded.result()
+                continue
+            value, thread = decoded.result()
+            got.append((index, raw, value))
+            assert thread.startswith("catseg-decode")
+    assert got == [(i, i, 10 * i) for i in range(9) if i != 5]
+
+    def cut_after_two():
+        yield from ((i, i) for i in range(2))
+        raise tarfile.ReadError("unexpected end of data")
+
+    with pytest.raises(tarfile.ReadError, match="unexpected end"):
+        list(decoded_ahead(cut_after_two(), decode))
+
+    samples = decoded_ahead(((i, i) for i in range(100)), decode, ahead=4)
+    assert next(samples)[2].result()[0] == 0
+    samples.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("catseg-decode")]
