@@ -90,7 +90,8 @@ class EvalConfig:
             self.shards = Path(self.shards)
         if self.out is not None:
             self.out = Path(self.out)
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
             raise ValueError(f"EvalConfig.limit must be a positive integer or None, got {self.limit!r}")
         if self.rule not in RULES:
             raise ValueError(f"EvalConfig.rule must be one of: {', '.join(RULES)}; got {self.rule!r}")
@@ -202,6 +203,13 @@ def check_shards(bench: Benchmark, shard_dir: Path) -> dict:
             f"{where}: ignore_index {info['ignore_index']} but benchmark {bench.name!r} expects {bench.ignore_index}; "
             f"are these the {bench.dataset} shards?"
         )
+    if int(info["num_samples"]) < 1:
+        skipped = int(info.get("num_skipped", 0))
+        raise ValueError(
+            f"{where}: num_samples is 0, benchmark {bench.name!r} has no images to score"
+            + (f" (data_prep skipped all {skipped} as unreadable)" if skipped else "")
+            + f"; rewrite the shards with `python -m data_prep.convert {bench.dataset} --out SHARDS`"
+        )
     class_list = info.get("class_list")
     if bench.vocab is not None and class_list is not None and class_list != bench.vocab:
         raise ValueError(
@@ -237,9 +245,8 @@ def evaluate_benchmark(
     conf = np.zeros((n, n), dtype=np.int64)
     images = 0
 
-    if limit is not None:
-        total = min(total, limit)
-    own_total = len(range(rank, total, world))
+    expected = total if limit is None else min(total, limit)
+    own_total = len(range(rank, expected, world))
     bar = tqdm(total=own_total, desc=bench.title, unit="img", disable=not progress, dynamic_ncols=True)
     failure = None
 
@@ -285,11 +292,11 @@ def evaluate_benchmark(
         raise EvaluationFailed(
             f"benchmark {bench.name!r}: evaluation failed in {failed} other process(es); see their log"
         )
-    expected = total if limit is None else min(total, limit)
     if images != expected:  # a shard missing or cut at a member boundary reads as fewer images, without an error
         raise ValueError(
             f"benchmark {bench.name!r}: read {images} images from {shard_dir} but its dataset.json counts {total}"
-            f"{f' (--limit {limit})' if limit is not None else ''}; a shard is missing or cut short: check them with "
+            f"{f', --limit {limit} asks for {expected}' if limit is not None else ''}; a shard is missing or cut "
+            f"short: check them with "
             f"`python -m data_prep.convert {bench.dataset} --out SHARDS --verify`"
         )
     conf = reduce_confusion(conf)
@@ -457,8 +464,6 @@ def run_evaluation(cfg: EvalConfig, stop: threading.Event | None = None, state=N
             bf16=cfg.precision == "bf16",
         )
         seconds = time.perf_counter() - t0
-        if images == 0:
-            raise ValueError(f"benchmark {name!r}: no samples in {shard_dir}")
         result = benchmark_result(bench, bench.class_names(shard_dir), conf, cfg.rule)
         result.update(
             shards=str(shard_dir),
