@@ -343,3 +343,50 @@ def test_bookkeeping_changes_do_not_train_differently():
         assert not trains_differently({key: ("a", "b")}), key
     for key in ("train.steps", "optim.lr", "data.root", "train.seed", "model.overrides.num_layers"):
         assert trains_differently({key: ("a", "b")}), key
+
+
+def test_a_new_loader_layout_does_not_replay_another_processs_stream(synthetic_train, tmp_path):
+    """Continued with another data.workers count, rank 1 of 2 gets global stream 1, which was rank 0's second
+    stream: every stream restarts past the highest round any process had reached (read from all the checkpoint's
+    train_rank*.json), so rank 1 does not train again on batches rank 0 already took. Before, it restarted past its
+    own streams' rounds only and replayed rank 0's."""
+    import itertools
+
+    aug = AugmentConfig(64, 64, (0.8, 1.2))
+    # the old run: rank 0's loader worker 1 (global stream 1) got into round 3, a round ahead of rank 1's streams
+    old = ShardStream(synthetic_train, aug, 3, 0, rank=0, world_size=2, num_workers=2, shuffle=8, rotation=1)
+    old_batches = list(itertools.islice(iter(old), 16))
+    assert old_batches[-1]["position"][0] == 3
+    states = {0: {"num_workers": 2, "rank": 0, "world_size": 2, "positions": {"0": [3, 0], "1": [3, 3]},
+                  "next_stream": 0, "corrupt": 0},
+              1: {"num_workers": 2, "rank": 1, "world_size": 2, "positions": {"0": [2, 6], "1": [2, 3]},
+                  "next_stream": 0, "corrupt": 0}}
+    (tmp_path / ckpt.STATE_DIR).mkdir()
+    for rank, data in states.items():
+        (tmp_path / ckpt.STATE_DIR / f"train_rank{rank}.json").write_text(json.dumps({"step": 8, "data": data}))
+    assert ckpt.last_data_round(tmp_path) == 3
+    restored = StreamState(1, 1, 2)
+    restored.load_state_dict(dict(states[1], last_round_any_process=ckpt.last_data_round(tmp_path)))
+    assert restored.positions == {0: [4, 0]}
+    new = ShardStream(synthetic_train, aug, 3, 0, rank=1, world_size=2, num_workers=1, shuffle=8,
+                      positions=restored.positions)
+    for batch in itertools.islice(iter(new), 8):
+        assert not any(torch.equal(batch["images"], o["images"]) for o in old_batches)
+
+
+def test_a_section_with_every_key_commented_out_is_an_empty_section(tmp_path):
+    """A run config whose `tracking:` keeps only commented-out keys (YAML reads it as null) takes the section's
+    defaults, and --set can still set a key in it; a file that is not a mapping is refused naming it. Before, the
+    section was refused ("'tracking.' must be a mapping of keys, got None"), and a list file gave an
+    AttributeError."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 7\ntracking:\n  # experiment: mine\n")
+    cfg = load_config(path)
+    assert cfg.train.steps == 7 and cfg.tracking == load_config(None).tracking
+    assert load_config(path, ["tracking.experiment=other"]).tracking.experiment == "other"
+    path.write_text("- train\n- data\n")
+    with pytest.raises(ConfigError, match=f"{path}: a run config is a mapping of sections"):
+        load_config(path)
+    path.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match="'train' must be a mapping of keys, got 5"):
+        load_config(path)

@@ -354,4 +354,14 @@ class Checkpointer:
                                   f"checkpoint is damaged or incomplete. Resume from an earlier one (--resume PATH) "
                                   f"or start a new run from its weights with --set "
                                   f"model.pretrained={ckpt_dir / WEIGHTS_FILE}") from error
-        return json.loads(state_file.read_text())
+        state = json.loads(state_file.read_text())
+        # The highest data round any process used: a run continued with another loader layout restarts every
+        # stream past it (StreamState.load_state_dict), since a stream id may have been another process's.
+        state["data"]["last_round_any_process"] = last_data_round(ckpt_dir)
+        return state
+
+
+def last_data_round(ckpt_dir: Path) -> int:
+    """The highest data round any process of checkpoint `ckpt_dir` had reached (its train_rank*.json files)."""
+    return max([p[0] for f in (Path(ckpt_dir) / STATE_DIR).glob("train_rank*.json")
+                for p in json.loads(f.read_text()).get("data", {}).get("positions", {}).values()] or [0])

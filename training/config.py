@@ -260,8 +260,10 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if data is None and prefix:  # a section whose keys are all commented out
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: '{prefix or 'the file'}' must be a mapping of keys, got {data!r}")
+        raise ConfigError(f"{where}: '{prefix[:-1] or 'the file'}' must be a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -296,7 +298,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section whose keys are all commented out
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: '{part}' is not a section")
         node[parts[-1]] = value
@@ -316,6 +320,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a run config is a mapping of sections (train:, data:, ...), got {data!r}")
         data.setdefault("name", p.stem)
     if overrides:
         where += " + --set " + " ".join(overrides)

@@ -347,10 +347,11 @@ class StreamState:
             self.positions = {int(k): list(v) for k, v in state["positions"].items()}
             self.rotation = int(state["next_stream"])
         else:
-            # Another layout cannot continue the same sequence; start past every round used so far instead.
+            # Another layout cannot continue the same sequence; start past every round used so far instead, by any
+            # process (a stream's id here may have been another process's; the checkpoint reader adds that round).
             log.warning("data streams restart: checkpoint had %s processes x %s workers, now %s x %s",
                         state["world_size"], state["num_workers"], self.world_size, self.num_workers)
-            last = max([p[0] for p in state["positions"].values()] or [0])
+            last = max([p[0] for p in state["positions"].values()] + [state.get("last_round_any_process", 0)])
             self.positions = {w: [last + 1, 0] for w in range(self.num_workers)}
         self.corrupt_before = int(state.get("corrupt", 0))
         self.corrupt_now, self.consumed = {}, 0
