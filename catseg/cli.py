@@ -354,7 +354,7 @@ class _Done:
         self.value = self.error = None
         try:
             self.value = fn(*args)
-        except BaseException as e:
+        except Exception as e:  # a Ctrl-C stops at once, as in a loop without threads
             self.error = e
 
     def done(self) -> bool:
