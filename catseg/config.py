@@ -90,6 +90,10 @@ class CatSegConfig:
     top_k_classes: Optional[int] = None  # prune to the k classes with the highest max cosine similarity (off)
     inference_size: int = 640  # patch inference: resize the image to this square size
     inference_stride: int = 256  # patch inference: stride of the image_size crops
+    # patch inference: each view's logits are upsampled to the crop size and the sigmoid taken there, as the released
+    # code does; False takes it at the model's output size (1/4 of the crop) and upsamples the probabilities, a
+    # sixteenth of the maps to merge, with labels that differ near class boundaries
+    sigmoid_at_crop_size: bool = True
     # weight locations for offline clusters: a folder written by `python -m catseg.download`
     weights_dir: Optional[str] = None
     extra: dict = field(default_factory=dict)  # free-form notes carried with the config
@@ -102,7 +106,8 @@ class CatSegConfig:
         _choice("clip_last_residual", self.clip_last_residual, LAST_RESIDUALS)
         _choice("synonyms", self.synonyms, SYNONYM_RULES)
         for name in ("zero_init_residual", "backbone_out_norm", "text_guidance_renormalize", "clip_guidance_normalized",
-                     "class_pool_eval", "class_pooled_residual", "class_guidance_norm", "class_attention_proj"):
+                     "class_pool_eval", "class_pooled_residual", "class_guidance_norm", "class_attention_proj",
+                     "sigmoid_at_crop_size"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         _int("class_pad_to", self.class_pad_to, 0, "(0 = no padding)")

@@ -1,9 +1,10 @@
 """Inference: the paper's patch inference (appendix A.3) and a plain image + class names -> label map API.
 
 Patch inference: resize the image to `inference_size` (640), cut overlapping `image_size` (384) crops at
-`inference_stride` (256), add the whole image resized to `image_size`, run all views in one batch, sigmoid, upsample
-each crop's probabilities to the crop size and average overlaps into a mosaic, average the mosaic with the upsampled
-global view, and finally resize to the original size. Crop size, stride and input size come from the preset.
+`inference_stride` (256), add the whole image resized to `image_size`, run all views in one batch, upsample each
+view's logits to the crop size and take the sigmoid (as the released code; `config.sigmoid_at_crop_size` False takes
+it before upsampling), average overlaps into a mosaic, average the mosaic with the global view resized to the
+inference size, and finally resize to the original size. Crop size, stride and input size come from the preset.
 
 Memory stays bounded for large vocabularies: the model runs its per-class work in class chunks
 (`config.class_chunk_size`), and merging views, resizing and the argmax also run over class chunks.
@@ -202,30 +203,44 @@ def view_scores(model: CatSeg, probs: torch.Tensor) -> torch.Tensor:
         return torch.einsum("vh,bvnhw,vw->bn", a, probs, b)
 
 
-def _view_probs(model: CatSeg, images: list[torch.Tensor], class_names: Sequence[str],
-                cuda_graphs: bool = False) -> torch.Tensor:
-    """(B, V, n, h, h) sigmoid probabilities of every view (valid until the next call when replayed from a graph)."""
+def _view_logits(model: CatSeg, images: list[torch.Tensor], class_names: Sequence[str],
+                 cuda_graphs: bool = False) -> torch.Tensor:
+    """(B, V, n, h, h) float32 logits of every view (valid until the next call when replayed from a graph)."""
     device = next(model.parameters()).device
     views = make_views(model, [im.to(device, non_blocking=True) for im in images])
     names = list(class_names)
     if cuda_graphs and views.is_cuda and not model.training and not torch.is_grad_enabled() \
             and model.config.top_k_classes is None:
-        probs = _graphed_probs(model, views, names)
+        logits = _graphed_logits(model, views, names)
     else:
-        probs = _probs(model, views, names)
-    return probs.unflatten(0, (len(images), views.shape[0] // len(images)))
+        logits = _logits(model, views, names)
+    return logits.unflatten(0, (len(images), views.shape[0] // len(images)))
 
 
-def _probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tensor:
-    return torch.sigmoid(model(views, names).float())
+def _logits(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tensor:
+    return model(views, names).float()
+
+
+def view_probabilities(model: CatSeg, logits: torch.Tensor) -> torch.Tensor:
+    """(B, V, n, h, h) view logits -> their sigmoid probabilities, in float32. With the config's
+    `sigmoid_at_crop_size` (the default, as the released code) the logits are first upsampled to the crop size
+    (bilinear), so the probabilities are (B, V, n, crop, crop); otherwise they stay at the model's output size (the
+    merge upsamples them)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float()
+        s = model.image_size
+        if model.config.sigmoid_at_crop_size and logits.shape[-2:] != (s, s):
+            logits = resize(logits, (s, s))
+        return torch.sigmoid(logits)
 
 
 _GRAPHS: "weakref.WeakKeyDictionary[CatSeg, OrderedDict]" = weakref.WeakKeyDictionary()
 MAX_GRAPHS_PER_MODEL = 2  # each holds its own memory pool
 
 
-def _graphed_probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """sigmoid(model(views, names)) replayed from a CUDA graph captured once per (views shape, vocabulary, precision).
+def _graphed_logits(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """model(views, names) in float32 replayed from a CUDA graph captured once per (views shape, vocabulary,
+    precision).
 
     A patch inference launches about a thousand small kernels; replaying them as one graph removes the host's
     launch overhead, which dominates for small vocabularies. Falls back to eager execution (with a warning) if
@@ -244,18 +259,18 @@ def _graphed_probs(model: CatSeg, views: torch.Tensor, names: list[str]) -> torc
             cache.popitem(last=False)
     cache.move_to_end(key)
     if entry is False:
-        return _probs(model, views, names)
-    static_views, graph, static_probs, _text = entry
+        return _logits(model, views, names)
+    static_views, graph, static_logits, _text = entry
     static_views.copy_(views)
     graph.replay()
-    return static_probs
+    return static_logits
 
 
 def _capture(model: CatSeg, views: torch.Tensor, names: list[str], amp: bool, amp_dtype: torch.dtype):
     # Autocast's weight-cast cache must stay off while capturing (cached casts would live in the graph's pool).
     def run(x):
         with torch.autocast("cuda", dtype=amp_dtype, enabled=amp, cache_enabled=False):
-            return _probs(model, x, names)
+            return _logits(model, x, names)
 
     check = model.check_inputs
     model.check_inputs = False  # views are clamped to [0, 1] by make_views; the range check would sync
@@ -270,8 +285,8 @@ def _capture(model: CatSeg, views: torch.Tensor, names: list[str], amp: bool, am
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_probs = run(static_views)
-        return static_views, graph, static_probs, text
+            static_logits = run(static_views)
+        return static_views, graph, static_logits, text
     except RuntimeError as e:  # an operation that cannot be captured: run eagerly from now on
         warnings.warn(f"CUDA graph capture failed ({e}); running patch inference eagerly")
         torch.cuda.synchronize()
@@ -283,7 +298,7 @@ def _capture(model: CatSeg, views: torch.Tensor, names: list[str], amp: bool, am
 @torch.no_grad()
 def patch_inference(model: CatSeg, images, class_names: Sequence[str]) -> torch.Tensor:
     """Patch inference (appendix A.3): (B, N, L, L) probabilities at the preset's inference size L."""
-    return merge_views(model, _view_probs(model, _as_list(images, model), class_names).clone())
+    return merge_views(model, view_probabilities(model, _view_logits(model, _as_list(images, model), class_names)))
 
 
 @torch.no_grad()
@@ -329,22 +344,29 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
     cuda_graphs: on a GPU, replay the model from a CUDA graph captured per views shape and vocabulary.
     """
     ims = _as_list(images, model)
-    probs = _view_probs(model, ims, class_names, cuda_graphs)  # (B, V, N, h, w): small, the model's output size
-    n = probs.shape[2]
+    logits = _view_logits(model, ims, class_names, cuda_graphs)  # (B, V, N, h, w): small, the model's output size
+    n = logits.shape[2]
+    s = model.image_size if model.config.sigmoid_at_crop_size else logits.shape[-1]  # the maps merged
     sizes = [tuple(im.shape[-2:]) for im in ims]
     groups = [list(range(len(ims)))] if len(set(sizes)) == 1 else [[i] for i in range(len(ims))]
     labels: list[torch.Tensor] = [None] * len(ims)
     for group in groups:  # images of one size merge together; others each straight to their own size
         running = RunningArgmax()
         height, width = sizes[group[0]]
-        # a photo's full-size probabilities are large (12 MP: 48 MB per class): fewer classes per merge then
-        step = max(1, min(chunk, MERGE_BYTES // (4 * len(group) * height * width)))
+        # a photo's full-size probabilities are large (12 MP: 48 MB per class), and so are the views' maps at the
+        # crop size with the merge's first product: fewer classes per merge then
+        views = logits.shape[1]
+        step = max(1, min(chunk, MERGE_BYTES // (4 * len(group) * (height * width + views * s * (s + width)))))
         for start in range(0, n, step):
-            running.update(merge_views(model, probs[group, :, start:start + step], sizes[group[0]]), start)
+            probs = view_probabilities(model, logits[group, :, start:start + step])
+            running.update(merge_views(model, probs, sizes[group[0]]), start)
         host = host_labels(running.labels, n)
         for j, i in enumerate(group):
             labels[i] = host[j]
-    return labels, view_scores(model, probs).cpu()
+    step = max(1, min(chunk, MERGE_BYTES // (4 * len(ims) * logits.shape[1] * s * s)))
+    scores = [view_scores(model, view_probabilities(model, logits[:, :, start:start + step]))
+              for start in range(0, n, step)]
+    return labels, torch.cat(scores, dim=1).cpu()
 
 
 @dataclass

@@ -28,7 +28,8 @@ class PositionModel(torch.nn.Module):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.image_size = image_size
-        self.config = SimpleNamespace(inference_size=inference_size, inference_stride=stride, class_chunk_size=None)
+        self.config = SimpleNamespace(inference_size=inference_size, inference_stride=stride, class_chunk_size=None,
+                                      sigmoid_at_crop_size=True)
         self.seen = []
 
     def forward(self, views, class_names):

@@ -14,11 +14,12 @@ import catseg
 from catseg.inference import labels_from_probs, patch_inference, predict_labels
 
 
-def _reference_patch_inference(model, image, names, size_out):
+def _reference_patch_inference(model, image, names, size_out, at_crop=True):
     """Appendix A.3 written out step by step with F.interpolate (bilinear, align_corners=False throughout): the image
     resized to the inference size and cut into crops at the stride, plus the ORIGINAL image resized to the crop
-    size; sigmoid of the fp32 logits; each view upsampled to the crop size; overlaps averaged; mosaic and global view
-    averaged. Returns the merged map at the inference size and resized to `size_out`."""
+    size; each view's fp32 logits upsampled to the crop size, then the sigmoid (`at_crop`, as the released code; else
+    the sigmoid first); overlaps averaged; mosaic and global view averaged. Returns the merged map at the inference
+    size and resized to `size_out`."""
     cfg = model.config
     s, size, stride = model.image_size, cfg.inference_size, cfg.inference_stride
     assert (s, size, stride) == (128, 192, 64)  # the tiny preset: crops at 0 and 64 in each direction
@@ -31,8 +32,10 @@ def _reference_patch_inference(model, image, names, size_out):
     views = [big[..., y:y + s, x:x + s] for y in offs for x in offs] + [bilinear(image[None], (s, s))]
     with torch.no_grad():
         logits = model(torch.cat(views).clamp(0, 1), names)  # under the caller's autocast, if any
-    probs = torch.sigmoid(logits.float())
-    up = bilinear(probs, (s, s))
+    if at_crop:
+        up = torch.sigmoid(bilinear(logits.float(), (s, s)))
+    else:
+        up = bilinear(torch.sigmoid(logits.float()), (s, s))
     mosaic, count = torch.zeros(len(names), size, size), torch.zeros(size, size)
     for i, (y, x) in enumerate((y, x) for y in offs for x in offs):
         mosaic[:, y:y + s, x:x + s] += up[i]
@@ -41,8 +44,9 @@ def _reference_patch_inference(model, image, names, size_out):
     return merged, bilinear(merged[None], size_out)[0]
 
 
+@pytest.mark.parametrize("at_crop", [True, False])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_patch_inference_matches_the_recipe_step_by_step_on_a_non_square_image(tiny_model, bf16):
+def test_patch_inference_matches_the_recipe_step_by_step_on_a_non_square_image(tiny_model, bf16, at_crop):
     """On a non-square image of neither the crop nor the inference size (so every resize matters: the square test
     images of test_patch_inference_mosaic_is_exact are symmetric ramps at the inference size, where another
     interpolation mode, align_corners or a global view taken from the resized image give the same numbers),
@@ -50,19 +54,26 @@ def test_patch_inference_matches_the_recipe_step_by_step_on_a_non_square_image(t
     crops of the image resized to the inference size, the global view resized from the original image, bilinear
     with align_corners=False, sigmoid, overlaps averaged, mosaic and global view averaged, resized, argmax. Under
     bf16 autocast the sigmoid takes the logits cast to fp32 (probabilities of bf16's 8-bit precision would round
-    0.998 and above to 1.0 and tie confident classes)."""
+    0.998 and above to 1.0 and tie confident classes). Both orders of the sigmoid and the upsampling to the crop
+    size (`config.sigmoid_at_crop_size`: after, as the released code, by default)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    model.config.sigmoid_at_crop_size = at_crop
     image = torch.rand(3, 75, 110, generator=torch.Generator().manual_seed(21))
     names = ["sky", "tree", "road", "car", "person"]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        merged, full = _reference_patch_inference(tiny_model, image, names, (75, 110))
-        probs = patch_inference(tiny_model, image[None], names)[0]
-        labels, scores = predict_labels(tiny_model, [image], names)
+        merged, full = _reference_patch_inference(model, image, names, (75, 110), at_crop)
+        probs = patch_inference(model, image[None], names)[0]
+        labels, scores = predict_labels(model, [image], names)
+        other, _ = _reference_patch_inference(model, image, names, (75, 110), not at_crop)
     torch.testing.assert_close(probs, merged, rtol=0, atol=1e-5)
     torch.testing.assert_close(scores[0], merged.mean(dim=(1, 2)), rtol=0, atol=1e-5)
     top2 = full.topk(2, dim=0).values
     clear = top2[0] - top2[1] > 1e-4  # pixels whose winner no rounding difference can change
     assert clear.float().mean() > 0.9
     assert torch.equal(labels[0][clear], full.argmax(dim=0)[clear])
+    assert (other - merged).abs().max() > 1e-3  # the two orders give other probabilities
 
 
 def test_each_image_of_a_batch_gets_its_own_labels_and_scores(tiny_model):
