@@ -29,7 +29,7 @@
 set -u
 out=${1:?usage: gpu_bench.sh OUT_DIR [VARIANT ...]}
 shift
-variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_c256 b_compile_batch l_compile_batch segment tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
+variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_fused_sigmoid_first b_compile_c256 b_compile_batch l_compile_batch segment tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
 known=$(grep -oE '^ {8}[a-z0-9_]+\) ' "${BASH_SOURCE[0]}" | tr -d ' )')  # the case labels below
 for v in $variants; do
     grep -qx "$v" <<<"$known" || { echo "unknown variant $v; known: $(echo $known)" >&2; exit 2; }
@@ -108,6 +108,8 @@ for v in $variants; do
             --compile-model --channels-last --compile-mode reduce-overhead --no-inference --stencil-upsampling ;;
         b_compile_fused) bench b16_compile_fused_kernels 300 "$root" --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 \
             --compile --no-train --fused-kernels --profile ;;
+        b_compile_fused_sigmoid_first) bench b16_compile_fused_sigmoid_first 300 "$root" \
+            --preset "${B:-catseg_vitb16_r101}" --classes 20,150,847 --compile --no-train --fused-kernels --sigmoid-first ;;
         b_compile_fused_class) bench b16_compile_fused_class 300 "$root" --preset "${B:-catseg_vitb16_r101}" \
             --classes 150,847 --compile --no-train --fused-kernels --fused-parts class --profile ;;
         b_compile_fused_sdpa) bench b16_compile_fused_sdpa 300 "$root" --preset "${B:-catseg_vitb16_r101}" \

@@ -380,6 +380,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "unless --no-stencil-upsampling)")
     p.add_argument("--no-stencil-upsampling", action="store_true", help="compiled inference: the decoder's x2 "
                    "upsampling as two matrix products instead of the stencil Segmenter runs")
+    p.add_argument("--sigmoid-first", action="store_true", help="inference: the sigmoid at the model's output size "
+                   "before the views are upsampled (sigmoid_at_crop_size=False) instead of at the crop size, as the "
+                   "released code and every preset")
     p.add_argument("--fused-kernels", action="store_true", help="inference: the Swin blocks as Triton kernels, as "
                    "Segmenter(fused_kernels=True) (catseg.inference.fused_kernels: two per Swin block)")
     p.add_argument("--fused-parts", help="with --fused-kernels: which blocks run as kernels, comma-separated: "
@@ -439,7 +442,8 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark  # as the trainer, evaluation and CLI do
     torch.manual_seed(0)
-    model = create_model(args.preset, class_chunk_size=args.class_chunk or None).to(device).eval()
+    model = create_model(args.preset, class_chunk_size=args.class_chunk or None,
+                         sigmoid_at_crop_size=not args.sigmoid_first).to(device).eval()
     model.check_inputs = False  # the range check syncs with the host; inputs here are known to be in range
     compile_kwargs = _compile_kwargs(args)
     if args.compile:  # the aggregation layers and the decoder, as Segmenter(compile=True) does
@@ -468,7 +472,7 @@ def _run(args, argv, model, device, precision, counter) -> dict:
         "cuda_graphs": not args.no_cuda_graphs,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
         "mlp_recompute": not args.no_mlp_recompute, "stencil_upsampling": args.stencil_upsampling,
-        "stencil_upsampling_inference": not args.no_stencil_upsampling,
+        "stencil_upsampling_inference": not args.no_stencil_upsampling, "sigmoid_at_crop_size": not args.sigmoid_first,
         "counted_memory": args.count_memory,
         "bf16_weights": precision == "bf16" and not args.no_bf16_weights,
         "channels_last_inference": not args.no_channels_last, "fused_kernels": args.fused_kernels,
