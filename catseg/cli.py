@@ -347,23 +347,17 @@ def cmd_segment(args) -> int:
     return 1 if failed else 0
 
 
-class _Done:
-    """A finished call, as a Future reports it (what `segment_files` runs without worker threads)."""
+def _done_now(fn, *args):
+    """fn(*args) run here, returned as a finished Future (what `segment_files` submits without worker threads); an
+    error is kept for its result(), a Ctrl-C stops at once."""
+    from concurrent.futures import Future
 
-    def __init__(self, fn, *args):
-        self.value = self.error = None
-        try:
-            self.value = fn(*args)
-        except Exception as e:  # a Ctrl-C stops at once, as in a loop without threads
-            self.error = e
-
-    def done(self) -> bool:
-        return True
-
-    def result(self):
-        if self.error is not None:
-            raise self.error
-        return self.value
+    future = Future()
+    try:
+        future.set_result(fn(*args))
+    except Exception as e:
+        future.set_exception(e)
+    return future
 
 
 def _read_image(path: Path):
@@ -388,7 +382,7 @@ def segment_files(seg, files: list[tuple[Path, str]], names: list[str], out: Pat
 
     out.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="catseg-io") if workers else None
-    submit = pool.submit if pool else _Done
+    submit = pool.submit if pool else _done_now
     ahead = 2 * max(seg.batch_size, workers)  # images read ahead, and writes under way, at most
     todo, reads, writes, failed = iter(files), deque(), deque(), []
 

@@ -221,6 +221,12 @@ def _logits(model: CatSeg, views: torch.Tensor, names: list[str]) -> torch.Tenso
     return model(views, names).float()
 
 
+def probability_side(model: CatSeg, logits: torch.Tensor) -> int:
+    """The side of the view probabilities `view_probabilities` makes of `logits` (B, V, n, h, h): the crop size with
+    the config's `sigmoid_at_crop_size`, else h."""
+    return model.image_size if model.config.sigmoid_at_crop_size else logits.shape[-1]
+
+
 def view_probabilities(model: CatSeg, logits: torch.Tensor) -> torch.Tensor:
     """(B, V, n, h, h) view logits -> their sigmoid probabilities, in float32. With the config's
     `sigmoid_at_crop_size` (the default, as the released code) the logits are first upsampled to the crop size
@@ -228,8 +234,8 @@ def view_probabilities(model: CatSeg, logits: torch.Tensor) -> torch.Tensor:
     merge upsamples them)."""
     with torch.autocast(logits.device.type, enabled=False):
         logits = logits.float()
-        s = model.image_size
-        if model.config.sigmoid_at_crop_size and logits.shape[-2:] != (s, s):
+        s = probability_side(model, logits)
+        if logits.shape[-1] != s:
             logits = resize(logits, (s, s))
         return torch.sigmoid(logits)
 
@@ -346,7 +352,7 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
     ims = _as_list(images, model)
     logits = _view_logits(model, ims, class_names, cuda_graphs)  # (B, V, N, h, w): small, the model's output size
     n = logits.shape[2]
-    s = model.image_size if model.config.sigmoid_at_crop_size else logits.shape[-1]  # the maps merged
+    s = probability_side(model, logits)  # the side of the maps merged
     sizes = [tuple(im.shape[-2:]) for im in ims]
     groups = [list(range(len(ims)))] if len(set(sizes)) == 1 else [[i] for i in range(len(ims))]
     labels: list[torch.Tensor] = [None] * len(ims)
