@@ -141,17 +141,21 @@ def make_views(model: CatSeg, images: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @tensor_cache(maxsize=32)
-def merge_matrices(size: int, crop: int, stride: int, h: int, out_h: int, out_w: int, device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Patch-inference merging as matrices: merged = sum_v A[v] @ P[v] @ B[v]^T for view probabilities P[v] (h, h).
+def crop_weights(size: int, crop: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(size, size): each mosaic pixel's weight in the merged map, 1/2 over the number of crops covering it (a product
+    of row and column counts, since the crops form a grid)."""
+    count = torch.zeros(size, dtype=torch.float64)
+    for o in crop_offsets(size, crop, stride):
+        count[o:o + crop] += 1
+    return (0.5 / torch.outer(count, count)).to(device=device, dtype=dtype)
 
-    Each view's map is resized to the crop size, placed at its offset in the size x size mosaic and divided by the
-    number of crops covering each pixel (a product of row and column counts, since the crops form a grid); the global
-    view is resized to the crop size and then to the full size; crops and global view are averaged; the result is
-    resized to out_h x out_w. Every step is bilinear (align_corners=False) and so linear and separable: the products
-    of the steps' matrices give A (V, out_h, h) and B (V, out_w, h). Also returns a, b (V, h) with
-    a[v] @ P[v] @ b[v] = the mean over the size x size merged map (the class score).
-    """
+
+@tensor_cache(maxsize=32)
+def score_vectors(size: int, crop: int, stride: int, h: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b (V, h) with a[v] @ P[v] @ b[v] summed over the views = the mean over the size x size merged map of view
+    probabilities P[v] (h, h): every merging step is bilinear (align_corners=False) and so linear and separable;
+    each vector is the column sums of its view's rows (or columns) placed in the mosaic."""
     offs = crop_offsets(size, crop, stride)
     cpu = torch.device("cpu")
     up = bilinear_matrix(crop, h, cpu, torch.float64)  # (crop, h)
@@ -159,46 +163,53 @@ def merge_matrices(size: int, crop: int, stride: int, h: int, out_h: int, out_w:
     for o in offs:
         count[o:o + crop] += 1
     placed = []
-    for o in offs:
-        e = torch.zeros(size, h, dtype=torch.float64)
-        e[o:o + crop] = up
-        placed.append(e / count[:, None])
-    glob = bilinear_matrix(size, crop, cpu, torch.float64) @ up
+    for o in offs:  # the crop at offset o, resized to the crop size, placed and divided by the count, summed
+        placed.append((up / count[o:o + crop, None]).sum(0))
+    glob = (bilinear_matrix(size, crop, cpu, torch.float64) @ up).sum(0)
     rows = [placed[iy] for iy in range(len(offs)) for _ in offs] + [glob]  # view order: crops row by row, global
     cols = [placed[ix] for _ in offs for ix in range(len(offs))] + [glob]
-    rh = bilinear_matrix(out_h, size, cpu, torch.float64)
-    rw = bilinear_matrix(out_w, size, cpu, torch.float64)
-    a_mat = torch.stack([0.5 * rh @ r for r in rows])
-    b_mat = torch.stack([rw @ c for c in cols])
-    a_vec = torch.stack([0.5 * r.sum(0) / size for r in rows])
-    b_vec = torch.stack([c.sum(0) / size for c in cols])
-    return tuple(t.to(device=device, dtype=dtype) for t in (a_mat, b_mat, a_vec, b_vec))
+    a_vec = torch.stack([0.5 * r / size for r in rows])
+    b_vec = torch.stack([c / size for c in cols])
+    return a_vec.to(device=device, dtype=dtype), b_vec.to(device=device, dtype=dtype)
 
 
-def _merge_args(model: CatSeg, probs: torch.Tensor, out_size: tuple[int, int]):
+def _check_views(model: CatSeg, probs: torch.Tensor) -> list[int]:
+    """The crop offsets of the model's patch inference, once `probs` is checked to be (B, V, n, h, h)."""
     cfg = model.config
-    size, s = cfg.inference_size, model.image_size
-    nv = len(crop_offsets(size, s, cfg.inference_stride)) ** 2 + 1
-    if probs.shape[1] != nv or probs.shape[-1] != probs.shape[-2]:
+    offs = crop_offsets(cfg.inference_size, model.image_size, cfg.inference_stride)
+    nv = len(offs) ** 2 + 1
+    if probs.dim() != 5 or probs.shape[1] != nv or probs.shape[-1] != probs.shape[-2]:
         raise ValueError(f"expected (B, {nv}, n, h, h) view probabilities for preset {cfg.name!r}, got "
                          f"{tuple(probs.shape)}")
-    return merge_matrices(size, s, cfg.inference_stride, probs.shape[-1], *out_size, probs.device, probs.dtype)
+    return offs
 
 
 def merge_views(model: CatSeg, probs: torch.Tensor, out_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """(B, V, n, h, h) view probabilities -> (B, n, H, W) merged probabilities (crops averaged, then with the
-    global view), at the inference size or resized to out_size."""
-    size = model.config.inference_size
-    a, b, _, _ = _merge_args(model, probs, out_size or (size, size))
+    global view), at the inference size or resized to out_size.
+
+    As the released code: each crop's map resized to the crop size (nothing to do where the maps are at the crop
+    size already, the default) and added at its offset into the mosaic, each pixel divided by the number of crops
+    covering it; the global view resized to the crop size, then to the inference size; the two averaged; the
+    average resized to out_size. Bilinear steps (align_corners=False) as matrix products (`catseg.ops.resize`).
+    """
+    cfg = model.config
+    size, s = cfg.inference_size, model.image_size
+    offs = _check_views(model, probs)
+    weight = crop_weights(size, s, cfg.inference_stride, probs.device, probs.dtype)
     with torch.autocast(probs.device.type, enabled=False):
-        t = torch.matmul(probs, b.transpose(1, 2).unsqueeze(1))  # (B, V, n, h, W)
-        return torch.einsum("vih,bvnhj->bnij", a, t)
+        merged = 0.5 * resize(resize(probs[:, -1], (s, s)), (size, size))  # (B, n, size, size), a new tensor
+        for i, (y, x) in enumerate((y, x) for y in offs for x in offs):
+            merged[..., y:y + s, x:x + s].addcmul_(resize(probs[:, i], (s, s)), weight[y:y + s, x:x + s])
+        return resize(merged, out_size) if out_size else merged
 
 
 def view_scores(model: CatSeg, probs: torch.Tensor) -> torch.Tensor:
     """(B, V, n, h, h) view probabilities -> (B, n) mean merged probability of each class at the inference size."""
-    size = model.config.inference_size
-    _, _, a, b = _merge_args(model, probs, (size, size))
+    cfg = model.config
+    _check_views(model, probs)
+    a, b = score_vectors(cfg.inference_size, model.image_size, cfg.inference_stride, probs.shape[-1], probs.device,
+                         probs.dtype)
     with torch.autocast(probs.device.type, enabled=False):
         return torch.einsum("vh,bvnhw,vw->bn", a, probs, b)
 
@@ -360,9 +371,10 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
         running = RunningArgmax()
         height, width = sizes[group[0]]
         # a photo's full-size probabilities are large (12 MP: 48 MB per class), and so are the views' maps at the
-        # crop size with the merge's first product: fewer classes per merge then
-        views = logits.shape[1]
-        step = max(1, min(chunk, MERGE_BYTES // (4 * len(group) * (height * width + views * s * (s + width)))))
+        # crop size and the mosaic with its resize's intermediate: fewer classes per merge then
+        views, size = logits.shape[1], model.config.inference_size
+        per_class = height * width + views * s * s + size * (size + max(height, width))
+        step = max(1, min(chunk, MERGE_BYTES // (4 * len(group) * per_class)))
         for start in range(0, n, step):
             probs = view_probabilities(model, logits[group, :, start:start + step])
             running.update(merge_views(model, probs, sizes[group[0]]), start)

@@ -179,15 +179,20 @@ def plain_merge(model, probs, out_size):
     return merged, F.interpolate(merged, size=out_size, mode="bilinear", align_corners=False)
 
 
-@pytest.mark.parametrize("out_size", [(192, 192), (150, 230)])
-def test_matrix_merge_equals_plain_mosaic(tiny_model, out_size):
+@pytest.mark.parametrize("side", [32, 128])  # maps below the crop size (the sigmoid first) and at it (the default)
+@pytest.mark.parametrize("out_size", [None, (192, 192), (150, 230), (400, 301)])
+def test_matrix_merge_equals_plain_mosaic(tiny_model, out_size, side):
     from catseg.inference import merge_views, view_scores
 
     nv = len(catseg.inference.crop_offsets(192, 128, 64)) ** 2 + 1
-    probs = torch.rand(2, nv, 7, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    merged, resized = plain_merge(tiny_model, probs, out_size)
+    probs = torch.rand(2, nv, 7, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    before = probs.clone()
+    merged, resized = plain_merge(tiny_model, probs, out_size or (192, 192))
     torch.testing.assert_close(merge_views(tiny_model, probs, out_size), resized, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(view_scores(tiny_model, probs), merged.mean(dim=(2, 3)), rtol=1e-10, atol=1e-10)
+    assert torch.equal(probs, before), "the views' maps are left as they were"
+    with pytest.raises(ValueError, match=rf"expected \(B, {nv}, n, h, h\) view probabilities"):
+        merge_views(tiny_model, probs[:, 1:], out_size)
 
 
 def test_norms_keep_bf16_under_autocast():
