@@ -367,6 +367,7 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
     sizes = [tuple(im.shape[-2:]) for im in ims]
     groups = [list(range(len(ims)))] if len(set(sizes)) == 1 else [[i] for i in range(len(ims))]
     labels: list[torch.Tensor] = [None] * len(ims)
+    scores = logits.new_empty(len(ims), n)
     for group in groups:  # images of one size merge together; others each straight to their own size
         running = RunningArgmax()
         height, width = sizes[group[0]]
@@ -378,13 +379,11 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
         for start in range(0, n, step):
             probs = view_probabilities(model, logits[group, :, start:start + step])
             running.update(merge_views(model, probs, sizes[group[0]]), start)
+            scores[group[0]:group[-1] + 1, start:start + step] = view_scores(model, probs)  # (groups: runs of images)
         host = host_labels(running.labels, n)
         for j, i in enumerate(group):
             labels[i] = host[j]
-    step = max(1, min(chunk, MERGE_BYTES // (4 * len(ims) * logits.shape[1] * s * s)))
-    scores = [view_scores(model, view_probabilities(model, logits[:, :, start:start + step]))
-              for start in range(0, n, step)]
-    return labels, torch.cat(scores, dim=1).cpu()
+    return labels, scores.cpu()
 
 
 @dataclass
