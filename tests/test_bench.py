@@ -274,3 +274,21 @@ def test_class_aggregation_bench_times_the_block_over_class_chunks(tmp_path, cap
     assert result["products"]["max_abs_difference"] == 0 and "kernels" not in result
     tables = capsys.readouterr().out.split("time line:")[1:]
     assert len(tables) == 1 and "aten::bmm" in tables[0], tables
+
+
+def test_merge_bench_times_what_predict_labels_does_after_the_model(tmp_path):
+    """benchmarks/bench_merge.py times predict_labels on random view logits of the preset's geometry, per image and
+    per class, without building the model, and leaves predict_labels' model call in place afterwards."""
+    from catseg import inference
+
+    view_logits = inference._view_logits
+    out = tmp_path / "merge.json"
+    result = _benchmark_script("bench_merge").main(["--preset", "catseg_tiny", "--classes", "3,7", "--size", "90x60",
+                                                    "--batch", "2", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result and inference._view_logits is view_logits
+    assert (result["views"], result["maps_side"], result["size"], result["batch"]) == (5, 32, [90, 60], 2)
+    assert [row["classes"] for row in result["rows"]] == [3, 7]
+    for row in result["rows"]:
+        assert row["ms_per_image"] > 0 and row["ms_per_class"] == pytest.approx(row["ms_per_image"] / row["classes"])
+    with pytest.raises(SystemExit):
+        _benchmark_script("bench_merge").main(["--size", "640"])
