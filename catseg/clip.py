@@ -91,6 +91,11 @@ def _match_qkv_layout(attn, state_dict, prefix, *args) -> None:
         state_dict[fused_key] = torch.cat([state_dict.pop(k) for k in split_keys], dim=0)
 
 
+def _count_load(module: nn.Module, incompatible_keys) -> None:
+    """Post-hook of a weight load that reached a text-tower module (loaded into it or into a module holding it)."""
+    module._text_loads = getattr(module, "_text_loads", 0) + 1
+
+
 class ClipEncoder(nn.Module):
     """Wraps an open_clip CLIP: dense MaskCLIP-style image features and template-averaged text embeddings."""
 
@@ -116,6 +121,10 @@ class ClipEncoder(nn.Module):
         self.synonyms = cfg.synonyms
         for _, attn in attention_modules(self.model):
             attn.register_load_state_dict_pre_hook(_match_qkv_layout)
+        # the text tower's modules (all of CLIP's but the image tower's) count the weight loads that reach them
+        self._text_modules = [m for name, m in self.model.named_modules() if name.partition(".")[0] != "visual"]
+        for m in self._text_modules:
+            m.register_load_state_dict_post_hook(_count_load)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=cfg.clip_context_length)
         self._prompt_cache: OrderedDict = OrderedDict()
         self.width = visual.conv1.out_channels
@@ -123,6 +132,11 @@ class ClipEncoder(nn.Module):
         self.grad_checkpointing = False
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def text_loads(self) -> int:
+        """How many times weights were loaded into the text tower's modules (a count that only grows), whatever
+        module `load_state_dict` was called on: the whole model, this encoder, its open_clip model or a text block."""
+        return sum(getattr(m, "_text_loads", 0) for m in self._text_modules)
 
     # -- image ------------------------------------------------------------------------------------------------
     def encode_dense(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:

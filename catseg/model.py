@@ -271,10 +271,13 @@ class CatSeg(nn.Module):
         return any(p.requires_grad for p in self.clip.model.transformer.parameters())
 
     def text_state(self) -> tuple:
-        """What the cached text embeddings depend on beyond the vocabulary: loads and training (see `train`), and
-        in-place edits of the text tower's trainable parameters that bump their version counters."""
+        """What the cached text embeddings depend on beyond the vocabulary: loads into the whole model and training
+        (see `train`), weight loads that reached the text tower's modules (`model.clip.load_state_dict`,
+        `catseg.clip.load_clip_weights`, ...; see `ClipEncoder.text_loads`), and in-place edits of the text tower's
+        trainable parameters that bump their version counters. After editing a frozen text tower's weights in place,
+        call `clear_text_cache`."""
         trained = tuple(p._version for p in self.clip.model.transformer.parameters() if p.requires_grad)
-        return self._text_version, trained
+        return self._text_version, self.clip.text_loads(), trained
 
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
         """(N, P, C) normalised text embeddings; cached per vocabulary and text-tower state outside training."""
