@@ -49,7 +49,7 @@ def _classes(text: str) -> list[int]:
     return counts
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="catseg_vitb16_r101")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +60,11 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     device = torch.device(args.device)
     cfg = get_config(args.preset, sigmoid_at_crop_size=not args.sigmoid_first)
     vision = clip_model_config(cfg)["vision_cfg"]

@@ -20,6 +20,7 @@
 # `decoder` times the decoder alone in each form, with each form's kernels (benchmarks/bench_decoder.py --profile);
 # `class_aggregation` one class aggregation block alone: products, Triton kernels (bench_class_aggregation.py);
 # `segment` catseg segment's images/s on a folder of photos, one thread against I/O threads (bench_segment.py).
+# `merge` patch inference after the model alone: views' sigmoid, merge, argmax, scores (bench_merge.py).
 # Compiled inference (`--compile`, as Segmenter(compile=True)) compiles the aggregation, the decoder and the image
 # encoders and runs the decoder's upsampling as a stencil; `b_compile_no_stencil` without the stencil.
 # `--fused-kernels` runs the Swin blocks as Triton kernels (as Segmenter); `b_compile_fused_class` the class blocks'.
@@ -29,7 +30,7 @@
 set -u
 out=${1:?usage: gpu_bench.sh OUT_DIR [VARIANT ...]}
 shift
-variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_fused_sigmoid_first b_compile_c256 b_compile_batch l_compile_batch segment tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
+variants=${*:-"b_compile_fused l_compile_fused b_compile tests_train b_compile_fused_sigmoid_first b_compile_c256 b_compile_batch l_compile_batch segment merge tests b_compile_fused_class b_compile_fused_sdpa b_model_cl_ro_stencil l_model_cl_ro_stencil b_compile_ma b_compile_no_stencil b l"}
 known=$(grep -oE '^ {8}[a-z0-9_]+\) ' "${BASH_SOURCE[0]}" | tr -d ' )')  # the case labels below
 for v in $variants; do
     grep -qx "$v" <<<"$known" || { echo "unknown variant $v; known: $(echo $known)" >&2; exit 2; }
@@ -72,6 +73,12 @@ for v in $variants; do
             timeout 240 python3 benchmarks/bench_segment.py --preset catseg_vitb16_r101 --images 48 --classes 150 \
                 --settings 1:0,1:4,8:4 --json "$out/$v.json" >"$out/$v.log" 2>&1
             echo "   exit $?"; grep "images/s\|median ms" "$out/$v.log" ;;
+        merge) echo "== merge: python benchmarks/bench_merge.py (patch inference after the model, ViT-B geometry)"
+            for s in 640x640 683x512; do
+                timeout 120 python3 benchmarks/bench_merge.py --classes 20,150,847 --size $s --warmup 2 --repeats 10 \
+                    --json "$out/${v}_$s.json" >"$out/${v}_$s.log" 2>&1
+                echo "   $s exit $?"; grep "classes:" "$out/${v}_$s.log"
+            done ;;
         tests) echo "== tests: python -m pytest tests/test_gpu.py"
             timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$out/tests.log" 2>&1
             echo "   exit $?"; tail -3 "$out/tests.log" ;;

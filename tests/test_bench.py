@@ -203,6 +203,8 @@ def test_every_gpu_bench_variant_passes_the_bench_command_line(tmp_path):
     assert "benchmarks/bench_class_aggregation.py --compile" in script.split("\n        class_aggregation)")[1]
     segment = shlex.split(script.split("\n        segment)")[1].split(";;")[0].split("bench_segment.py")[2])
     _benchmark_script("bench_segment").parse_args(segment[:segment.index("--json")])
+    merge = shlex.split(script.split("\n        merge)")[1].split(";;")[0].split("bench_merge.py")[2].replace("$s", "1x1"))
+    _benchmark_script("bench_merge").parse_args(merge[:merge.index("--json")])
     for name, line in defined.items():
         line = re.sub(r"\$\{\w+:-(\w+)\}", r"\1", line).replace("$out", str(tmp_path)).replace('"', "")
         args = shlex.split(line)[3:]  # json name, time limit, working folder
