@@ -140,13 +140,19 @@ def make_views(model: CatSeg, images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(views).clamp_(0, 1)  # inputs are checked; this only catches the resize's rounding
 
 
+def _covering(size: int, crop: int, stride: int) -> torch.Tensor:
+    """(size,) float64: how many crops cover each row (or column) of the mosaic."""
+    count = torch.zeros(size, dtype=torch.float64)
+    for o in crop_offsets(size, crop, stride):
+        count[o:o + crop] += 1
+    return count
+
+
 @tensor_cache(maxsize=32)
 def crop_weights(size: int, crop: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(size, size): each mosaic pixel's weight in the merged map, 1/2 over the number of crops covering it (a product
     of row and column counts, since the crops form a grid)."""
-    count = torch.zeros(size, dtype=torch.float64)
-    for o in crop_offsets(size, crop, stride):
-        count[o:o + crop] += 1
+    count = _covering(size, crop, stride)
     return (0.5 / torch.outer(count, count)).to(device=device, dtype=dtype)
 
 
@@ -159,9 +165,7 @@ def score_vectors(size: int, crop: int, stride: int, h: int, device: torch.devic
     offs = crop_offsets(size, crop, stride)
     cpu = torch.device("cpu")
     up = bilinear_matrix(crop, h, cpu, torch.float64)  # (crop, h)
-    count = torch.zeros(size, dtype=torch.float64)
-    for o in offs:
-        count[o:o + crop] += 1
+    count = _covering(size, crop, stride)
     placed = []
     for o in offs:  # the crop at offset o, resized to the crop size, placed and divided by the count, summed
         placed.append((up / count[o:o + crop, None]).sum(0))
