@@ -372,12 +372,12 @@ def predict_labels(model: CatSeg, images, class_names: Sequence[str], chunk: int
     groups = [list(range(len(ims)))] if len(set(sizes)) == 1 else [[i] for i in range(len(ims))]
     labels: list[torch.Tensor] = [None] * len(ims)
     scores = logits.new_empty(len(ims), n)
+    views, size = logits.shape[1], model.config.inference_size
     for group in groups:  # images of one size merge together; others each straight to their own size
         running = RunningArgmax()
         height, width = sizes[group[0]]
         # a photo's full-size probabilities are large (12 MP: 48 MB per class), and so are the views' maps at the
         # crop size and the mosaic with its resize's intermediate: fewer classes per merge then
-        views, size = logits.shape[1], model.config.inference_size
         per_class = height * width + views * s * s + size * (size + max(height, width))
         step = max(1, min(chunk, MERGE_BYTES // (4 * len(group) * per_class)))
         for start in range(0, n, step):

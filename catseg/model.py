@@ -263,7 +263,8 @@ class CatSeg(nn.Module):
 
     # -- text embeddings --------------------------------------------------------------------------------------
     def clear_text_cache(self) -> None:
-        """Forget cached text embeddings (done automatically when weights are loaded)."""
+        """Forget cached text embeddings (done when weights are loaded into the whole model; weights loaded into the
+        text tower alone make later calls miss the cache, see `text_state`)."""
         self._text_cache.clear()
         self._text_version += 1
 
