@@ -41,14 +41,15 @@ def cat_chunks(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 @tensor_cache(maxsize=16)
 def _shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Boolean (num_windows, T, T) mask: True where two tokens of a shifted window came from the same region."""
-    region = torch.zeros(1, h, w, 1, device=device)
-    spans = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for hs in spans:
-        for ws in spans:
-            region[:, hs, ws, :] = label
-            label += 1
-    ids = window_partition(region, (window, window)).flatten(1)  # (nW, T)
+    # a row's band: 0 before the last window, 1 in it before the last `shift` rows, 2 in those (columns alike).
+    # Computed from indices, not by assigning the nine regions in turn: under torch.compile, where this runs in the
+    # graph, nine slice assignments became one C++ kernel of 17,000 lines on CPU.
+    def band(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device)
+        return (i >= n - window).long() + (i >= n - shift).long()
+
+    region = band(h)[:, None] * 3 + band(w)[None, :]
+    ids = window_partition(region[None, :, :, None], (window, window)).flatten(1)  # (nW, T)
     return ids.unsqueeze(1) == ids.unsqueeze(2)
 
 

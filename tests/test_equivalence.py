@@ -33,13 +33,14 @@ def naive_swin_block(block: GuidedSwinBlock, x, g):
     return y + block.mlp(block.norm2(y))
 
 
-@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("window, shift", [(4, 0), (4, 2), (3, 1), (5, 4)])
 @pytest.mark.parametrize("guidance", [0, 6])
-def test_windowed_sdpa_equals_full_masked_attention(shift, guidance):
+def test_windowed_sdpa_equals_full_masked_attention(window, shift, guidance):
     torch.manual_seed(0)
-    block = GuidedSwinBlock(dim=16, guidance_dim=guidance, num_heads=2, window=4, shift=shift, mlp_ratio=2.0)
-    x = torch.randn(3, 8, 12, 16)
-    g = torch.randn(3, 8, 12, guidance) if guidance else None
+    block = GuidedSwinBlock(dim=16, guidance_dim=guidance, num_heads=2, window=window, shift=shift, mlp_ratio=2.0)
+    h, w = 2 * window, 3 * window
+    x = torch.randn(3, h, w, 16)
+    g = torch.randn(3, h, w, guidance) if guidance else None
     with torch.no_grad():
         torch.testing.assert_close(block(x, g), naive_swin_block(block, x, g), rtol=1e-4, atol=1e-5)
 
