@@ -223,20 +223,21 @@ def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     uri, up, down = mlflow_server
     run_dir = tmp_path / "run"
     log = tmp_path / "log.txt"
-    cmd = launch_cmd(_args(shards, run_dir, "train.steps=30", "train.log_every=2", f"tracking.uri={uri}",
+    cmd = launch_cmd(_args(shards, run_dir, "train.steps=12", "train.log_every=2", f"tracking.uri={uri}",
                            "tracking.timeout_s=2", "train.mixed_precision="), launch_config="launch/zero2.yaml")
     proc = start(cmd, log, env=base_env(cpu=False))  # DeepSpeed picks its CPU accelerator by itself
-    wait_for(lambda: len(metrics(run_dir)) >= 3, 240, "three logged steps", proc, log)
+    wait_for(lambda: len(metrics(run_dir)) >= 1, 240, "the first logged step", proc, log)
     down()
     try:
         out = finish(proc, log, timeout=240)
     finally:
         up()
     assert proc.returncode == 0, out[-4000:]
-    assert "catseg train: finished step 30/30" in out and "MLflow tracking at" in out
+    assert "catseg train: finished step 12/12" in out and "MLflow tracking at" in out
+    assert f"MLflow tracking at {uri} failed to log metrics" in out, "the server was gone before the run ended"
     losses = _losses(run_dir)
-    assert sorted(losses) == list(range(2, 31, 2)), "every metric kept locally while the server was gone"
-    assert losses[30] < 0.8 * losses[2]
+    assert sorted(losses) == list(range(2, 13, 2)), "every metric kept locally while the server was gone"
+    assert losses[12] < 0.8 * losses[2]
     from mlflow.tracking import MlflowClient
 
     params = MlflowClient(uri).get_run(read_meta(latest_checkpoint(run_dir))["mlflow_run_id"]).data.params
@@ -249,13 +250,13 @@ def test_deepspeed_zero2_two_processes_on_cpu(shards, mlflow_server, tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 4_000_000
 
     # resuming reads DeepSpeed's pickled engine states with weights_only=True: real states load, code does not run
-    resume = [c.replace("train.steps=30", "train.steps=32") for c in cmd]
+    resume = [c.replace("train.steps=12", "train.steps=14") for c in cmd]
     out = run(resume, tmp_path / "resumed.txt", env=base_env(cpu=False))
-    assert "catseg train: finished step 32/32" in out and sorted(_losses(run_dir))[-1] == 32
+    assert "catseg train: finished step 14/14" in out and sorted(_losses(run_dir))[-1] == 14
     marker = tmp_path / "code-ran"
     optim = latest_checkpoint(run_dir) / "state" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": _RunsCode(str(marker))}, optim)
-    proc = start([c.replace("train.steps=30", "train.steps=34") for c in cmd], tmp_path / "planted.txt",
+    proc = start([c.replace("train.steps=12", "train.steps=16") for c in cmd], tmp_path / "planted.txt",
                  env=base_env(cpu=False))
     out = finish(proc, tmp_path / "planted.txt")
     assert proc.returncode != 0 and not marker.exists()
