@@ -38,7 +38,8 @@ def mlflow_uri(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        cwd=folder, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=folder, env=dict(ENV, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job workers: tracking only
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:

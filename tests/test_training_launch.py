@@ -26,6 +26,8 @@ from training.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 WEIGHTS = "model.safetensors"
+# the tracking server without its job workers (three more processes, 4 s more to start): the tests only track
+SERVER_ENV = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def mlflow_server(tmp_path_factory):
 
     def up():
         procs.append(subprocess.Popen(cmd, cwd=root, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+                                      start_new_session=True, env=SERVER_ENV))
         wait_for(lambda: _healthy(uri), 60, "the MLflow server", procs[-1], root / "server.log")
 
     def down():
