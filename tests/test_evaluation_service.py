@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,28 +17,21 @@ from evaluation.service import STATE_FILE, EvaluationService, ServiceConfig, met
 from evaluation.service import main as service_main
 from training.checkpoint import checkpoint_name
 
+from test_training_fixtures import MLFLOW_SERVER_ENV, free_port, mlflow_server_cmd
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 with a SQLite store."""
     folder = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     log = open(folder / "server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=folder, env=dict(ENV, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job workers: tracking only
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        mlflow_server_cmd(folder, port), cwd=folder, env=dict(ENV, **MLFLOW_SERVER_ENV), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -265,7 +257,7 @@ def test_unreachable_tracking_then_the_embedded_store(tmp_path, shards_root, wei
     common = dict(watch=run_dir, benchmarks="synthetic", shards=shards_root, cpu=True, once=True, interval=0.1)
 
     # Nothing listens on this port: evaluated, kept as unlogged, and the one-shot run says so.
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     assert _run_once(ServiceConfig(tracking_uri=down, **common)) == 1
     entry = ledger(run_dir)[name]
     assert entry["status"] == "unlogged" and entry["attempts"] == 1 and "log_error" in entry

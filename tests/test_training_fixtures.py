@@ -33,6 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mlflow_server_cmd(folder: Path, port: int) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`, its SQLite store and artifacts in `folder`. Run it with
+    MLFLOW_SERVER_ENV added to the environment."""
+    return [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]
+
+
+# the tracking server without its job workers (three more processes, 4 s more to start): the tests only track
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def base_env(cpu: bool = True) -> dict:
     """Environment of a training subprocess: one thread per process, offline, optional forced CPU."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",

@@ -20,14 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training_fixtures import (PYTHON, REPO, base_env, finish, free_port, launch_cmd, metrics, miou_on_val,
-                                    run, start, wait_for, write_synthetic)
+from test_training_fixtures import (MLFLOW_SERVER_ENV, PYTHON, REPO, base_env, finish, free_port, launch_cmd, metrics,
+                                    miou_on_val, mlflow_server_cmd, run, start, wait_for, write_synthetic)
 from training.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 WEIGHTS = "model.safetensors"
-# the tracking server without its job workers (three more processes, 4 s more to start): the tests only track
-SERVER_ENV = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +38,13 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields (uri, restart function)."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    cmd = [str(Path(PYTHON).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = mlflow_server_cmd(root, port)
     uri = f"http://127.0.0.1:{port}"
     procs = []
 
     def up():
         procs.append(subprocess.Popen(cmd, cwd=root, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
-                                      start_new_session=True, env=SERVER_ENV))
+                                      start_new_session=True, env=dict(os.environ, **MLFLOW_SERVER_ENV)))
         wait_for(lambda: _healthy(uri), 60, "the MLflow server", procs[-1], root / "server.log")
 
     def down():
