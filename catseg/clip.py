@@ -201,10 +201,11 @@ class ClipEncoder(nn.Module):
                 synonyms = [s[:1] for s in synonyms]
             prompts = [t.format(s) for syns in synonyms for s in syns for t in self.templates]
             # owner and counts built on the host: repeat_interleave on the device would wait for it to learn the
-            # output size
-            hit = (self.tokenizer(prompts).to(device),
-                   torch.tensor([i for i, syns in enumerate(synonyms) for _ in syns], device=device),
-                   torch.tensor([len(s) for s in synonyms], device=device))
+            # output size; outside inference mode, so that a training step can take them from the cache too
+            with torch.inference_mode(False):
+                hit = (self.tokenizer(prompts).to(device),
+                       torch.tensor([i for i, syns in enumerate(synonyms) for _ in syns], device=device),
+                       torch.tensor([len(s) for s in synonyms], device=device))
             self._prompt_cache[key] = hit
             while len(self._prompt_cache) > 2:
                 self._prompt_cache.popitem(last=False)

@@ -287,8 +287,9 @@ class CatSeg(nn.Module):
         device = self.clip.model.token_embedding.weight.device
         key = (tuple(class_names), str(device), self.text_state())
         hit = self._text_cache.get(key)
-        if hit is None:  # computed in the weights' precision (fp32) also under autocast: the cache serves every call
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        if hit is None:  # computed in the weights' precision (fp32) also under autocast, and outside inference mode:
+            # the cache serves every call, training's too
+            with torch.no_grad(), torch.inference_mode(False), torch.autocast(device.type, enabled=False):
                 hit = self.clip.encode_text(list(class_names)).float()
             self._text_cache[key] = hit
             while len(self._text_cache) > 8:

@@ -34,14 +34,18 @@ def part(name: str):
 def tensor_cache(maxsize: int):
     """functools.lru_cache for functions that build constant tensors, registered so that `clear_tensor_caches` can
     empty them all (a fake-tensor run must neither reuse real cached tensors nor leave fake ones behind). Under
-    torch.compile the function is traced directly: its tensors become constants of the compiled graph."""
+    torch.compile the function is traced directly: its tensors become constants of the compiled graph. The tensors
+    are built outside inference mode: one first built under torch.inference_mode() serves training later too."""
     def wrap(fn):
         cached = functools.lru_cache(maxsize=maxsize)(fn)
         _TENSOR_CACHES.append(cached)
 
         @functools.wraps(fn)
         def call(*args):
-            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+            if torch.compiler.is_compiling():
+                return fn(*args)
+            with torch.inference_mode(False):
+                return cached(*args)
         return call
     return wrap
 

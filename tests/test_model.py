@@ -374,6 +374,33 @@ def test_cached_text_embeddings_are_fp32_whatever_autocast_the_first_call_ran_un
     assert model.text_embeddings(["cat", "dog"]) is first
 
 
+@pytest.mark.parametrize("preset", ["catseg_tiny", "catseg2_tiny"])  # text tower frozen / trained
+def test_a_model_run_under_inference_mode_trains_afterwards(preset):
+    """What the first calls cache (text embeddings, prompt tokens, shift masks, resize matrices) serves training
+    too when those calls ran under torch.inference_mode(): the training step's gradients equal a fresh model's."""
+    from catseg.ops import clear_tensor_caches
+
+    images, names = torch.rand(1, 3, 128, 128), ["cat", "dog", "sky"]
+
+    def gradients(model):
+        torch.manual_seed(1)
+        model.train()(images, names).square().mean().backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    clear_tensor_caches()  # so that the inference-mode call builds them
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(catseg.create_model(preset, zero_init_residual=False))
+    with torch.inference_mode():
+        models[0].train()(images, names)  # (a text tower that trains encodes the names in each training call)
+        models[0].eval()(images, names)
+    used, fresh = gradients(models[0]), gradients(models[1])
+    assert len(used) == len(fresh) > 0
+    for a, b in zip(used, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_text_cache_per_vocabulary(tiny_model):
     a = tiny_model.text_embeddings(["cat", "dog"])
     assert tiny_model.text_embeddings(["cat", "dog"]) is a  # cached
