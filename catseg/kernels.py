@@ -41,9 +41,23 @@ from .ops import compute_dtype
 try:
     import triton
     import triton.language as tl
-    # the helpers the kernels call: compiled, or interpreted where TRITON_INTERPRET=1 was set before triton was
-    # imported (as triton.language's own functions are; a process runs the kernels one way only)
-    _helper = triton.jit
+
+    def _helper(fn):
+        """A function the kernels call: compiled, or interpreted where TRITON_INTERPRET=1 was set before triton was
+        imported (as triton.language's own functions are; a process runs the kernels one way only). Interpreted, it
+        runs as the interpreter rewrites it, without the interpreter's call wrapper: that one patches triton.language
+        again on every call, which the kernel's launch has done for the helpers of this module already, and took a
+        third of the interpreter's time."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        jitted = triton.jit(fn)
+        if not isinstance(jitted, InterpretedFunction):
+            return jitted
+
+        @functools.wraps(fn)
+        def interpreted(*args, **kwargs):
+            return jitted.rewrite()(*args, **kwargs)
+        return interpreted
 except ImportError:  # pragma: no cover - triton ships with the CUDA builds of torch on Linux
     triton = tl = None
 
