@@ -37,15 +37,15 @@ def tensor_cache(maxsize: int):
     torch.compile the function is traced directly: its tensors become constants of the compiled graph. The tensors
     are built outside inference mode: one first built under torch.inference_mode() serves training later too."""
     def wrap(fn):
-        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        def build(*args):  # a cache miss
+            with torch.inference_mode(False):
+                return fn(*args)
+        cached = functools.lru_cache(maxsize=maxsize)(build)
         _TENSOR_CACHES.append(cached)
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling():
-                return fn(*args)
-            with torch.inference_mode(False):
-                return cached(*args)
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
         return call
     return wrap
 
